@@ -1,0 +1,144 @@
+"""Hungarian matching and the set criterion (CE with a weighted no-object class, L1, GIoU), as DETR.
+
+Boxes in model outputs and targets are ``(cx, cy, w, h)`` normalised to [0, 1]. Everything here runs
+in float32, whatever autocast the forward pass used: the matcher and the losses are cheap, and low
+precision there produced non-finite gradients (DESIGN.md, "Environment facts").
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torchvision.ops import box_convert, box_iou, generalized_box_iou
+
+PUBLISHED_WEIGHTS = {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+
+
+def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    return box_convert(boxes, "cxcywh", "xyxy")
+
+
+class HungarianMatcher(nn.Module):
+    """One-to-one assignment of queries to target boxes minimising
+    ``cost_class * -p(target class) + cost_bbox * L1(cxcywh) + cost_giou * -GIoU(xyxy)``."""
+
+    def __init__(self, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0):
+        super().__init__()
+        if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
+            raise ValueError("all matcher costs are 0")
+        self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
+
+    @torch.no_grad()
+    def forward(self, outputs: dict, targets: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """outputs: ``pred_logits (B, Q, C+1)``, ``pred_boxes (B, Q, 4)``; targets: B dicts with
+        ``labels (N_i,)`` and ``boxes (N_i, 4)``. Returns B pairs ``(query_idx, target_idx)`` of
+        length ``min(Q, N_i)`` (int64, CPU)."""
+        batch, num_queries = outputs["pred_logits"].shape[:2]
+        prob = outputs["pred_logits"].flatten(0, 1).float().softmax(-1)       # (B*Q, C+1)
+        pred_boxes = outputs["pred_boxes"].flatten(0, 1).float()              # (B*Q, 4)
+        tgt_labels = torch.cat([t["labels"] for t in targets]).long()
+        tgt_boxes = torch.cat([t["boxes"] for t in targets]).float()
+        sizes = [len(t["boxes"]) for t in targets]
+        if tgt_labels.numel() == 0:
+            empty = torch.empty(0, dtype=torch.int64)
+            return [(empty, empty) for _ in range(batch)]
+        # One batched cost over all queries x all targets, split per video afterwards (as DETR).
+        cost = (self.cost_bbox * torch.cdist(pred_boxes, tgt_boxes, p=1)
+                - self.cost_class * prob[:, tgt_labels]
+                - self.cost_giou * generalized_box_iou(cxcywh_to_xyxy(pred_boxes), cxcywh_to_xyxy(tgt_boxes)))
+        cost = cost.view(batch, num_queries, -1).cpu()
+        indices = []
+        for i, block in enumerate(cost.split(sizes, -1)):
+            rows, cols = linear_sum_assignment(block[i].numpy())
+            indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+        return indices
+
+
+class SetCriterion(nn.Module):
+    """DETR's set loss: match, then CE over all queries (unmatched -> no_object, weighted ``eos_coef``),
+    L1 and GIoU over matched pairs normalised by the number of target boxes; the same terms on every
+    auxiliary decoder output (suffix ``_<layer>``).
+
+    Returns named terms; ``weight_dict`` says which are trained on and how much. ``class_error`` and
+    ``matched_iou`` are for logging only (absent from ``weight_dict``)."""
+
+    def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict,
+                 eos_coef: float = 0.1, losses=("labels", "boxes")):
+        super().__init__()
+        self.num_classes, self.matcher, self.eos_coef, self.losses = num_classes, matcher, eos_coef, tuple(losses)
+        self.weight_dict = dict(weight_dict)
+        class_weight = torch.ones(num_classes + 1)
+        class_weight[-1] = eos_coef
+        self.register_buffer("class_weight", class_weight)
+
+    def loss_labels(self, outputs, targets, indices, num_boxes) -> dict:
+        """Weighted CE over all ``B*Q`` queries; ``class_error`` = 100 - accuracy on matched queries."""
+        logits = outputs["pred_logits"].float()                                  # (B, Q, C+1)
+        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
+        batch_idx, query_idx = _flat_indices(indices)
+        matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).long().to(logits.device)
+        target_classes[batch_idx, query_idx] = matched_labels
+        loss = F.cross_entropy(logits.transpose(1, 2), target_classes, self.class_weight)
+        if matched_labels.numel():
+            accuracy = (logits[batch_idx, query_idx].argmax(-1) == matched_labels).float().mean() * 100
+        else:
+            accuracy = torch.tensor(100.0, device=logits.device)
+        return {"loss_ce": loss, "class_error": 100 - accuracy.detach()}
+
+    def loss_boxes(self, outputs, targets, indices, num_boxes) -> dict:
+        """L1 on ``cxcywh`` and ``1 - GIoU`` on ``xyxy`` of matched pairs, each summed / ``num_boxes``."""
+        batch_idx, query_idx = _flat_indices(indices)
+        src = outputs["pred_boxes"].float()[batch_idx, query_idx]                 # (M, 4)
+        tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).float().to(src.device)
+        if src.numel() == 0:
+            zero = outputs["pred_boxes"].float().sum() * 0.0                      # keeps the graph connected
+            return {"loss_bbox": zero, "loss_giou": zero, "matched_iou": torch.tensor(float("nan"))}
+        src_xyxy, tgt_xyxy = cxcywh_to_xyxy(src), cxcywh_to_xyxy(tgt)
+        giou = torch.diag(generalized_box_iou(src_xyxy, tgt_xyxy))
+        iou = torch.diag(box_iou(src_xyxy, tgt_xyxy))
+        return {"loss_bbox": F.l1_loss(src, tgt, reduction="sum") / num_boxes,
+                "loss_giou": (1 - giou).sum() / num_boxes,
+                "matched_iou": iou.mean().detach()}
+
+    def get_loss(self, name, outputs, targets, indices, num_boxes) -> dict:
+        loss_fns = {"labels": self.loss_labels, "boxes": self.loss_boxes}
+        return loss_fns[name](outputs, targets, indices, num_boxes)
+
+    def forward(self, outputs: dict, targets: list[dict], num_boxes: float | None = None) -> dict:
+        """``num_boxes``: total target boxes (across all processes under DDP); default counts ``targets``."""
+        if num_boxes is None:
+            num_boxes = sum(len(t["labels"]) for t in targets)
+        num_boxes = max(float(num_boxes), 1.0)
+        losses = {}
+        indices = self.matcher(outputs, targets)
+        for name in self.losses:
+            losses.update(self.get_loss(name, outputs, targets, indices, num_boxes))
+        for layer, aux in enumerate(outputs.get("aux_outputs", [])):
+            aux_indices = self.matcher(aux, targets)
+            for name in self.losses:
+                terms = self.get_loss(name, aux, targets, aux_indices, num_boxes)
+                losses.update({f"{k}_{layer}": v for k, v in terms.items() if k.startswith("loss_")})
+        return losses
+
+    def total(self, losses: dict) -> torch.Tensor:
+        """The weighted sum that is trained on."""
+        return sum(losses[k] * self.weight_dict[k] for k in losses if k in self.weight_dict)
+
+
+def _flat_indices(indices):
+    batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+    query_idx = torch.cat([src for src, _ in indices])
+    return batch_idx, query_idx
+
+
+def build_criterion(num_classes: int, num_decoder_layers: int = 4, aux_loss: bool = True,
+                    weights: dict = PUBLISHED_WEIGHTS, eos_coef: float = 0.1) -> SetCriterion:
+    """The published recipe: matcher costs and loss weights 2 / 5 / 2, no-object weight 0.1,
+    auxiliary losses on every earlier decoder layer with the same weights."""
+    matcher = HungarianMatcher(weights["loss_ce"], weights["loss_bbox"], weights["loss_giou"])
+    weight_dict = dict(weights)
+    if aux_loss:
+        for layer in range(num_decoder_layers - 1):
+            weight_dict.update({f"{k}_{layer}": v for k, v in weights.items()})
+    return SetCriterion(num_classes, matcher, weight_dict, eos_coef)

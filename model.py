@@ -1,0 +1,301 @@
+"""The STAR network: R(2+1)D-18 trunk -> tokens -> DETR-style decoder with learned queries.
+
+Module names and state-dict keys match the published ``best_model.pth`` exactly (see DESIGN.md,
+"The network"), so that file loads with ``strict=True``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torchvision.models.video import R2Plus1D_18_Weights, r2plus1d_18
+
+log = logging.getLogger("star")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# What the published raw state_dict was trained with; it does not store any of it.
+PUBLISHED_CLASS_NAMES = ("fight", "collapse")
+PUBLISHED_PREPROCESSING = {"num_frames": 16, "img_size": 224, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+CLASS_LAYER = "head.class_head.3"
+PRETRAINED_CHOICES = ("kinetics400", "none")
+
+
+class CheckpointError(Exception):
+    """A checkpoint or weights file that cannot be used; the message is one line naming the file."""
+
+
+class Backbone(nn.Module):
+    """R(2+1)D-18 (stem + layer1..4) -> 1x1x1 conv to ``hidden_dim`` -> tokens -> LayerNorm -> dropout.
+
+    Input ``(B, 3, T, H, W)``; output tokens ``(B, N, hidden_dim)`` flattened in ``(t, h, w)`` order,
+    ``N = T/8 * H/16 * W/16`` (rounded up).
+    """
+
+    def __init__(self, hidden_dim: int = 256, dropout: float = 0.1):
+        super().__init__()
+        trunk = r2plus1d_18(weights=None)
+        self.stem = nn.Sequential(trunk.stem, trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4)
+        self.proj = nn.Conv3d(512, hidden_dim, kernel_size=1)
+        self.norm = nn.LayerNorm(hidden_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.proj(self.stem(x))                 # (B, D, t, h, w)
+        tokens = features.flatten(2).transpose(1, 2)       # (B, t*h*w, D)
+        return self.dropout(self.norm(tokens))
+
+
+class PositionEmbedding(nn.Module):
+    """A learned table; row ``i`` is added to token ``i``."""
+
+    def __init__(self, max_positions: int = 10000, hidden_dim: int = 256):
+        super().__init__()
+        self.embedding = nn.Embedding(max_positions, hidden_dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        num_tokens = tokens.shape[1]
+        if num_tokens > self.embedding.num_embeddings:
+            raise ValueError(f"{num_tokens} tokens exceed the position table ({self.embedding.num_embeddings}); "
+                             "use fewer frames or a smaller image size")
+        return tokens + self.embedding.weight[:num_tokens].to(tokens.dtype)
+
+
+class Decoder(nn.Module):
+    """Post-norm ``nn.TransformerDecoder`` without final norm; can return every layer's output."""
+
+    def __init__(self, hidden_dim, nheads, dim_feedforward, dropout, num_layers):
+        super().__init__()
+        layer = nn.TransformerDecoderLayer(hidden_dim, nheads, dim_feedforward, dropout, batch_first=True)
+        self.decoder = nn.TransformerDecoder(layer, num_layers)
+
+    def forward(self, queries: torch.Tensor, memory: torch.Tensor) -> list[torch.Tensor]:
+        """queries ``(B, Q, D)``, memory ``(B, N, D)`` -> list of ``(B, Q, D)``, one per layer.
+
+        Same arithmetic as ``nn.TransformerDecoder.forward`` (no masks, no final norm), but keeps
+        the intermediate outputs for the auxiliary losses.
+        """
+        outputs, hidden = [], queries
+        for layer in self.decoder.layers:
+            hidden = layer(hidden, memory)
+            outputs.append(hidden)
+        return outputs
+
+
+class Head(nn.Module):
+    """Class MLP (``C+1`` logits, last = no_object) and box MLP (sigmoid ``cx, cy, w, h``)."""
+
+    def __init__(self, hidden_dim: int, num_classes: int, dropout: float):
+        super().__init__()
+        self.class_head = nn.Sequential(
+            nn.Linear(hidden_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden_dim, num_classes + 1))
+        self.bbox_head = nn.Sequential(
+            nn.Linear(hidden_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(hidden_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(hidden_dim, 4), nn.Sigmoid())
+
+    def forward(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"pred_logits": self.class_head(hidden), "pred_boxes": self.bbox_head(hidden)}
+
+
+class STAR(nn.Module):
+    """End-to-end action detector.
+
+    ``forward(x)``: ``x`` is ``(B, T, 3, H, W)``, preprocessed (RGB, /255, ImageNet mean/std).
+    Returns ``{"pred_logits": (B, Q, C+1), "pred_boxes": (B, Q, 4)}`` with boxes ``(cx, cy, w, h)``
+    normalised to [0, 1], plus ``"aux_outputs"`` (one such dict per earlier decoder layer) when
+    ``return_aux`` (default: training with ``aux_loss``).
+    """
+
+    def __init__(self, num_classes: int, num_queries: int = 12, hidden_dim: int = 256,
+                 num_decoder_layers: int = 4, nheads: int = 8, dim_feedforward: int = 2048,
+                 dropout: float = 0.1, max_positions: int = 10000, aux_loss: bool = True):
+        super().__init__()
+        self.num_classes = num_classes
+        self.aux_loss = aux_loss
+        self.backbone = Backbone(hidden_dim, dropout)
+        self.pos_embedding = PositionEmbedding(max_positions, hidden_dim)
+        self.queries = nn.Embedding(num_queries, hidden_dim)
+        self.decoder = Decoder(hidden_dim, nheads, dim_feedforward, dropout, num_decoder_layers)
+        self.head = Head(hidden_dim, num_classes, dropout)
+
+    def forward(self, x: torch.Tensor, return_aux: bool | None = None) -> dict:
+        if return_aux is None:
+            return_aux = self.training and self.aux_loss
+        memory = self.pos_embedding(self.backbone(x.transpose(1, 2)))   # (B, 3, T, H, W) for Conv3d
+        queries = self.queries.weight.unsqueeze(0).expand(x.shape[0], -1, -1)
+        layer_outputs = self.decoder(queries, memory)
+        out = self.head(layer_outputs[-1])
+        if return_aux:
+            out["aux_outputs"] = [self.head(hidden) for hidden in layer_outputs[:-1]]
+        return out
+
+
+def model_args_from(num_classes: int, **overrides) -> dict:
+    """The full constructor arguments of ``STAR`` (defaults filled in), as stored in checkpoints."""
+    args = {"num_classes": num_classes, "num_queries": 12, "hidden_dim": 256, "num_decoder_layers": 4,
+            "nheads": 8, "dim_feedforward": 2048, "dropout": 0.1, "max_positions": 10000, "aux_loss": True}
+    unknown = set(overrides) - set(args)
+    if unknown:
+        raise TypeError(f"unknown model arguments: {sorted(unknown)}")
+    args.update(overrides)
+    return args
+
+
+def load_trunk_weights(model: STAR, pretrained: str | os.PathLike) -> None:
+    """Initialise the R(2+1)D-18 trunk: ``"kinetics400"`` (torchvision weights API: hub cache or
+    download), ``"none"`` (random), or a path to an ``r2plus1d_18`` state_dict file."""
+    if pretrained in (None, "none"):
+        return
+    if pretrained == "kinetics400":
+        weights = R2Plus1D_18_Weights.KINETICS400_V1
+        try:
+            state = weights.get_state_dict(progress=False)
+        except (OSError, RuntimeError, ValueError) as err:   # URLError is an OSError
+            raise CheckpointError(
+                f"could not get the Kinetics-400 R(2+1)D-18 weights ({weights.url}): {str(err).splitlines()[0]}. "
+                "Without internet: train from scratch with --pretrained none, or download that file elsewhere and "
+                f"pass --backbone_weights PATH (or put it in {torch.hub.get_dir()}/checkpoints/)") from None
+        source = weights.url
+    else:
+        state = _torch_load(Path(pretrained))
+        source = str(pretrained)
+    trunk = r2plus1d_18(weights=None)
+    try:
+        trunk.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"{source}: not an r2plus1d_18 state_dict ({str(err).splitlines()[0]})") from None
+    model.backbone.stem.load_state_dict(
+        nn.Sequential(trunk.stem, trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4).state_dict())
+    log.info("trunk initialised from %s", source)
+
+
+def build_model(num_classes: int, pretrained: str | os.PathLike = "none", **model_kwargs) -> STAR:
+    """A new STAR network with its trunk initialised as ``pretrained`` says (see ``load_trunk_weights``)."""
+    model = STAR(**model_args_from(num_classes, **model_kwargs))
+    load_trunk_weights(model, pretrained)
+    return model
+
+
+def _torch_load(path: Path) -> dict:
+    """``torch.load(weights_only=True)`` with every failure turned into a one-line ``CheckpointError``."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "unpickling failed"
+        if "weights only" in str(err).lower() or "weights_only" in str(err).lower():
+            raise CheckpointError(
+                f"{path}: refused: the file carries pickled Python objects, not only tensors; STAR loads "
+                "checkpoints with weights_only=True and runs no code from them (re-save it as a state_dict)") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({first})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a STAR checkpoint or state_dict")
+    return obj
+
+
+def _raw_model_args(state: dict, path: Path) -> dict:
+    """Read the network's size from the tensor shapes of a raw (published) state_dict."""
+    try:
+        class_weight = state[f"{CLASS_LAYER}.weight"]
+        layers = {k.split(".")[3] for k in state if k.startswith("decoder.decoder.layers.")}
+        return model_args_from(
+            class_weight.shape[0] - 1, num_queries=state["queries.weight"].shape[0],
+            hidden_dim=state["queries.weight"].shape[1], num_decoder_layers=len(layers),
+            dim_feedforward=state["decoder.decoder.layers.0.linear1.weight"].shape[0],
+            max_positions=state["pos_embedding.embedding.weight"].shape[0])
+    except (KeyError, AttributeError, IndexError) as err:
+        raise CheckpointError(f"{path}: not a STAR checkpoint (missing {err})") from None
+
+
+def load_checkpoint(path, device="cpu", class_names=None) -> tuple[STAR, dict]:
+    """Load a STAR checkpoint (this project's, or the published raw ``state_dict``) for inference.
+
+    Returns ``(model, info)``: the model in eval mode on ``device``; ``info`` has ``class_names``,
+    ``num_frames``, ``img_size``, ``mean``, ``std``, ``model_args``, ``source`` and ``checkpoint``
+    (the loaded dict of a project checkpoint, else None). ``class_names`` overrides stored names.
+    """
+    path = Path(path)
+    obj = _torch_load(path)
+    if obj.get("format") == "star":
+        state, model_args = obj["model"], dict(obj["model_args"])
+        names, prep, source = list(obj["class_names"]), dict(obj["preprocessing"]), "project"
+    else:
+        state, model_args, source = obj, _raw_model_args(obj, path), "raw_state_dict"
+        prep = dict(PUBLISHED_PREPROCESSING)
+        n = model_args["num_classes"]
+        names = list(PUBLISHED_CLASS_NAMES) if n == len(PUBLISHED_CLASS_NAMES) else [f"class_{i}" for i in range(n)]
+    if class_names:
+        if len(class_names) != model_args["num_classes"]:
+            raise CheckpointError(f"{path}: has {model_args['num_classes']} classes but {len(class_names)} "
+                                  f"class names were given ({', '.join(class_names)})")
+        names = list(class_names)
+    model = STAR(**model_args)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit the STAR network ({str(err).splitlines()[0]})") from None
+    info = {"class_names": names, "model_args": model_args, "source": source,
+            "checkpoint": obj if source == "project" else None, **prep}
+    return model.to(device).eval(), info
+
+
+def load_for_finetuning(model: STAR, path) -> list[str]:
+    """Copy a checkpoint's weights into ``model``; the last class layer is skipped when the number of
+    classes differs. Returns the keys that were not loaded (and logs them)."""
+    path = Path(path)
+    obj = _torch_load(path)
+    state = obj["model"] if obj.get("format") == "star" else obj
+    own = model.state_dict()
+    skipped = [k for k, v in state.items() if k.startswith(CLASS_LAYER) and k in own and own[k].shape != v.shape]
+    kept = {k: v for k, v in state.items() if k not in skipped}
+    try:
+        model.load_state_dict(kept, strict=False)
+        missing = [k for k in own if k not in kept]
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit this STAR network ({str(err).splitlines()[0]})") from None
+    if sorted(missing) != sorted(skipped):
+        raise CheckpointError(f"{path}: not a STAR checkpoint (missing keys such as {missing[:3]})")
+    if skipped:
+        log.info("fine-tuning from %s: class layer %s re-initialised (%d classes there, %d here)", path,
+                 CLASS_LAYER, state[f"{CLASS_LAYER}.weight"].shape[0] - 1, model.num_classes)
+    else:
+        log.info("initialised all weights from %s", path)
+    return skipped
+
+
+def make_checkpoint(model: nn.Module, model_args: dict, class_names, preprocessing: dict, **extra) -> dict:
+    """A self-describing checkpoint dict (loadable with ``weights_only=True``)."""
+    model = getattr(model, "module", model)   # unwrap DistributedDataParallel
+    return {"format": "star", "version": 1, "model": model.state_dict(), "model_args": dict(model_args),
+            "class_names": list(class_names), "preprocessing": dict(preprocessing), **extra}
+
+
+def save_checkpoint(obj: dict, path) -> None:
+    """Write atomically: a temporary file in the same folder, then ``os.replace`` (never a half-written file)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
