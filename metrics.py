@@ -110,6 +110,15 @@ def video_prediction(pred: dict, threshold: float = 0.5) -> tuple[int, float, to
     return label, score, boxes[top]
 
 
+def detections(pred: dict, threshold: float) -> list[tuple[int, float, list[float]]]:
+    """The published detection rule: every query whose score (best foreground probability) is at
+    least ``threshold``, as ``(label, score, [x1, y1, x2, y2] normalised)``, best first."""
+    scores, labels, boxes = _pred(pred)
+    keep = (scores >= threshold).nonzero().flatten().tolist()
+    keep.sort(key=lambda q: -float(scores[q]))
+    return [(int(labels[q]), float(scores[q]), [float(v) for v in boxes[q]]) for q in keep]
+
+
 def _gt_classes(target: dict) -> list[int]:
     """Ground-truth classes of a video in label order, without duplicates; [] = no_object."""
     labels, _ = _target(target)

@@ -1,0 +1,395 @@
+"""Train STAR on a CSV-listed dataset.
+
+    python main.py --input_dir DATASET --output_dir OUT [--pretrained none]
+    torchrun --nproc_per_node=2 main.py --input_dir DATASET --output_dir OUT
+
+Writes to OUT: best_model.pth, checkpoint.pth (for --resume), split.json, training_results.csv,
+test_predictions.csv, plots (*.png), train.log.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from torchvision.ops import box_convert
+from tqdm import tqdm
+
+import metrics
+from dataset import (ActionDataset, BalancedBatchSampler, DatasetError, collate, format_problems, load_dataset,
+                     split_dataset)
+from losses import build_criterion
+from model import (PRETRAINED_CHOICES, CheckpointError, build_model, count_parameters, load_for_finetuning,
+                   make_checkpoint, model_args_from, save_checkpoint)
+from runtime import autocast_dtype, resolve_device
+from video import IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger("star")
+
+PUBLISHED_LR = 5e-5      # the published recipe, for a Kinetics-pretrained trunk
+SCRATCH_LR = 1e-4        # from scratch: measured on sample data (README, "Training from scratch")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("STAR training", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input_dir", required=True, help="dataset folder with action_challenge.csv")
+    p.add_argument("--output_dir", required=True, help="where checkpoints, logs, tables and plots go")
+    p.add_argument("--epochs", type=int, default=50, help="number of training epochs")
+    p.add_argument("--batch_size", type=int, default=2, help="clips per batch (per process)")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"AdamW learning rate (default {PUBLISHED_LR} with a pretrained trunk, {SCRATCH_LR} from scratch)")
+    p.add_argument("--min_lr", type=float, default=1e-6, help="final learning rate of the cosine schedule")
+    p.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
+    p.add_argument("--num_frames", type=int, default=16, help="frames sampled per clip")
+    p.add_argument("--img_size", type=int, default=224, help="frames are resized to img_size x img_size")
+    p.add_argument("--num_queries", type=int, default=12, help="learned decoder queries (detections per clip)")
+    p.add_argument("--val_split", type=float, default=0.2, help="fraction of videos held out for validation")
+    p.add_argument("--eval_every", type=int, default=2, help="validate every N epochs (and after the last)")
+    p.add_argument("--grad_clip", type=float, default=0.5, help="max gradient norm (0 = no clipping)")
+    p.add_argument("--seed", type=int, default=42, help="seed for split, sampling, augmentation and init")
+    p.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
+    p.add_argument("--pretrained", choices=PRETRAINED_CHOICES, default="kinetics400",
+                   help="trunk initialisation: Kinetics-400 weights (torchvision; needs them cached or internet) or none")
+    p.add_argument("--backbone_weights", default=None, help="local r2plus1d_18 weights file (overrides --pretrained)")
+    p.add_argument("--init_from", default=None, help="STAR checkpoint to fine-tune from (the published one included)")
+    p.add_argument("--class_names", nargs="+", default=None, help="names for the sorted raw class ids")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
+    p.add_argument("--no_amp", action="store_true", help="train in float32 (no fp16/bf16 autocast)")
+    p.add_argument("--no_aug", action="store_true", help="turn training augmentation off")
+    p.add_argument("--no_aux_loss", action="store_true", help="no auxiliary losses on earlier decoder layers")
+    p.add_argument("--score_threshold", type=float, default=0.5, help="score threshold for metrics and test_predictions.csv")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pth")
+    return p
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world_size); starts the process group under torchrun (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world
+
+
+def setup_logging(output_dir: Path, rank: int) -> None:
+    """Console + OUTPUT_DIR/train.log on rank 0; warnings only elsewhere."""
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if rank == 0:
+        handlers.append(logging.FileHandler(output_dir / "train.log"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=handlers,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """RNG states as plain lists/tensors (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_data(args, rank: int, output_dir: Path):
+    """Validate the dataset, split it (split.json), return (train_records, val_records, class_map)."""
+    records, class_map, problems = load_dataset(args.input_dir, class_names=args.class_names)
+    if problems and rank == 0:
+        log.warning("dataset problems (these rows are skipped):\n%s", format_problems(problems))
+    train, val, note = split_dataset(records, args.val_split, args.seed, output_dir / "split.json")
+    if note:
+        log.info("%s", note)
+    if not train:
+        raise DatasetError(f"{args.input_dir}: no usable training video after the split")
+    log.info("%d videos: %d train, %d validation; classes %s", len(records), len(train), len(val),
+             ", ".join(class_map.names))
+    return train, val, class_map
+
+
+def make_loaders(args, train, val, rank: int, world: int):
+    train_set = ActionDataset(train, args.num_frames, args.img_size, augment=not args.no_aug, seed=args.seed)
+    sampler = BalancedBatchSampler(train_set.has_action, args.batch_size, args.seed, world, rank)
+    kwargs = {"num_workers": args.workers, "collate_fn": collate, "persistent_workers": False}
+    train_loader = DataLoader(train_set, batch_sampler=sampler, **kwargs)
+    val_set = ActionDataset(val, args.num_frames, args.img_size, augment=False)
+    val_loader = DataLoader(val_set, batch_size=args.batch_size, shuffle=False, **kwargs)
+    return train_loader, val_loader
+
+
+# ----------------------------------------------------------------------------- loops
+
+def train_one_epoch(model, criterion, loader, optimizer, scaler, device, amp_dtype, args, epoch, world) -> dict:
+    """One pass over the training batches. Returns mean loss terms and the count of skipped steps."""
+    model.train()
+    loader.batch_sampler.set_epoch(epoch)
+    loader.dataset.set_epoch(epoch)
+    sums, steps, skipped = {}, 0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=dist.is_initialized() and dist.get_rank() != 0,
+               leave=False, dynamic_ncols=True)
+    for clips, targets in bar:
+        clips = clips.to(device, non_blocking=True)
+        targets = [{k: v.to(device) for k, v in t.items() if k != "video"} for t in targets]
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            outputs = model(clips)
+        losses = criterion(outputs, targets, num_boxes=global_num_boxes(targets, device, world))
+        loss = criterion.total(losses)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"epoch {epoch + 1}: the loss became {loss.item()} "
+                                     f"({', '.join(f'{k}={v.item():.3g}' for k, v in losses.items())})")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+        if torch.isfinite(grad_norm):
+            scaler.step(optimizer)
+        else:   # a finite loss can still give inf/NaN gradients under low precision: never apply them
+            skipped += 1
+            if not scaler.is_enabled():
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                scaler.step(optimizer)   # GradScaler sees the inf and skips the step itself
+        scaler.update()
+        steps += 1
+        for k, v in losses.items():
+            if k == "loss" or not k[-1].isdigit():   # main terms only; aux terms are in the total
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+        bar.set_postfix(loss=f"{sums['loss'] / steps:.3f}")
+    stats = {f"train_{k}": v / max(steps, 1) for k, v in sums.items()}
+    stats["skipped_steps"] = skipped
+    return stats
+
+
+def global_num_boxes(targets, device, world) -> float:
+    """Target boxes in the whole (distributed) batch, for DETR's box-loss normalisation."""
+    n = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+    if world > 1:
+        dist.all_reduce(n)
+        n /= world
+    return float(n.clamp(min=1))
+
+
+@torch.no_grad()
+def evaluate(model, criterion, loader, device, amp_dtype, class_names, threshold) -> tuple[dict, list, list, list]:
+    """Validation loss and metrics; also returns predictions, targets (xyxy) and video names."""
+    model.eval()
+    preds, targets_xyxy, names, loss_sum, batches = [], [], [], 0.0, 0
+    for clips, targets in loader:
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            outputs = model(clips.to(device))
+        device_targets = [{k: v.to(device) for k, v in t.items() if k != "video"} for t in targets]
+        loss_sum += float(criterion.total(criterion(outputs, device_targets)))
+        batches += 1
+        preds += metrics.outputs_to_predictions(outputs)
+        for t in targets:
+            targets_xyxy.append({"labels": t["labels"], "boxes": box_convert(t["boxes"], "cxcywh", "xyxy")})
+            names.append(t["video"])
+    result = metrics.evaluate(preds, targets_xyxy, class_names, threshold) if preds else {}
+    result["val_loss"] = loss_sum / max(batches, 1)
+    return result, preds, targets_xyxy, names
+
+
+# ----------------------------------------------------------------------------- outputs
+
+EPOCH_FIELDS = ["epoch", "lr", "seconds", "train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou",
+                "train_class_error", "train_matched_iou", "skipped_steps", "val_loss", "video_acc", "det_acc_50",
+                "mean_iou", "map50", "map50_95", "score"]
+
+
+def append_results(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=EPOCH_FIELDS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def write_predictions(path: Path, preds, names, class_names, threshold) -> None:
+    """test_predictions.csv in the predictions.csv format (whole video = one span; seconds left empty)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["video_name", "pred_class", "score", "x1", "y1", "x2", "y2", "start_sec", "end_sec"])
+        for pred, name in zip(preds, names):
+            found = metrics.detections(pred, threshold)
+            for label, score, box in found:
+                writer.writerow([name, class_names[label], f"{score:.4f}", *(f"{v:.4f}" for v in box), "", ""])
+            if not found:
+                writer.writerow([name, metrics.NO_OBJECT_NAME, "", "", "", "", "", "", ""])
+
+
+def plot_history(results_csv: Path, output_dir: Path) -> None:
+    """losses.png and metrics.png from training_results.csv."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    table = pd.read_csv(results_csv)
+    for name, columns in (("losses", ["train_loss", "val_loss"]),
+                          ("metrics", ["video_acc", "det_acc_50", "mean_iou", "map50", "map50_95"])):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for column in columns:
+            rows = table[["epoch", column]].dropna()
+            if len(rows):
+                ax.plot(rows["epoch"], rows[column], marker="o", label=column)
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(output_dir / f"{name}.png", dpi=100)
+        plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+def build_training_state(args, class_map, device, world):
+    """Model (maybe DDP), criterion, optimizer, scheduler, scaler, amp dtype, model args."""
+    model_args = model_args_from(len(class_map), num_queries=args.num_queries, aux_loss=not args.no_aux_loss)
+    model = build_model(pretrained=args.backbone_weights or args.pretrained, **model_args)
+    if args.init_from:
+        load_for_finetuning(model, args.init_from)
+    model.to(device)
+    log.info("STAR: %.2f M parameters", count_parameters(model) / 1e6)
+    criterion = build_criterion(len(class_map), model_args["num_decoder_layers"], model_args["aux_loss"]).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(args.epochs, 1), eta_min=args.min_lr)
+    amp_dtype = None if args.no_amp else autocast_dtype(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, criterion, optimizer, scheduler, scaler, amp_dtype, model_args
+
+
+def resume(path: Path, model, optimizer, scheduler, scaler) -> tuple[int, float]:
+    """Restore everything from checkpoint.pth; returns (next epoch, best score so far)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    getattr(model, "module", model).load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    log.info("resumed from %s at epoch %d", path, ckpt["epoch"] + 1)
+    return ckpt["epoch"] + 1, ckpt.get("best_score", -math.inf)
+
+
+def final_report(model_args, best_path: Path, val_loader, criterion, device, amp_dtype, class_names, args, output_dir):
+    """Best model on the validation split: report, confusion matrix PNG, test_predictions.csv."""
+    ckpt = torch.load(best_path, map_location="cpu", weights_only=True)
+    from model import STAR
+    model = STAR(**model_args).to(device)
+    model.load_state_dict(ckpt["model"])
+    result, preds, _, names = evaluate(model, criterion, val_loader, device, amp_dtype, class_names, args.score_threshold)
+    log.info("best model (epoch %d) on the validation split:\n%s", ckpt["epoch"] + 1,
+             metrics.format_report(result, class_names))
+    metrics.plot_confusion_matrix(np.array(result["confusion_matrix"]), class_names, output_dir / "confusion_matrix.png")
+    write_predictions(output_dir / "test_predictions.csv", preds, names, class_names, args.score_threshold)
+    (output_dir / "val_metrics.json").write_text(json.dumps(result, indent=2, default=float))
+    return result
+
+
+def train(args) -> dict:
+    device = resolve_device(args.device)
+    rank, world = init_distributed(device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(output_dir, rank)
+    if args.lr is None:
+        args.lr = PUBLISHED_LR if (args.pretrained != "none" or args.backbone_weights or args.init_from) else SCRATCH_LR
+    seed_everything(args.seed + rank)
+    train_records, val_records, class_map = load_data(args, rank, output_dir)
+    train_loader, val_loader = make_loaders(args, train_records, val_records, rank, world)
+    model, criterion, optimizer, scheduler, scaler, amp_dtype, model_args = build_training_state(args, class_map, device, world)
+    log.info("device %s, autocast %s, lr %g, %d steps per epoch", device, amp_dtype, args.lr, len(train_loader))
+    ckpt_path, best_path, results_csv = output_dir / "checkpoint.pth", output_dir / "best_model.pth", output_dir / "training_results.csv"
+    start_epoch, best = 0, -math.inf
+    if args.resume and ckpt_path.exists():
+        start_epoch, best = resume(ckpt_path, model, optimizer, scheduler, scaler)
+    elif args.resume:
+        log.info("--resume: no %s yet, starting from scratch", ckpt_path)
+    preprocessing = {"num_frames": args.num_frames, "img_size": args.img_size,
+                     "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    common = {"raw_class_ids": list(class_map.raw_ids), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    for epoch in range(start_epoch, args.epochs):
+        start = time.time()
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+        row.update(train_one_epoch(model, criterion, train_loader, optimizer, scaler, device, amp_dtype, args, epoch, world))
+        scheduler.step()
+        result = {}
+        if rank == 0 and val_records and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+            result, *_ = evaluate(getattr(model, "module", model), criterion, val_loader, device, amp_dtype,
+                                  class_map.names, args.score_threshold)
+            result["score"] = metrics.best_score(result)
+            row.update({k: v for k, v in result.items() if k in EPOCH_FIELDS})
+        row["seconds"] = time.time() - start
+        if rank == 0:
+            append_results(results_csv, row)
+            log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in row.items()
+                                                         if isinstance(v, float) and k != "epoch"))
+            ckpt = make_checkpoint(model, model_args, class_map.names, preprocessing, epoch=epoch, metrics=result, **common)
+            if result and (result["score"] > best or not best_path.exists()):
+                best = result["score"]
+                save_checkpoint(ckpt, best_path)
+                log.info("new best model (score %.4f) -> %s", best, best_path)
+            elif not val_records and epoch + 1 == args.epochs:
+                save_checkpoint(ckpt, best_path)
+            ckpt.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                        scaler=scaler.state_dict(), rng=rng_state(), best_score=best)
+            save_checkpoint(ckpt, ckpt_path)
+        if world > 1:
+            dist.barrier()
+    final = {}
+    if rank == 0:
+        plot_history(results_csv, output_dir)
+        if val_records and best_path.exists():
+            final = final_report(model_args, best_path, val_loader, criterion, device, amp_dtype, class_map.names, args, output_dir)
+    if world > 1:
+        dist.destroy_process_group()
+    return final
+
+
+def main(args) -> int:
+    try:
+        train(args)
+    except (DatasetError, CheckpointError, FloatingPointError) as err:
+        log.error("error: %s", err)
+        if isinstance(err, FloatingPointError):
+            log.error("training stopped; the last good checkpoint is unchanged in %s (lower --lr or use --no_amp)",
+                      args.output_dir)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,92 @@
+"""Shared test helpers: tiny synthetic videos written with PyAV, and the real-media folder.
+
+``write_video(path, frames, fps, codec)`` writes RGB frames; ``numbered_frames(n, w, h)``
+makes frames whose pixels encode their own index (read back with ``frame_number``), so a
+test can check exactly which frames a decoder returned, even after lossy compression.
+"""
+from __future__ import annotations
+
+import fractions
+import pathlib
+import sys
+
+import av
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # let `pytest` (not only `python -m pytest`) import the modules
+    sys.path.insert(0, str(ROOT))
+
+MEDIA_DIR = ROOT.parent / "shared" / "media"
+
+# codec name -> pixel format it needs (all present in PyAV's bundled FFmpeg)
+PIX_FMT = {"libx264": "yuv420p", "mpeg4": "yuv420p", "mjpeg": "yuvj420p",
+           "libvpx-vp9": "yuv420p", "rawvideo": "bgr24"}
+_BITS = 8  # frame numbers up to 255
+
+
+def numbered_frames(n: int, width: int = 64, height: int = 48) -> np.ndarray:
+    """``(n, H, W, 3)`` uint8 frames; frame i shows i in binary as 8 black/white vertical bars."""
+    bar = width // _BITS
+    frames = np.zeros((n, height, width, 3), np.uint8)
+    for i in range(n):
+        for b in range(_BITS):
+            if (i >> b) & 1:
+                frames[i, :, b * bar:(b + 1) * bar] = 255
+    return frames
+
+
+def frame_number(frame: np.ndarray) -> int:
+    """Inverse of :func:`numbered_frames` for a decoded frame (robust to compression noise)."""
+    width = frame.shape[1]
+    bar = width // _BITS
+    value = 0
+    for b in range(_BITS):
+        centre = frame[:, b * bar + bar // 4:(b + 1) * bar - bar // 4]
+        if centre.mean() > 127:
+            value |= 1 << b
+    return value
+
+
+def write_video(path, frames, fps=25, codec: str = "libx264") -> pathlib.Path:
+    """Write RGB ``frames`` (N, H, W, 3) uint8 to ``path`` (container from the suffix).
+
+    Near-lossless settings so pixel-level checks hold; N may be 0 (container with no frames)."""
+    path = pathlib.Path(path)
+    frames = np.asarray(frames, dtype=np.uint8)
+    h, w = (frames.shape[1:3] if frames.ndim == 4 and len(frames) else (48, 64))
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fractions.Fraction(fps).limit_denominator(10000))
+        stream.width, stream.height, stream.pix_fmt = w, h, PIX_FMT[codec]
+        if codec == "libx264":
+            stream.options = {"crf": "10", "preset": "ultrafast"}
+        elif codec in ("mpeg4", "mjpeg", "libvpx-vp9"):
+            stream.bit_rate = 4_000_000  # generous for tiny frames: keeps the bars crisp
+        container.start_encoding()
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture
+def make_video(tmp_path):
+    """Factory fixture: ``make_video(name, n=20, width=64, height=48, fps=25, codec="libx264",
+    frames=None)`` writes a numbered test video under tmp_path and returns its path."""
+
+    def factory(name="clip.mp4", n=20, width=64, height=48, fps=25, codec="libx264", frames=None):
+        frames = numbered_frames(n, width, height) if frames is None else frames
+        return write_video(tmp_path / name, frames, fps=fps, codec=codec)
+
+    return factory
+
+
+@pytest.fixture
+def media_dir():
+    """The real footage folder (../shared/media); tests using it skip when it is absent."""
+    if not MEDIA_DIR.is_dir():
+        pytest.skip(f"real test footage not present at {MEDIA_DIR}")
+    return MEDIA_DIR

@@ -1,0 +1,220 @@
+"""video.py: sampling indices, sequential decoding, bad files, windows, preprocessing, writing."""
+import struct
+
+import av
+import numpy as np
+import pytest
+import torch
+
+import video
+from conftest import frame_number, numbered_frames, write_video
+
+CODECS = [("h264.mp4", "libx264"), ("mjpeg.avi", "mjpeg"), ("mpeg4.AVI", "mpeg4"),
+          ("vp9.mkv", "libvpx-vp9"), ("raw.MOV", "rawvideo")]
+
+
+def numbers(frames):
+    return [frame_number(f) for f in frames]
+
+
+def test_sample_indices_are_the_published_ones():
+    for n, T in [(100, 16), (20, 8), (3, 8), (1, 4), (8, 8)]:
+        assert np.array_equal(video.sample_indices(n, T), np.linspace(0, n - 1, T).astype(int))
+
+
+@pytest.mark.parametrize("name,codec", CODECS)
+def test_read_frames_returns_the_published_indices(make_video, name, codec):
+    path = make_video(name, n=37, codec=codec)
+    info = video.probe_video(path)
+    assert (info.width, info.height, info.num_frames, info.fps) == (64, 48, 37, 25.0)
+    frames, info2 = video.sample_clip(path, 8)
+    assert frames.shape == (8, 48, 64, 3) and frames.dtype == np.uint8
+    assert numbers(frames) == video.sample_indices(37, 8).tolist()
+    assert info2 == info
+
+
+def test_read_frames_any_order_and_repeats(make_video):
+    path = make_video(n=30)
+    idx = [29, 0, 5, 5, 12, 0]
+    assert numbers(video.read_frames(path, idx)) == idx
+
+
+def test_one_sequential_pass(make_video, monkeypatch):
+    path = make_video(n=30)
+    calls = []
+    real = video._iter_av_frames
+    monkeypatch.setattr(video, "_iter_av_frames", lambda p: calls.append(p) or real(p))
+    video.read_frames(path, [3, 10, 20, 25])
+    assert len(calls) == 1
+
+
+def test_short_video_repeats_frames(make_video):
+    path = make_video(n=3)
+    frames, info = video.sample_clip(path, 8)
+    assert info.num_frames == 3
+    assert numbers(frames) == [0, 0, 0, 0, 1, 1, 1, 2]  # linspace(0, 2, 8).astype(int)
+
+
+def test_single_frame_video(make_video):
+    frames, _ = video.sample_clip(make_video(n=1), 4)
+    assert numbers(frames) == [0, 0, 0, 0]
+
+
+def _lie_about_avi_count(path, count):
+    """Overwrite the AVI header's frame counts (avih.dwTotalFrames, strh.dwLength)."""
+    data = bytearray(path.read_bytes())
+    avih, strh = data.find(b"avih"), data.find(b"strh")
+    struct.pack_into("<I", data, avih + 8 + 16, count)
+    struct.pack_into("<I", data, strh + 8 + 32, count)
+    path.write_bytes(bytes(data))
+
+
+def test_wrong_container_frame_count(make_video):
+    path = make_video("lie.avi", n=20, codec="mjpeg")
+    _lie_about_avi_count(path, 500)
+    with av.open(str(path)) as c:
+        assert c.streams.video[0].frames == 500  # the container lies ...
+    assert video.probe_video(path).num_frames == 20  # ... the packet count does not
+    frames, info = video.sample_clip(path, 8)
+    assert numbers(frames) == video.sample_indices(20, 8).tolist()
+
+
+def test_missing_container_count(make_video):
+    path = make_video("nocount.mkv", n=21)
+    with av.open(str(path)) as c:
+        assert c.streams.video[0].frames == 0  # Matroska stores no frame count
+    assert video.probe_video(path).num_frames == 21
+
+
+def test_stream_shorter_than_probe(make_video, monkeypatch):
+    """If decoding ends before the expected count, indices are re-derived from the true count."""
+    path = make_video(n=20)
+    real = video.probe_video
+    monkeypatch.setattr(video, "probe_video", lambda p, **k: video.VideoInfo(64, 48, 50, 25.0, 2.0))
+    frames, info = video.sample_clip(path, 8)
+    assert info.num_frames == 20
+    assert numbers(frames) == video.sample_indices(20, 8).tolist()
+    # read_frames with indices past the end repeats the last frame
+    assert numbers(video.read_frames(path, [18, 19, 30, 45])) == [18, 19, 19, 19]
+    monkeypatch.setattr(video, "probe_video", real)
+
+
+def test_truncated_avi_still_decodes(make_video):
+    path = make_video("cut.avi", n=40, codec="mjpeg")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 6 // 10])
+    info = video.probe_video(path)
+    assert 0 < info.num_frames < 40
+    frames, info2 = video.sample_clip(path, 8)
+    assert numbers(frames) == video.sample_indices(info2.num_frames, 8).tolist()
+
+
+def _bad_files(tmp_path, make_video):
+    good = make_video("good.mp4", n=30)
+    files = {
+        "zero-byte": tmp_path / "empty.mp4",
+        "random bytes": tmp_path / "noise.mp4",
+        "text with a video extension": tmp_path / "notes.avi",
+        "truncated mp4": tmp_path / "truncated.mp4",
+        "missing": tmp_path / "missing.mp4",
+    }
+    files["zero-byte"].write_bytes(b"")
+    files["random bytes"].write_bytes(np.random.default_rng(0).bytes(5000))
+    files["text with a video extension"].write_text("this is not a video\n" * 50)
+    files["truncated mp4"].write_bytes(good.read_bytes()[:600])  # moov atom lost
+    return files
+
+
+def test_bad_files_raise_one_line_video_error(tmp_path, make_video):
+    for what, path in _bad_files(tmp_path, make_video).items():
+        for call in (video.probe_video, lambda p: video.sample_clip(p, 8), lambda p: list(video.iter_frames(p))):
+            with pytest.raises(video.VideoError) as err:
+                call(path)
+            message = str(err.value)
+            assert path.name in message and "\n" not in message, (what, message)
+
+
+def test_zero_frame_video(make_video):
+    path = make_video("zero.avi", codec="mjpeg", frames=np.zeros((0, 48, 64, 3), np.uint8))
+    assert video.probe_video(path).num_frames == 0
+    with pytest.raises(video.VideoError, match="zero frames"):
+        video.sample_clip(path, 8)
+
+
+def test_window_spans_cover_the_video():
+    spans = video.window_spans(100, 10.0, window_sec=3.0, stride_sec=2.0)
+    assert spans[0] == (0, 30) and spans[-1] == (70, 100)
+    assert [s for s, _ in spans] == [0, 20, 40, 60, 70]
+    assert video.window_spans(20, 10.0, 3.0, 1.0) == [(0, 20)]  # shorter than a window
+    assert video.window_spans(30, 10.0, 3.0, 1.0) == [(0, 30)]
+    for n in range(1, 60):
+        spans = video.window_spans(n, 7.0, 1.5, 0.7)
+        covered = set().union(*(range(s, e) for s, e in spans))
+        assert covered == set(range(n)) and spans[-1][1] == n
+
+
+def test_iter_windows_frames_and_times(make_video):
+    path = make_video(n=55, fps=10)
+    out = list(video.iter_windows(path, 4, window_sec=2.0, stride_sec=1.5))
+    spans = video.window_spans(55, 10.0, 2.0, 1.5)
+    assert len(out) == len(spans)
+    for (frames, start, end), (s, e) in zip(out, spans):
+        assert frames.shape == (4, 48, 64, 3)
+        assert numbers(frames) == (s + video.sample_indices(e - s, 4)).tolist()
+        assert (start, end) == pytest.approx((s / 10, e / 10))
+    assert out[0][1] == 0 and out[-1][2] == pytest.approx(5.5)
+
+
+def test_iter_frames_counts(make_video):
+    assert numbers(video.iter_frames(make_video(n=12))) == list(range(12))
+
+
+@pytest.mark.parametrize("width,height,fps", [(64, 48, 25), (65, 49, 29.97002997), (32, 32, 12.5)])
+def test_h264_writer_round_trip(tmp_path, width, height, fps):
+    path = tmp_path / "out.mp4"
+    frames = numbered_frames(17, width, height)
+    with video.H264Writer(path, width, height, fps) as writer:
+        for frame in frames:
+            writer.write(frame)
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        assert stream.codec_context.name == "h264" and stream.pix_fmt == "yuv420p"
+        assert stream.average_rate == video._as_rate(fps)
+    info = video.probe_video(path)
+    assert info.num_frames == 17 and info.fps == pytest.approx(fps)
+    # even sizes are kept; odd ones padded by one replicated row/column (4:2:0 needs even)
+    assert (info.width, info.height) == (width + width % 2, height + height % 2)
+    assert numbers(f[:height, :width] for f in video.iter_frames(path)) == list(range(17))
+
+
+def test_preprocess_matches_the_formula():
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (3, 20, 30, 3), dtype=np.uint8)
+    x = video.preprocess(frames, 16)
+    assert x.shape == (3, 3, 16, 16) and x.dtype == torch.float32
+    import cv2
+    ref = cv2.resize(frames[1], (16, 16), interpolation=cv2.INTER_LINEAR) / 255.0
+    ref = (ref - np.array(video.IMAGENET_MEAN)) / np.array(video.IMAGENET_STD)
+    assert np.allclose(x[1].permute(1, 2, 0).numpy(), ref, atol=1e-5)
+    # non-contiguous views (flips) are accepted
+    assert torch.allclose(video.preprocess(frames[:, :, ::-1], 16), video.preprocess(frames[:, :, ::-1].copy(), 16))
+
+
+def test_draw_detections_copies_and_draws():
+    frame = np.zeros((120, 160, 3), np.uint8)
+    out = video.draw_detections(frame, [("jump", 0.87, (0.25, 0.25, 0.75, 0.75))])
+    assert frame.max() == 0 and out.shape == frame.shape
+    assert out[60, 39].any() and not out[60, 80].any()  # left edge drawn, centre untouched
+    assert video.class_colour("jump") == video.class_colour("jump")
+
+
+def test_real_footage(media_dir):
+    expected = {"vtest.avi": (768, 576, 795, 10.0), "bikes.mp4": (640, 272, 250, 25.0),
+                "sports2d_demo.mp4": (1768, 994, 230, 30.0)}
+    for name, (w, h, n, fps) in expected.items():
+        info = video.probe_video(media_dir / name)
+        assert (info.width, info.height, info.num_frames, info.fps) == (w, h, n, fps)
+    frames, _ = video.sample_clip(media_dir / "vtest.avi", 8)  # MPEG-4 v3 in AVI
+    assert frames.shape == (8, 576, 768, 3) and frames.std() > 10
+    first = video.read_frames(media_dir / "sports2d_demo.mp4", [0, 2])  # VP9, stops early
+    assert first.shape == (2, 994, 1768, 3) and first.std() > 10

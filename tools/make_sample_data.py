@@ -1,0 +1,235 @@
+#!/usr/bin/env python
+"""Make a small synthetic action dataset in exactly the training layout.
+
+    python tools/make_sample_data.py --output_dir sample_data [--num_videos 48 --seed 0]
+
+Each video shows one or two bright textured "actors" (ellipses) on a mildly noisy, dim
+background. The actions differ only in how the actor moves, so a single frame cannot
+tell them apart and the network must use time:
+
+    jump    hops up and down          walk    moves left and right
+    wave    swells and shrinks        circle  moves round a circle
+
+About a third of the videos have no action: a static actor (the honest negative: same
+look, no motion) or, less often, an empty scene. Some positives have two actors (two
+label lines, possibly different classes). The label of an actor is the pixel xyxy box of
+the region where it acts: the union of its extent over the whole video. Containers are
+mixed: mostly H.264 .mp4, some MJPEG and MPEG-4 .avi, an upper-case .MOV and a .mkv.
+Everything is a function of --seed (video i uses the generator seeded with (seed, i)).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import pathlib
+import sys
+import time
+
+import cv2
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import video  # noqa: E402  (repository root on the path so the tool runs from anywhere)
+
+ACTIONS = ("jump", "walk", "wave", "circle")
+# index % 12 -> (suffix, codec, pixel format, encoder options); H.264 MP4 most of the time
+_CONTAINERS = {3: (".avi", "mjpeg", "yuvj420p", {"b": "1500000"}),  # default MJPEG/MPEG-4 rates blur
+               7: (".avi", "mpeg4", "yuv420p", {"b": "1500000"}),
+               10: (".MOV", "libx264", "yuv420p", {"crf": "18", "preset": "veryfast"}),
+               11: (".mkv", "libx264", "yuv420p", {"crf": "18", "preset": "veryfast"})}
+_MP4 = (".mp4", "libx264", "yuv420p", {"crf": "18", "preset": "veryfast"})
+
+
+def _track(action: str, n: int, region, size: float, rng: np.random.Generator):
+    """Per-frame actor ellipse ``(cx, cy, rx, ry)`` as an (n, 4) float array, inside ``region``.
+
+    region: pixel xyxy the whole motion must stay in; size: the actor's half-height in px.
+    Motion runs 1 to 1.5 cycles over the video so that any 8 uniformly sampled frames show it.
+    """
+    rw, rh = region[2] - region[0], region[3] - region[1]
+    phase = np.linspace(0, 2 * np.pi * rng.uniform(1.0, 1.5), n) + rng.uniform(0, 2 * np.pi)
+    ry = np.full(n, size)
+    cx, cy = np.zeros(n), np.zeros(n)
+    if action == "jump":  # hops: up from the ground and back
+        cy = -rng.uniform(0.22, 0.3) * rh * np.abs(np.sin(phase / 2))
+    elif action == "walk":
+        cx = rng.uniform(0.18, 0.25) * rw * np.sin(phase)
+    elif action == "wave":  # swells and shrinks in place
+        ry = size * (1 + 0.45 * np.sin(phase))
+    elif action == "circle":
+        amp = rng.uniform(0.12, 0.16) * min(rw, rh)
+        cx, cy = amp * np.cos(phase), amp * np.sin(phase)
+    elif action != "static":
+        raise ValueError(f"unknown action {action!r}")
+    rx = 0.7 * ry  # upright ellipse, person-like
+    lo_x, hi_x = (cx - rx).min(), (cx + rx).max()
+    lo_y, hi_y = (cy - ry).min(), (cy + ry).max()
+    # place the whole extent uniformly inside the region (2 px margin)
+    ox = rng.uniform(region[0] + 2 - lo_x, max(region[0] + 2 - lo_x, region[2] - 2 - hi_x))
+    oy = rng.uniform(region[1] + 2 - lo_y, max(region[1] + 2 - lo_y, region[3] - 2 - hi_y))
+    return np.stack([cx + ox, cy + oy, rx, ry], axis=1)
+
+
+def _box(track: np.ndarray, width: int, height: int) -> tuple[int, int, int, int]:
+    """Pixel xyxy union of the actor over all frames (integers enclosing it, in the frame)."""
+    x1 = max(0, int(np.floor((track[:, 0] - track[:, 2]).min())))
+    y1 = max(0, int(np.floor((track[:, 1] - track[:, 3]).min())))
+    x2 = min(width, int(np.ceil((track[:, 0] + track[:, 2]).max())))
+    y2 = min(height, int(np.ceil((track[:, 1] + track[:, 3]).max())))
+    return x1, y1, x2, y2
+
+
+def _background(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    """Dim, smoothly varying background with a little static texture: (H, W, 3) float32."""
+    base = rng.uniform(30, 80, size=3)
+    blobs = cv2.resize(rng.uniform(-25, 25, size=(3, 4, 3)).astype(np.float32), (width, height),
+                       interpolation=cv2.INTER_CUBIC)
+    return base + blobs + rng.normal(0, 4, size=(height, width, 3)).astype(np.float32)
+
+
+def _actor_colour(rng: np.random.Generator) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A bright saturated colour of random hue (so colour says nothing about the class)
+    and a darker shade of it for the texture."""
+    hsv = np.uint8([[[rng.integers(0, 180), rng.integers(170, 256), rng.integers(200, 256)]]])
+    rgb = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].astype(int)
+    return tuple(int(v) for v in rgb), tuple(int(v * 0.55) for v in rgb)
+
+
+def _draw_actor(frame: np.ndarray, state, colours) -> None:
+    """Textured ellipse: filled body, two darker bands and an outline (sub-pixel positions)."""
+    cx, cy, rx, ry = state
+    shift = 4  # cv2 fixed-point: coordinates * 16 for sub-pixel motion
+    c = (int(round(cx * 16)), int(round(cy * 16)))
+    axes = (max(1, int(round(rx * 16))), max(1, int(round(ry * 16))))
+    cv2.ellipse(frame, c, axes, 0, 0, 360, colours[0], -1, cv2.LINE_AA, shift)
+    for k in (-1, 1):  # bands make motion visible inside the body too
+        cv2.ellipse(frame, (c[0], c[1] + int(k * ry * 16 * 0.4)), (axes[0] * 3 // 4, axes[1] // 8),
+                    0, 0, 360, colours[1], -1, cv2.LINE_AA, shift)
+    cv2.ellipse(frame, c, axes, 0, 0, 360, colours[1], 1, cv2.LINE_AA, shift)
+
+
+def _plan(num_videos: int, num_classes: int, negative_fraction: float, two_actor_fraction: float, seed: int):
+    """Per video: list of actions for its actors ([] empty scene, ['static'] negative).
+    Classes are balanced over positives; the order is shuffled with the seed."""
+    rng = np.random.default_rng([seed, 10**6])
+    n_neg = int(round(num_videos * negative_fraction))
+    plans = []
+    for k in range(num_videos - n_neg):
+        first = k % num_classes
+        if rng.random() < two_actor_fraction:
+            second = first if rng.random() < 0.5 else int(rng.integers(0, num_classes))
+            plans.append([first, second])
+        else:
+            plans.append([first])
+    for k in range(n_neg):
+        plans.append([] if k % 3 == 2 else ["static"] * (1 + (k % 4 == 1)))
+    order = rng.permutation(len(plans))
+    return [plans[i] for i in order]
+
+
+def _make_video(path, plan, class_names, num_frames, width, height, fps, rng, container):
+    """Render and encode one video; returns the label lines (raw class id + pixel box)."""
+    n = int(rng.integers(max(2, int(0.8 * num_frames)), num_frames + 1))  # lengths vary a little
+    size = rng.uniform(0.12, 0.16) * height  # actor half-height: large enough to see at 112 px
+    if len(plan) == 2:  # two actors: left and right halves, so their regions do not overlap
+        regions = [(0, 0, width / 2, height), (width / 2, 0, width, height)]
+    else:
+        regions = [(0, 0, width, height)]
+    actors = []
+    for action, region in zip(plan, regions):
+        name = action if action == "static" else class_names[action]
+        actors.append((action, _track(name, n, region, size, rng), _actor_colour(rng)))
+    background = _background(width, height, rng)
+    noise = rng.normal(0, 3, size=(4, height, width, 3)).astype(np.float32)  # cycled: cheap
+    suffix, codec, pix_fmt, options = container
+    lines = []
+    with video.VideoWriter(path, width, height, fps, codec=codec, pix_fmt=pix_fmt, options=options) as writer:
+        for t in range(n):
+            frame = np.clip(background + noise[rng.integers(0, 4)], 0, 255).astype(np.uint8)
+            for _, track, colours in actors:
+                _draw_actor(frame, track[t], colours)
+            writer.write(frame)
+    for action, track, _ in actors:
+        if action != "static":
+            lines.append(f"{action} " + " ".join(str(v) for v in _box(track, width, height)))
+    return lines, n
+
+
+def make_sample_dataset(output_dir, num_videos: int = 48, num_frames: int = 80, width: int = 160,
+                        height: int = 120, fps: float = 25, seed: int = 0, num_classes: int = 3,
+                        classes=None, negative_fraction: float = 1 / 3,
+                        two_actor_fraction: float = 0.25) -> dict:
+    """Write the dataset into ``output_dir``; returns a summary dict.
+
+    ``classes`` (names from ACTIONS) overrides ``num_classes``. Raw class ids are 0..C-1 in
+    the order of ``classes``; ``classes.txt`` names them. Video lengths vary between 80 % and
+    100 % of ``num_frames``. Summary keys: ``root``, ``csv``, ``class_names``, ``videos``,
+    ``positives``, ``negatives``, ``two_actor``.
+    """
+    if not classes and not 1 <= num_classes <= len(ACTIONS):
+        raise ValueError(f"num_classes must be 1 to {len(ACTIONS)} ({', '.join(ACTIONS)}), got {num_classes}")
+    class_names = list(classes) if classes else list(ACTIONS[:num_classes])
+    unknown = [c for c in class_names if c not in ACTIONS]
+    if unknown or len(set(class_names)) != len(class_names) or not class_names:
+        raise ValueError(f"classes must be 1 to {len(ACTIONS)} of {ACTIONS}, got {class_names}")
+    if width < 32 or height < 32 or num_videos < 1 or num_frames < 2:
+        raise ValueError("need width, height >= 32, num_videos >= 1 and num_frames >= 2")
+    root = pathlib.Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    rows, positives, two_actor = [], 0, 0
+    for i, plan in enumerate(_plan(num_videos, len(class_names), negative_fraction, two_actor_fraction, seed)):
+        rng = np.random.default_rng([seed, i])
+        container = _CONTAINERS.get(i % 12, _MP4)
+        video_name = f"video_{i:03d}{container[0]}"
+        lines, _ = _make_video(root / video_name, plan, class_names, num_frames, width, height, fps,
+                               rng, container)
+        label_name = ""
+        if lines:
+            label_name = f"video_{i:03d}.txt"
+            (root / label_name).write_text("# <class_id> <x1> <y1> <x2> <y2>  (pixels, where the actor acts)\n"
+                                           + "\n".join(lines) + "\n")
+            positives += 1
+            two_actor += len(lines) == 2
+        rows.append((video_name, label_name))
+    with (root / "action_challenge.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["video_file", "label_file"])
+        writer.writerows(rows)
+    (root / "classes.txt").write_text("\n".join(class_names) + "\n")
+    return {"root": str(root), "csv": str(root / "action_challenge.csv"), "class_names": class_names,
+            "videos": len(rows), "positives": positives, "negatives": len(rows) - positives,
+            "two_actor": two_actor}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output_dir", default="sample_data", help="dataset folder to write (default: sample_data)")
+    p.add_argument("--num_videos", type=int, default=48)
+    p.add_argument("--num_frames", type=int, default=80, help="frames of the longest video (lengths vary 80-100%%)")
+    p.add_argument("--width", type=int, default=160)
+    p.add_argument("--height", type=int, default=120)
+    p.add_argument("--fps", type=float, default=25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_classes", type=int, default=3, help=f"first N of {', '.join(ACTIONS)}")
+    p.add_argument("--classes", default=None, help="comma-separated subset of the actions, overrides --num_classes")
+    p.add_argument("--negative_fraction", type=float, default=1 / 3)
+    p.add_argument("--two_actor_fraction", type=float, default=0.25, help="share of positives with two actors")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        summary = make_sample_dataset(
+            args.output_dir, args.num_videos, args.num_frames, args.width, args.height, args.fps, args.seed,
+            args.num_classes, args.classes.split(",") if args.classes else None,
+            args.negative_fraction, args.two_actor_fraction)
+    except (ValueError, video.VideoError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {summary['videos']} videos ({summary['positives']} with action, {summary['two_actor']} "
+          f"with two actors, {summary['negatives']} without) to {summary['root']} in "
+          f"{time.perf_counter() - start:.1f} s; classes: {', '.join(summary['class_names'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,433 @@
+"""Video input and output: probing, uniform frame sampling, sliding windows, preprocessing,
+drawing detections and writing browser-playable H.264 MP4.
+
+Frames are RGB ``uint8`` numpy arrays of shape ``(H, W, 3)``; a clip is ``(T, H, W, 3)``.
+Boxes given to :func:`draw_detections` are normalised xyxy in ``[0, 1]``.
+
+Everything decodes sequentially with PyAV (one pass, frame-threaded); nothing seeks per frame
+and no function holds a whole video in memory. Any failure of the underlying libraries is
+turned into :class:`VideoError`, a one-line message that names the file.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fractions
+import logging
+import os
+import zlib
+from typing import Iterator
+
+import av
+import cv2
+import numpy as np
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv")  # compare with the lower-cased suffix
+
+log = logging.getLogger(__name__)
+
+# What PyAV/FFmpeg raise on bad input. InvalidDataError and friends subclass FFmpegError;
+# OSError covers unreadable files, ValueError odd stream parameters.
+_AV_ERRORS = (av.error.FFmpegError, OSError, ValueError, EOFError)
+
+
+class VideoError(Exception):
+    """A video cannot be used; the message is one line naming the file and the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoInfo:
+    """What a video holds. ``num_frames`` counts decodable frames (see :func:`probe_video`);
+    ``duration_sec = num_frames / fps`` (the frame clock the windows use)."""
+
+    width: int
+    height: int
+    num_frames: int
+    fps: float
+    duration_sec: float
+
+
+def is_video_file(path) -> bool:
+    """True for names ending in one of VIDEO_EXTENSIONS, in any letter case."""
+    return os.fspath(path).lower().endswith(VIDEO_EXTENSIONS)
+
+
+def _reason(exc: BaseException) -> str:
+    """First line of an exception message, for one-line errors."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+@contextlib.contextmanager
+def _open_video(path):
+    """Open ``path`` and yield ``(container, first video stream)``; open failures -> VideoError."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise VideoError(f"{path}: no such file")
+    if os.path.getsize(path) == 0:
+        raise VideoError(f"{path}: empty file (0 bytes)")
+    try:
+        container = av.open(path)
+    except _AV_ERRORS as exc:
+        raise VideoError(f"{path}: not a readable video ({_reason(exc)})") from None
+    try:
+        if not container.streams.video:
+            raise VideoError(f"{path}: no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"  # frame + slice threads: decoding is the bottleneck
+        yield container, stream
+    finally:
+        container.close()
+
+
+def _iter_av_frames(path) -> Iterator[av.VideoFrame]:
+    """Decode every frame of the first video stream in presentation order, one pass.
+
+    A packet that fails to decode is skipped (FFmpeg conceals most damage itself); a file
+    that yields no frame at all while having packets raises VideoError. A truncated file
+    simply ends early, which callers handle.
+    """
+    with _open_video(path) as (container, stream):
+        yielded, failures, first_error = 0, 0, None
+        try:
+            for packet in container.demux(stream):
+                try:
+                    frames = packet.decode()  # the final empty packet flushes the decoder
+                except _AV_ERRORS as exc:
+                    failures += 1
+                    first_error = first_error or exc
+                    continue
+                for frame in frames:
+                    yielded += 1
+                    yield frame
+        except _AV_ERRORS as exc:  # demuxer gave up mid-file (truncated): stop here
+            first_error = first_error or exc
+            failures += 1
+        if failures and not yielded:
+            raise VideoError(f"{path}: no decodable frame ({_reason(first_error)})")
+        if failures:
+            log.debug("%s: %d packet(s) failed to decode (%s)", path, failures, _reason(first_error))
+
+
+def _stream_fps(stream) -> float:
+    """Nominal frame rate of a stream; 25 when the container gives none."""
+    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+        if rate and float(rate) > 0:
+            return float(rate)
+    return 25.0
+
+
+def probe_video(path, count_frames: bool = True) -> VideoInfo:
+    """Size, exact frame count and rate of ``path``; decodes only the first frame.
+
+    With ``count_frames`` (default) the frame count is the number of demuxed video packets
+    (no decoding: fast, and right when the container's count is wrong or missing, e.g. AVI,
+    MKV, variable frame rate). With ``count_frames=False`` the container's own count is
+    trusted when it has one (header only, for quick validation of large datasets).
+    Width/height are those of the first decoded frame. Raises VideoError.
+    """
+    with _open_video(path) as (container, stream):
+        fps = _stream_fps(stream)
+        width, height = stream.codec_context.width, stream.codec_context.height
+        header_count = stream.frames or 0
+        packets, first, error = 0, None, None
+        try:
+            for packet in container.demux(stream):
+                if packet.size:
+                    packets += 1
+                if first is None:
+                    try:
+                        decoded = packet.decode()
+                    except _AV_ERRORS as exc:
+                        error = error or exc
+                        decoded = []
+                    first = decoded[0] if decoded else None
+                    if first is not None and not count_frames and header_count:
+                        break  # quick mode: header count + one decoded frame is enough
+        except _AV_ERRORS as exc:  # truncated mid-file: the packets so far are the video
+            error = error or exc
+        if packets and first is None:
+            reason = _reason(error) if error else "decoder produced nothing"
+            raise VideoError(f"{path}: no decodable frame ({reason})")
+    if first is not None:
+        width, height = first.width, first.height
+    num_frames = header_count if (not count_frames and header_count) else packets
+    return VideoInfo(width, height, num_frames, fps, num_frames / fps)
+
+
+def sample_indices(num_frames: int, T: int) -> np.ndarray:
+    """The published uniform sampling: ``np.linspace(0, n - 1, T).astype(int)`` (T,) int64.
+
+    With fewer frames than T, indices repeat (the published behaviour)."""
+    return np.linspace(0, num_frames - 1, T).astype(int)
+
+
+def decode_frames(path, indices) -> tuple[np.ndarray, int]:
+    """Decode once up to ``max(indices)``; return ``(frames (len, H, W, 3) uint8, decoded)``.
+
+    ``decoded`` is the number of frames decoded; ``decoded <= max(indices)`` means the stream
+    ended early (the container over-counted) and indices past the end got the last frame."""
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if idx.size and idx.min() < 0:
+        raise ValueError(f"negative frame index in {idx.tolist()}")
+    wanted, last_needed = set(idx.tolist()), int(idx.max()) if idx.size else -1
+    kept: dict[int, np.ndarray] = {}
+    last_frame, decoded = None, 0
+    frames = _iter_av_frames(path)
+    try:
+        for i, frame in enumerate(frames):
+            decoded, last_frame = i + 1, frame
+            if i in wanted:  # convert only the frames we keep
+                kept[i] = frame.to_ndarray(format="rgb24")
+            if i >= last_needed:
+                break
+    finally:
+        frames.close()  # closes the container even when we stop early
+    if last_frame is None:
+        raise VideoError(f"{os.fspath(path)}: zero frames")
+    if decoded <= last_needed:
+        tail = kept.get(decoded - 1)
+        tail = tail if tail is not None else last_frame.to_ndarray(format="rgb24")
+        for i in wanted:
+            kept.setdefault(i, tail)
+    return _stack([kept[i] for i in idx.tolist()]), decoded
+
+
+def _stack(frames: list[np.ndarray]) -> np.ndarray:
+    """Stack frames; a stream whose size changes mid-way is resized to its first frame's size."""
+    if not frames:
+        return np.zeros((0, 0, 0, 3), np.uint8)
+    h, w = frames[0].shape[:2]
+    same = [f if f.shape[:2] == (h, w) else cv2.resize(f, (w, h)) for f in frames]
+    return np.stack(same)
+
+
+def read_frames(path, indices, info: VideoInfo | None = None) -> np.ndarray:
+    """Frames at ``indices`` (may repeat, any order) as ``(len(indices), H, W, 3)`` uint8 RGB.
+
+    One sequential decoding pass that stops after the largest index; only wanted frames are
+    converted and kept. Indices past the true end of the stream repeat the last frame.
+    ``info`` is accepted so callers with a known probe can pass it; decoding does not need it.
+    """
+    del info  # the pass itself finds the end of the stream
+    return decode_frames(path, indices)[0]
+
+
+def sample_clip(path, num_frames: int) -> tuple[np.ndarray, VideoInfo]:
+    """Uniformly sampled clip: frames ``(T, H, W, 3)`` uint8 at :func:`sample_indices`, and the probe.
+
+    If decoding ends before the probed count (a lying container or undecodable packets),
+    the indices are re-derived from the true count, so frames stay uniform over the video."""
+    info = probe_video(path)
+    if info.num_frames == 0:
+        raise VideoError(f"{os.fspath(path)}: zero frames")
+    idx = sample_indices(info.num_frames, num_frames)
+    frames, decoded = decode_frames(path, idx)
+    if decoded <= idx.max():
+        info = dataclasses.replace(info, num_frames=decoded, duration_sec=decoded / info.fps)
+        frames, _ = decode_frames(path, sample_indices(decoded, num_frames))
+    return frames, info
+
+
+def iter_frames(path) -> Iterator[np.ndarray]:
+    """Every frame of ``path`` in order, ``(H, W, 3)`` uint8 RGB, decoded sequentially."""
+    for frame in _iter_av_frames(path):
+        yield frame.to_ndarray(format="rgb24")
+
+
+def window_spans(num_frames: int, fps: float, window_sec: float, stride_sec: float) -> list[tuple[int, int]]:
+    """Frame spans ``[start, end)`` of windows of ``window_sec`` every ``stride_sec``.
+
+    The spans cover the whole video: the last one ends at the last frame (it may overlap
+    its neighbour more than the stride). A video shorter than a window is one span."""
+    if window_sec <= 0 or stride_sec <= 0:
+        raise ValueError("window_sec and stride_sec must be positive")
+    win = max(1, int(round(window_sec * fps)))
+    stride = max(1, int(round(stride_sec * fps)))
+    if num_frames <= win:
+        return [(0, num_frames)] if num_frames > 0 else []
+    starts = list(range(0, num_frames - win + 1, stride))
+    if starts[-1] + win < num_frames:
+        starts.append(num_frames - win)
+    return [(s, s + win) for s in starts]
+
+
+def iter_windows(path, num_frames: int, window_sec: float, stride_sec: float,
+                 info: VideoInfo | None = None) -> Iterator[tuple[np.ndarray, float, float]]:
+    """Yield ``(frames (T, H, W, 3) uint8, start_sec, end_sec)`` for sliding windows.
+
+    T frames are sampled uniformly inside each window (:func:`sample_indices` over the
+    window's frames). One sequential pass; only the windows still being filled hold frames,
+    so memory is bounded by (window / stride) clips. Times use the frame clock i / fps.
+    """
+    info = info or probe_video(path)
+    fps = info.fps
+    spans = window_spans(info.num_frames, fps, window_sec, stride_sec)
+    plans = [(s, e, s + sample_indices(e - s, num_frames)) for s, e in spans]
+    active: list[tuple[int, int, np.ndarray, list]] = []
+    nxt, last = 0, None
+    frames = _iter_av_frames(path)
+    try:
+        for i, frame in enumerate(frames):
+            while nxt < len(plans) and plans[nxt][0] <= i:
+                s, e, idx = plans[nxt]
+                active.append((s, e, idx, [None] * len(idx)))
+                nxt += 1
+            rgb = None
+            for _, _, idx, slots in active:
+                for k in np.flatnonzero(idx == i):
+                    rgb = rgb if rgb is not None else frame.to_ndarray(format="rgb24")
+                    slots[k] = rgb
+            last = (i, rgb if rgb is not None else frame)
+            while active and active[0][2].max() <= i:
+                s, e, _, slots = active.pop(0)
+                yield _stack(slots), s / fps, e / fps
+            if not active and nxt >= len(plans):
+                return
+    finally:
+        frames.close()
+    # The stream ended before the probed count: finish started windows with the last frame.
+    if last is None:
+        raise VideoError(f"{os.fspath(path)}: zero frames")
+    n_true, tail = last[0] + 1, last[1]
+    tail = tail if isinstance(tail, np.ndarray) else tail.to_ndarray(format="rgb24")
+    pending = active + [(s, e, idx, [None] * len(idx)) for s, e, idx in plans[nxt:] if s < n_true]
+    for s, e, _, slots in pending:
+        yield _stack([x if x is not None else tail for x in slots]), s / fps, min(e, n_true) / fps
+
+
+def preprocess(frames, img_size, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """The one preprocessing of training and inference.
+
+    frames: ``(T, H, W, 3)`` uint8 RGB (array or list). img_size: S (or ``(S_h, S_w)``).
+    Returns float32 ``(T, 3, S, S)``: bilinear resize (``cv2.INTER_LINEAR``), ``/255``,
+    ``(x - mean) / std``.
+    """
+    sh, sw = (img_size, img_size) if np.isscalar(img_size) else tuple(img_size)
+    out = np.empty((len(frames), int(sh), int(sw), 3), np.uint8)
+    for t, frame in enumerate(frames):
+        frame = np.ascontiguousarray(frame)  # views (flips, crops) are not valid cv2 input
+        out[t] = frame if frame.shape[:2] == (sh, sw) else cv2.resize(
+            frame, (int(sw), int(sh)), interpolation=cv2.INTER_LINEAR)
+    x = torch.from_numpy(out).float().div_(255.0)
+    x = (x - torch.tensor(mean, dtype=torch.float32)) / torch.tensor(std, dtype=torch.float32)
+    return x.permute(0, 3, 1, 2).contiguous()
+
+
+# Colour-blind-friendly palette (RGB); a class always gets the same colour (crc32 of its name).
+_PALETTE = ((230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66),
+            (0, 114, 178), (213, 94, 0), (204, 121, 167), (255, 255, 255))
+
+
+def class_colour(name: str) -> tuple[int, int, int]:
+    """Stable RGB colour for a class name (the same in every run and process)."""
+    return _PALETTE[zlib.crc32(name.encode("utf-8")) % len(_PALETTE)]
+
+
+def draw_detections(frame: np.ndarray, detections) -> np.ndarray:
+    """Return a copy of ``frame`` (H, W, 3) RGB with boxes and ``"name 0.87"`` labels drawn.
+
+    detections: iterable of ``(class_name, score, (x1, y1, x2, y2))``, box normalised xyxy.
+    Line width and text size scale with the frame so labels stay readable in 4K and 160 px.
+    """
+    out = np.ascontiguousarray(frame).copy()
+    h, w = out.shape[:2]
+    thick = max(1, round(min(h, w) / 300))
+    scale = max(0.35, min(h, w) / 900)
+    for name, score, box in detections:
+        colour = class_colour(str(name))
+        x1, y1, x2, y2 = (float(v) for v in box)
+        p1 = (int(np.clip(x1, 0, 1) * (w - 1)), int(np.clip(y1, 0, 1) * (h - 1)))
+        p2 = (int(np.clip(x2, 0, 1) * (w - 1)), int(np.clip(y2, 0, 1) * (h - 1)))
+        cv2.rectangle(out, p1, p2, colour, thick)
+        text = f"{name} {float(score):.2f}"
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+        top = p1[1] - th - base - 2 if p1[1] - th - base - 2 >= 0 else p1[1]  # inside if no room
+        cv2.rectangle(out, (p1[0], top), (p1[0] + tw + 2, top + th + base + 2), colour, -1)
+        cv2.putText(out, text, (p1[0] + 1, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, scale,
+                    (0, 0, 0), thick, cv2.LINE_AA)
+    return out
+
+
+def _as_rate(fps) -> fractions.Fraction:
+    """Frame rate as a Fraction; 29.97002997 -> 30000/1001 so NTSC rates stay exact."""
+    rate = fractions.Fraction(fps).limit_denominator(10000)
+    if rate <= 0:
+        raise ValueError(f"frame rate must be positive, got {fps}")
+    return rate
+
+
+class VideoWriter:
+    """Write RGB frames ``(H, W, 3)`` uint8 with PyAV; ``write``, ``close``, context manager.
+
+    ``codec``/``pix_fmt``/``options`` choose the encoding (the sample-data tool uses MJPEG
+    and MPEG-4 too). Sizes are rounded up to even by replicating the last row/column when
+    the pixel format needs it (4:2:0); frames of another size are resized to the declared one.
+    """
+
+    def __init__(self, path, width: int, height: int, fps, codec: str = "libx264",
+                 pix_fmt: str = "yuv420p", options: dict | None = None):
+        self.path, self.width, self.height = os.fspath(path), int(width), int(height)
+        self._pad = pix_fmt in ("yuv420p", "yuvj420p", "nv12")
+        even = (lambda v: v + (v % 2)) if self._pad else (lambda v: v)
+        rate = self._rate = _as_rate(fps)
+        container_options = {"movflags": "+faststart"} if self.path.lower().endswith((".mp4", ".mov")) else {}
+        try:
+            self._container = av.open(self.path, "w", options=container_options)
+        except _AV_ERRORS as exc:
+            raise VideoError(f"{self.path}: cannot write video ({_reason(exc)})") from None
+        try:
+            self._stream = self._container.add_stream(codec, rate=rate)
+            self._stream.width, self._stream.height = even(self.width), even(self.height)
+            self._stream.pix_fmt = pix_fmt
+            self._stream.options = dict(options or {})
+        except _AV_ERRORS as exc:
+            self._container.close()
+            raise VideoError(f"{self.path}: cannot write {codec} video ({_reason(exc)})") from None
+        self._count = 0
+
+    def write(self, frame: np.ndarray) -> None:
+        """Encode one RGB uint8 frame (H, W, 3)."""
+        frame = np.ascontiguousarray(frame, dtype=np.uint8)
+        if frame.shape[:2] != (self.height, self.width):
+            frame = cv2.resize(frame, (self.width, self.height), interpolation=cv2.INTER_LINEAR)
+        pad_h, pad_w = self._stream.height - self.height, self._stream.width - self.width
+        if pad_h or pad_w:
+            frame = cv2.copyMakeBorder(frame, 0, pad_h, 0, pad_w, cv2.BORDER_REPLICATE)
+        av_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+        av_frame.pts = self._count
+        av_frame.time_base = 1 / self._rate
+        self._count += 1
+        for packet in self._stream.encode(av_frame):
+            self._container.mux(packet)
+
+    def close(self) -> None:
+        """Flush the encoder and finish the file (idempotent)."""
+        if self._container is None:
+            return
+        try:
+            for packet in self._stream.encode():
+                self._container.mux(packet)
+        finally:
+            self._container.close()
+            self._container = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+class H264Writer(VideoWriter):
+    """Browser-playable H.264 MP4 (libx264, yuv420p, +faststart) at a given size and rate.
+
+    Odd sizes are padded to even by one replicated row/column (4:2:0 needs even sizes);
+    even sizes are kept exactly."""
+
+    def __init__(self, path, width: int, height: int, fps, crf: int = 23, preset: str = "veryfast"):
+        super().__init__(path, width, height, fps, codec="libx264", pix_fmt="yuv420p",
+                         options={"crf": str(crf), "preset": preset})
