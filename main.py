@@ -32,7 +32,7 @@ from dataset import (ActionDataset, BalancedBatchSampler, DatasetError, collate,
 from losses import build_criterion
 from model import (PRETRAINED_CHOICES, CheckpointError, build_model, count_parameters, load_for_finetuning,
                    make_checkpoint, model_args_from, save_checkpoint)
-from runtime import autocast_dtype, resolve_device
+from runtime import UsageError, autocast_settings, resolve_device
 from video import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("star")
@@ -282,7 +282,8 @@ def build_training_state(args, class_map, device, world):
     criterion = build_criterion(len(class_map), model_args["num_decoder_layers"], model_args["aux_loss"]).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(args.epochs, 1), eta_min=args.min_lr)
-    amp_dtype = None if args.no_amp else autocast_dtype(device)
+    amp_dtype, amp_note = autocast_settings(device, "fp32" if args.no_amp else "auto")
+    log.info("precision: %s", amp_note)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -382,7 +383,7 @@ def train(args) -> dict:
 def main(args) -> int:
     try:
         train(args)
-    except (DatasetError, CheckpointError, FloatingPointError) as err:
+    except (DatasetError, CheckpointError, UsageError, FloatingPointError) as err:
         log.error("error: %s", err)
         if isinstance(err, FloatingPointError):
             log.error("training stopped; the last good checkpoint is unchanged in %s (lower --lr or use --no_amp)",

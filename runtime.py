@@ -1,42 +1,76 @@
 """Where and in which precision to run: shared by main.py, test.py and the benchmarks."""
 from __future__ import annotations
 
-import logging
+import contextlib
 
 import torch
 
-log = logging.getLogger("star")
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs; printed as one line, exit code 2."""
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU. Asking for CUDA without one is an error."""
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``. ``cuda`` without a GPU -> UsageError."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA device is available (use --device cpu)")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA GPU is available to PyTorch here (use --device cpu)")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if name == "cpu":
+        return torch.device("cpu")
+    raise UsageError(f"unknown device {name!r} (auto, cpu or cuda)")
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX). Without it bf16 is
-    emulated and slower than float32 (measured on a Zen 3 EPYC here: about 10x slower training)."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with AVX512-BF16 or AMX, where bf16 matmuls are several times faster than fp32."""
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    for check in checks:
+        try:
+            if check is not None and check():
+                return True
+        except (RuntimeError, AttributeError):
+            continue
+    return False
+
+
+def autocast_settings(device: torch.device, precision: str = "auto") -> tuple[torch.dtype | None, str]:
+    """``(autocast dtype or None for fp32, note for the log)``.
+
+    ``auto``: fp16 on CUDA; bf16 on a CPU with native bf16 (AVX512-BF16/AMX); fp32 otherwise.
+    A forced low precision where the hardware has no fast path is honoured, with a note saying so.
+    """
+    device = torch.device(device)
+    if precision == "fp32":
+        return None, "fp32"
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.float16, "fp16 autocast (auto: cuda)"
+        if cpu_has_native_bf16():
+            return torch.bfloat16, "bf16 autocast (auto: this CPU has native bf16)"
+        return None, "fp32 (auto: this CPU has no native bf16, bf16 would be slower)"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        raise UsageError(f"unknown precision {precision!r} (auto, fp32, bf16 or fp16)")
+    note = f"{precision} autocast"
+    if device.type == "cpu" and not (dtype == torch.bfloat16 and cpu_has_native_bf16()):
+        note += " (forced; this CPU has no native support for it, so it will be slower than fp32)"
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise UsageError("--precision bf16: this GPU does not support bf16 (use fp16 or fp32)")
+    return dtype, note
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """The autocast context for ``dtype`` (a no-op context for fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The autocast dtype for ``precision`` in {auto, fp32, bf16, fp16}; None means float32.
+    """Just the dtype of ``autocast_settings`` (None = float32)."""
+    return autocast_settings(device, precision)[0]
 
-    ``auto``: float16 on CUDA, bfloat16 on a CPU with native bf16, else float32."""
-    if precision == "fp32":
-        return None
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise RuntimeError("fp16 autocast needs CUDA; on CPU use bf16 or fp32")
-        return torch.float16
-    if precision == "bf16":
-        if device.type == "cpu" and not cpu_has_fast_bf16():
-            log.warning("this CPU has no native bfloat16: bf16 runs emulated and slower than fp32")
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.float16
-    return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+cpu_has_fast_bf16 = cpu_has_native_bf16

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import video
-from conftest import frame_number, numbered_frames, write_video
+from conftest import frame_number, numbered_frames
 
 CODECS = [("h264.mp4", "libx264"), ("mjpeg.avi", "mjpeg"), ("mpeg4.AVI", "mpeg4"),
           ("vp9.mkv", "libvpx-vp9"), ("raw.MOV", "rawvideo")]
