@@ -158,6 +158,8 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, device, amp_dty
         targets = [{k: v.to(device) for k, v in t.items() if k != "video"} for t in targets]
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             outputs = model(clips)
+        if not all(torch.isfinite(outputs[k]).all() for k in ("pred_logits", "pred_boxes")):   # NaN crashes the matcher
+            raise FloatingPointError(f"epoch {epoch + 1}: the loss became nan (non-finite model outputs)")
         losses = criterion(outputs, targets, num_boxes=global_num_boxes(targets, device, world))
         loss = criterion.total(losses)
         if not torch.isfinite(loss):
@@ -298,7 +300,7 @@ def resume(path: Path, model, optimizer, scheduler, scaler) -> tuple[int, float]
     scheduler.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
-    log.info("resumed from %s at epoch %d", path, ckpt["epoch"] + 1)
+    log.info("resumed from %s: epoch %d done, continuing at epoch %d", path, ckpt["epoch"] + 1, ckpt["epoch"] + 2)
     return ckpt["epoch"] + 1, ckpt.get("best_score", -math.inf)
 
 
@@ -384,6 +386,8 @@ def main(args) -> int:
     try:
         train(args)
     except (DatasetError, CheckpointError, UsageError, FloatingPointError) as err:
+        if getattr(err, "problems", None):
+            log.error("dataset problems:\n%s", format_problems(err.problems))
         log.error("error: %s", err)
         if isinstance(err, FloatingPointError):
             log.error("training stopped; the last good checkpoint is unchanged in %s (lower --lr or use --no_amp)",

@@ -9,7 +9,6 @@ import logging
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
@@ -190,15 +189,17 @@ def _torch_load(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unpickling failed"
-        if "weights only" in str(err).lower() or "weights_only" in str(err).lower():
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        first = lines[0] if lines else "unpickling failed"
+        if "GLOBAL" in str(err):   # it names a Python callable/class: code, refused (garbage fails otherwise)
             raise CheckpointError(
                 f"{path}: refused: the file carries pickled Python objects, not only tensors; STAR loads "
                 "checkpoints with weights_only=True and runs no code from them (re-save it as a state_dict)") from None
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({first})") from None
+        detail = next((line for line in lines if line.startswith("Unsupported operand")), first)
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({detail})") from None
+    except Exception as err:  # noqa: BLE001 -- the weights-only unpickler raises KeyError, IndexError, ... on garbage
+        detail = type(err).__name__ + (f": {str(err).strip().splitlines()[0]}" if str(err).strip() else "")
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({detail})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a STAR checkpoint or state_dict")
     return obj
@@ -228,8 +229,11 @@ def load_checkpoint(path, device="cpu", class_names=None) -> tuple[STAR, dict]:
     path = Path(path)
     obj = _torch_load(path)
     if obj.get("format") == "star":
-        state, model_args = obj["model"], dict(obj["model_args"])
-        names, prep, source = list(obj["class_names"]), dict(obj["preprocessing"]), "project"
+        try:
+            state, model_args = obj["model"], model_args_from(**obj["model_args"])
+            names, prep, source = list(obj["class_names"]), dict(obj["preprocessing"]), "project"
+        except (KeyError, TypeError) as err:
+            raise CheckpointError(f"{path}: incomplete STAR checkpoint ({type(err).__name__}: {err})") from None
     else:
         state, model_args, source = obj, _raw_model_args(obj, path), "raw_state_dict"
         prep = dict(PUBLISHED_PREPROCESSING)

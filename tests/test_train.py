@@ -1,0 +1,375 @@
+"""main.py (training CLI) end to end on tiny sample data: outputs, resume reproducibility, torchrun,
+the non-finite guards, bad data, and fine-tuning from a checkpoint with other classes.
+
+Speed: the real R(2+1)D-18 trunk has 31 M parameters; one CPU training step of it (forward, backward,
+AdamW) takes several seconds, far too slow for ~10 short training runs. These tests therefore swap in
+a tiny trunk with the same interface (``stem``, ``layer1..4``, 512 output channels) and a narrow
+decoder (``install_tiny_network``). Everything main.py does around the network (data, sampler,
+losses, optimiser, schedule, checkpoints, resume, DDP, reports) runs unchanged.
+"""
+from __future__ import annotations
+
+import csv
+import inspect
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import main
+import model as star_model
+from tools.make_sample_data import make_sample_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+TINY_ARGS = ["--epochs", "2", "--batch_size", "2", "--num_frames", "4", "--img_size", "64", "--pretrained", "none",
+             "--workers", "0", "--eval_every", "1", "--num_queries", "4"]
+PRED_HEADER = ["video_name", "pred_class", "score", "x1", "y1", "x2", "y2", "start_sec", "end_sec"]
+OUTPUTS = ["best_model.pth", "checkpoint.pth", "split.json", "training_results.csv", "test_predictions.csv",
+           "losses.png", "metrics.png", "confusion_matrix.png", "train.log"]
+
+
+# ----------------------------------------------------------------------------- tiny network
+
+def tiny_r2plus1d_18(weights=None, **kwargs) -> nn.Module:
+    """Stand-in for torchvision's r2plus1d_18: same attributes, 512 channels out, /2 in time and
+    /16 in space (as the real trunk's /8, /16 on these tiny inputs), conv + BatchNorm + ReLU."""
+    assert weights is None
+    trunk = nn.Module()
+    trunk.stem = nn.Sequential(nn.Conv3d(3, 8, (1, 4, 4), stride=(1, 4, 4), bias=False), nn.BatchNorm3d(8), nn.ReLU())
+    trunk.layer1 = nn.Sequential(nn.Conv3d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm3d(16), nn.ReLU())
+    trunk.layer2 = nn.Sequential(nn.Conv3d(16, 16, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)), nn.ReLU())
+    trunk.layer3 = nn.Identity()
+    trunk.layer4 = nn.Conv3d(16, 512, 1)
+    return trunk
+
+
+def tiny_model_args(num_classes: int, **overrides) -> dict:
+    small = {"hidden_dim": 32, "num_decoder_layers": 2, "nheads": 2, "dim_feedforward": 64, "max_positions": 256}
+    return star_model.model_args_from(num_classes, **{**small, **overrides})
+
+
+def install_tiny_network(setattr_=setattr) -> None:
+    """Make STAR (wherever it is built: main.py, model.load_checkpoint) use the tiny trunk and
+    decoder. ``setattr_`` is ``monkeypatch.setattr`` in-process (undone after the test)."""
+    setattr_(star_model, "r2plus1d_18", tiny_r2plus1d_18)
+    setattr_(main, "model_args_from", tiny_model_args)
+
+
+@pytest.fixture
+def tiny_net(monkeypatch):
+    install_tiny_network(monkeypatch.setattr)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+@pytest.fixture(scope="module")
+def sample_data(tmp_path_factory) -> Path:
+    """10 tiny sample videos (3 classes + negatives); copy it before changing it."""
+    root = tmp_path_factory.mktemp("sample") / "data"
+    make_sample_dataset(root, num_videos=10, num_frames=16, width=64, height=48, seed=0)
+    return root
+
+
+def run_main(input_dir, output_dir, *extra) -> int:
+    """main.main in-process; the root logger (main.setup_logging replaces its handlers) is restored."""
+    args = main.get_args_parser().parse_args(
+        ["--input_dir", str(input_dir), "--output_dir", str(output_dir), *TINY_ARGS, *extra])
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        return main.main(args)
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                handler.close()
+                root.removeHandler(handler)
+        for handler in handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(level)
+
+
+def read_rows(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def log_text(output_dir) -> str:
+    return (Path(output_dir) / "train.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, sample_data) -> Path:
+    """One uninterrupted 2-epoch run (shared: end-to-end outputs, and the resume reference)."""
+    out = tmp_path_factory.mktemp("run") / "full"
+    with pytest.MonkeyPatch.context() as mp:
+        install_tiny_network(mp.setattr)
+        assert run_main(sample_data, out) == 0
+    return out
+
+
+def epoch_of(function, args, kwargs) -> int:
+    """The ``epoch`` argument of a call to ``main.train_one_epoch``."""
+    return inspect.signature(function).bind(*args, **kwargs).arguments["epoch"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- 1. end to end
+
+def test_end_to_end_writes_every_output(reference_run, sample_data, tiny_net):
+    out = reference_run
+    for name in OUTPUTS:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+
+    rows = read_rows(out / "training_results.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert list(rows[0]) == main.EPOCH_FIELDS
+    for row in rows:
+        assert math.isfinite(float(row["train_loss"])) and math.isfinite(float(row["val_loss"]))
+        assert row["skipped_steps"] == "0" and row["score"] != ""
+
+    with open(out / "test_predictions.csv", newline="") as f:
+        table = list(csv.reader(f))
+    assert table[0] == PRED_HEADER
+    split = json.loads((out / "split.json").read_text())
+    assert sorted({r[0] for r in table[1:]}) == sorted(split["val"])      # every validation video, only those
+    assert len(split["train"]) + len(split["val"]) == 10
+
+    net, info = star_model.load_checkpoint(out / "best_model.pth")
+    assert info["source"] == "project"
+    assert info["class_names"] == (sample_data / "classes.txt").read_text().split()
+    assert info["num_frames"] == 4 and info["img_size"] == 64
+    assert info["mean"] == list(star_model.IMAGENET_MEAN) and info["std"] == list(star_model.IMAGENET_STD)
+    with torch.no_grad():
+        outputs = net(torch.zeros(1, 4, 3, 64, 64))
+    assert outputs["pred_logits"].shape == (1, 4, len(info["class_names"]) + 1)
+
+    ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1 and {"optimizer", "scheduler", "scaler", "rng", "best_score"} <= set(ckpt)
+    log = log_text(out)
+    assert "epoch 2:" in log and "best model (epoch" in log
+
+
+# ----------------------------------------------------------------------------- 2. resume
+
+def test_resume_continues_and_reproduces_the_uninterrupted_run(reference_run, sample_data, tmp_path, tiny_net,
+                                                               monkeypatch):
+    out = tmp_path / "resumed"
+    original = main.train_one_epoch
+
+    def interrupted(*args, **kwargs):
+        if epoch_of(original, args, kwargs) >= 1:     # positional `epoch`: stop before the 2nd epoch trains
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(main, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(sample_data, out)
+    assert [r["epoch"] for r in read_rows(out / "training_results.csv")] == ["1"]
+    monkeypatch.setattr(main, "train_one_epoch", original)
+
+    assert run_main(sample_data, out, "--resume") == 0
+    assert "resumed from" in log_text(out) and "continuing at epoch 2" in log_text(out)
+    rows, ref = read_rows(out / "training_results.csv"), read_rows(reference_run / "training_results.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2"]                     # in order, no duplicate
+    for mine, theirs in zip(rows, ref):
+        for key in ("lr", "train_loss", "train_loss_ce", "train_loss_bbox", "val_loss", "mean_iou"):
+            assert float(mine[key]) == pytest.approx(float(theirs[key]), rel=1e-3, abs=1e-6), (mine["epoch"], key)
+    a = torch.load(reference_run / "checkpoint.pth", map_location="cpu", weights_only=True)["model"]
+    b = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)["model"]
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5, msg=key)
+
+
+def test_resume_without_checkpoint_starts_from_scratch(sample_data, tmp_path, tiny_net):
+    out = tmp_path / "fresh"
+    assert run_main(sample_data, out, "--resume", "--epochs", "1") == 0
+    assert "no " in log_text(out) and "starting from scratch" in log_text(out)
+    assert [r["epoch"] for r in read_rows(out / "training_results.csv")] == ["1"]
+
+
+# ----------------------------------------------------------------------------- 3. torchrun
+
+WRAPPER = """
+import sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import main, test_train
+test_train.install_tiny_network()
+sys.exit(main.main(main.get_args_parser().parse_args()))
+"""
+
+
+def test_torchrun_two_processes_on_cpu(sample_data, tmp_path):
+    """main.py under torchrun (gloo): runs the real main(); the wrapper only installs the tiny network."""
+    script = tmp_path / "train_tiny.py"
+    script.write_text(textwrap.dedent(WRAPPER.format(root=str(ROOT), tests=str(TESTS))))
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(script), "--input_dir", str(sample_data), "--output_dir", str(out),
+           *TINY_ARGS, "--epochs", "1", "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in OUTPUTS:
+        assert (out / name).is_file(), name
+    rows = read_rows(out / "training_results.csv")
+    assert [r["epoch"] for r in rows] == ["1"]                          # written once, by rank 0
+    log = log_text(out)
+    assert log.count("epoch 1:") == 1
+    # 6 training videos (3 steps in one process) over 2 ranks: 4 global batches, 2 per rank
+    assert "2 steps per epoch" in log
+    assert not list(out.glob("*.tmp"))
+
+
+# ----------------------------------------------------------------------------- 4. non-finite guards
+
+def test_nan_loss_stops_with_exit_2_and_keeps_the_last_checkpoint(sample_data, tmp_path, tiny_net, monkeypatch,
+                                                                  caplog):
+    """Diverged weights: the model's outputs become NaN in epoch 2 (so the loss would be NaN)."""
+    out = tmp_path / "nan"
+    original = main.train_one_epoch
+    saved = {}
+
+    def nan_in_second_epoch(model, *args, **kwargs):
+        if epoch_of(original, (model, *args), kwargs) >= 1:
+            saved["checkpoint"] = (out / "checkpoint.pth").read_bytes()
+            saved["best"] = (out / "best_model.pth").read_bytes()
+            model.register_forward_hook(lambda module, inputs, outputs: {k: v * float("nan") if torch.is_tensor(v)
+                                                                         else v for k, v in outputs.items()})
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(main, "train_one_epoch", nan_in_second_epoch)
+    assert run_main(sample_data, out) == 2
+    log = log_text(out)
+    assert "epoch 2: the loss became nan" in log
+    assert "last good checkpoint is unchanged" in log
+    assert "Traceback" not in log
+    assert (out / "checkpoint.pth").read_bytes() == saved["checkpoint"]
+    assert (out / "best_model.pth").read_bytes() == saved["best"]
+    assert torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)["epoch"] == 0
+    assert [r["epoch"] for r in read_rows(out / "training_results.csv")] == ["1"]
+
+
+def test_nan_loss_from_the_criterion_stops_with_exit_2(sample_data, tmp_path, tiny_net, monkeypatch):
+    out = tmp_path / "nanloss"
+    original = main.train_one_epoch
+
+    def nan_total(model, criterion, *args, **kwargs):
+        real_total = criterion.total
+        monkeypatch.setattr(criterion, "total", lambda losses: real_total(losses) * float("nan"))
+        return original(model, criterion, *args, **kwargs)
+
+    monkeypatch.setattr(main, "train_one_epoch", nan_total)
+    assert run_main(sample_data, out, "--epochs", "1") == 2
+    assert "epoch 1: the loss became nan" in log_text(out)
+    assert not (out / "checkpoint.pth").exists() and not (out / "training_results.csv").exists()
+
+
+def test_non_finite_gradient_skips_the_step(sample_data, tmp_path, tiny_net, monkeypatch):
+    """A finite loss with an inf gradient (first step only): that step is skipped and counted,
+    the weights stay finite, and training goes on."""
+    out = tmp_path / "infgrad"
+    original = main.train_one_epoch
+    calls = {"n": 0}
+
+    def inf_grad_once(grad):
+        calls["n"] += 1
+        return grad * float("inf") if calls["n"] == 1 else grad
+
+    def with_hook(model, *args, **kwargs):
+        if epoch_of(original, (model, *args), kwargs) == 0:
+            model.queries.weight.register_hook(inf_grad_once)
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(main, "train_one_epoch", with_hook)
+    assert run_main(sample_data, out, "--epochs", "1") == 0
+    row, = read_rows(out / "training_results.csv")
+    assert int(row["skipped_steps"]) == 1
+    assert math.isfinite(float(row["train_loss"]))
+    state = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert calls["n"] >= 2          # later steps ran (and were applied)
+
+
+# ----------------------------------------------------------------------------- 5. bad data
+
+def test_bad_rows_are_reported_and_skipped(sample_data, tmp_path, tiny_net):
+    data = tmp_path / "data"
+    shutil.copytree(sample_data, data)
+    with open(data / "action_challenge.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    labelled = next(r for r in rows[1:] if r[1])
+    with open(data / labelled[1], "a") as f:
+        f.write("0 1 2 three 4\n")                                       # malformed line next to a good one
+    (data / "corrupt.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with open(data / "action_challenge.csv", "a", newline="") as f:
+        csv.writer(f).writerows([["missing.mp4", ""], ["corrupt.mp4", ""]])
+
+    out = tmp_path / "out"
+    assert run_main(data, out, "--epochs", "1") == 0
+    log = log_text(out)
+    assert "missing.mp4" in log and "missing video" in log
+    assert "corrupt.mp4" in log and "corrupt video" in log
+    assert labelled[1] in log and "malformed label line" in log
+    assert "10 videos:" in log                                           # the good ones, all of them
+    assert [r["epoch"] for r in read_rows(out / "training_results.csv")] == ["1"]
+
+
+def test_nothing_usable_returns_2_with_one_line_error(tmp_path, tiny_net):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "corrupt.mp4").write_bytes(b"not a video at all" * 100)
+    (data / "action_challenge.csv").write_text("video_file,label_file\nmissing.mp4,\ncorrupt.mp4,\n")
+    out = tmp_path / "out"
+    assert run_main(data, out, "--epochs", "1") == 2
+    errors = [line for line in log_text(out).splitlines() if "error: " in line]
+    assert len(errors) == 1 and "no usable videos" in errors[0] and "(2 problem(s))" in errors[0], errors
+    assert "missing.mp4" in log_text(out) and "corrupt.mp4" in log_text(out)     # what is wrong, too
+    assert not (out / "checkpoint.pth").exists()
+
+
+def test_missing_dataset_folder_returns_2(tmp_path, tiny_net):
+    assert run_main(tmp_path / "nowhere", tmp_path / "out", "--epochs", "1") == 2
+    assert "no action_challenge.csv" in log_text(tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- 6. fine-tuning
+
+def test_init_from_checkpoint_with_other_classes(sample_data, tmp_path, tiny_net):
+    torch.manual_seed(1)
+    args = tiny_model_args(5, num_queries=4)
+    other = star_model.STAR(**args)
+    source = tmp_path / "five_classes.pth"
+    star_model.save_checkpoint(star_model.make_checkpoint(other, args, [f"c{i}" for i in range(5)],
+                                                          star_model.PUBLISHED_PREPROCESSING, epoch=0), source)
+    out = tmp_path / "finetune"
+    assert run_main(sample_data, out, "--epochs", "1", "--init_from", str(source)) == 0
+    log = log_text(out)
+    assert f"class layer {star_model.CLASS_LAYER} re-initialised (5 classes there, 3 here)" in log
+    assert f"lr {main.PUBLISHED_LR:g}" in log                           # fine-tuning default
+    net, info = star_model.load_checkpoint(out / "best_model.pth")
+    assert net.num_classes == 3 and len(info["class_names"]) == 3
+
+
+def test_init_from_unusable_file_returns_2(sample_data, tmp_path, tiny_net):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"\x00garbage" * 50)
+    assert run_main(sample_data, tmp_path / "out", "--epochs", "1", "--init_from", str(bad)) == 2
+    assert "error: " in log_text(tmp_path / "out") and "bad.pth" in log_text(tmp_path / "out")
