@@ -24,7 +24,8 @@ echo "== 3/4 predicting on the held-out videos (annotated videos in $out/annotat
   --model_path "$out/run/best_model.pth" --labels "$out/heldout"
 
 echo "== 4/4 a picture of one annotated frame: $out/annotated_frame.png"
-"$py" tools/snapshot.py --predictions "$out/predictions.csv" --annotated_dir "$out/annotated_videos" --output "$out/annotated_frame.png"
+"$py" tools/snapshot.py --predictions "$out/predictions.csv" --annotated_dir "$out/annotated_videos" --output "$out/annotated_frame.png" \
+  || echo "(no detection above the threshold to show)"
 
 echo
 echo "done. Outputs:"

@@ -625,11 +625,12 @@ def prepare_output(args, rank: int) -> tuple[pathlib.Path, pathlib.Path | None]:
 
 
 def load_model(args, device):
-    """Load the checkpoint once, fold BatchNorm, free the loaded dict. Returns ``(model, info, raw_ids)``."""
+    """Load the checkpoint once, prepare it for inference (BN folding, channels_last_3d) and free the
+    loaded dict. Returns ``(model, info, raw_ids)``."""
     t0 = time.perf_counter()
     net, info = star_model.load_checkpoint(args.model_path, device=device, class_names=args.class_names)
     raw_ids = (info.pop("checkpoint", None) or {}).get("raw_class_ids")   # drop the loaded dict (optimizer...)
-    star_model.fold_batchnorm(net)
+    star_model.prepare_for_inference(net)
     release_free_memory()
     log.info("model %s (%s, classes %s, %d frames x %s px) loaded in %.1f s on %s",
              args.model_path, info["source"], ", ".join(info["class_names"]), info["num_frames"], info["img_size"],

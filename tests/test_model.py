@@ -435,3 +435,17 @@ def test_fold_batchnorm_keeps_outputs(published):
         assert not any(isinstance(m, nn.BatchNorm3d) for m in model.modules())
         after = model(x)
     assert max_diff(before, after) <= 1e-4
+
+
+def test_prepare_for_inference_keeps_outputs(published):
+    """BN folding + channels_last_3d (test.py's fast path) computes what the plain network does."""
+    model, _ = M.load_checkpoint(published[1])
+    torch.manual_seed(0)
+    x = torch.randn(*TINY)
+    with torch.no_grad():
+        before = model(x)
+        fast = M.prepare_for_inference(model)
+        assert fast.channels_last and not fast.training
+        assert fast.backbone.stem[1][0].conv1[0][0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+        after = fast(x)
+    assert max_diff(before, after) <= 1e-4
