@@ -30,7 +30,7 @@ import metrics
 from dataset import (ActionDataset, BalancedBatchSampler, DatasetError, collate, format_problems, load_dataset,
                      split_dataset)
 from losses import build_criterion
-from model import (PRETRAINED_CHOICES, CheckpointError, build_model, count_parameters, load_for_finetuning,
+from model import (PRETRAINED_CHOICES, STAR, CheckpointError, build_model, count_parameters, load_for_finetuning,
                    make_checkpoint, model_args_from, save_checkpoint)
 from runtime import UsageError, autocast_settings, resolve_device
 from video import IMAGENET_MEAN, IMAGENET_STD
@@ -307,7 +307,6 @@ def resume(path: Path, model, optimizer, scheduler, scaler) -> tuple[int, float]
 def final_report(model_args, best_path: Path, val_loader, criterion, device, amp_dtype, class_names, args, output_dir):
     """Best model on the validation split: report, confusion matrix PNG, test_predictions.csv."""
     ckpt = torch.load(best_path, map_location="cpu", weights_only=True)
-    from model import STAR
     model = STAR(**model_args).to(device)
     model.load_state_dict(ckpt["model"])
     result, preds, _, names = evaluate(model, criterion, val_loader, device, amp_dtype, class_names, args.score_threshold)
