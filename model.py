@@ -139,6 +139,12 @@ class STAR(nn.Module):
             out["aux_outputs"] = [self.head(hidden) for hidden in layer_outputs[:-1]]
         return out
 
+    def use_channels_last(self) -> "STAR":
+        """channels_last_3d weights, and the input converted to match inside ``forward``."""
+        self.to(memory_format=torch.channels_last_3d)
+        self.channels_last = True
+        return self
+
 
 def model_args_from(num_classes: int, **overrides) -> dict:
     """The full constructor arguments of ``STAR`` (defaults filled in), as stored in checkpoints."""
@@ -339,6 +345,4 @@ def prepare_for_inference(model: STAR) -> STAR:
     3.77 s plain (bench/bench_network.py). Inference only."""
     model.eval()
     fold_batchnorm(model)
-    model.to(memory_format=torch.channels_last_3d)
-    model.channels_last = True
-    return model
+    return model.use_channels_last()

@@ -67,10 +67,3 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
-
-def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """Just the dtype of ``autocast_settings`` (None = float32)."""
-    return autocast_settings(device, precision)[0]
-
-
-cpu_has_fast_bf16 = cpu_has_native_bf16

@@ -92,27 +92,15 @@ def make_input(args, batch: int):
     return clip.expand(batch, -1, -1, -1, -1).contiguous()
 
 
-def channels_last_input(x):
-    """``x`` (B, T, 3, H, W) laid out so that the model's ``transpose(1, 2)`` yields a
-    channels_last_3d (B, 3, T, H, W) tensor: no copy inside the network."""
-    import torch
-    return x.transpose(1, 2).contiguous(memory_format=torch.channels_last_3d).transpose(1, 2)
-
-
 def prepare(args, variant: common.Variant):
     """Model and input of one variant, on its device, with its options applied."""
-    import torch
     import model as star_model
     net = make_model(args)
     x = make_input(args, variant.batch or args.batch_size)
     if "fold" in variant.options:
-        fold = getattr(star_model, "fold_batchnorm", None)
-        if fold is None:
-            raise RuntimeError("model.fold_batchnorm does not exist in this version of model.py")
-        fold(net)
-    if "cl" in variant.options:
-        net = net.to(memory_format=torch.channels_last_3d)
-        x = channels_last_input(x)
+        star_model.fold_batchnorm(net)
+    if "cl" in variant.options:   # as test.py: the input is converted inside forward
+        net.use_channels_last()
     return net.to(args.device), x.to(args.device)
 
 

@@ -74,8 +74,7 @@ def make_step(args, variant: common.Variant):
     criterion = build_criterion(args.num_classes).to(device)
     clips, targets = random_batch(args, variant.batch or args.batch_size, device)
     if "cl" in variant.options:
-        model = model.to(memory_format=torch.channels_last_3d)
-        clips = clips.transpose(1, 2).contiguous(memory_format=torch.channels_last_3d).transpose(1, 2)
+        model.use_channels_last()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     dtype = common.torch_dtype(variant.dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

@@ -66,9 +66,7 @@ def cpu_flags() -> set[str]:
 def native_bf16() -> bool:
     """True when the CPU computes bf16 natively (AVX512-BF16 or AMX); else autocast emulates it."""
     import runtime
-    # runtime.py renamed cpu_has_fast_bf16 -> cpu_has_native_bf16; accept either
-    check = getattr(runtime, "cpu_has_native_bf16", None) or runtime.cpu_has_fast_bf16
-    return bool(check())
+    return runtime.cpu_has_native_bf16()
 
 
 def machine_info(device: str = "cpu") -> dict:
