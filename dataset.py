@@ -421,6 +421,8 @@ MAX_TEMPORAL_SHIFT = 0.5      # fraction of the sampling step the whole grid may
 CROP_SCALE = (0.75, 1.0)      # crop side as a fraction of the frame side
 MIN_BOX_KEEP = 0.6            # a crop must keep this fraction of every box's area
 COLOUR_JITTER = 0.2           # brightness / contrast / saturation factors in 1 +- this
+CHANNEL_SWAP_PROB = 0.5       # random RGB order: colour must not identify a training video
+STILL_NOISE = 2.0             # grey levels of per-frame noise on still clips (cameras flicker)
 
 
 def jittered_indices(num_frames: int, T: int, rng: np.random.Generator) -> np.ndarray:
@@ -489,7 +491,19 @@ def augment_clip(frames: np.ndarray, boxes: np.ndarray, rng: np.random.Generator
     boxes = crop_boxes(boxes, pixel_crop)
     if rng.random() < 0.5:
         out, boxes = out[:, :, ::-1], hflip_boxes(boxes)
+    if rng.random() < CHANNEL_SWAP_PROB:
+        out = out[..., rng.permutation(3)]
     return colour_jitter(out, rng), boxes
+
+
+def still_clip(frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One frame of the clip repeated T times, each copy with its own faint noise: (T, H, W, 3) uint8.
+
+    A still clip of a video with an action is a video without one (same look, no motion): it
+    teaches that the action is in the motion, which appearance alone cannot explain."""
+    frame = frames[rng.integers(len(frames))].astype(np.float32)
+    noise = rng.normal(0.0, STILL_NOISE, size=frames.shape).astype(np.float32)
+    return np.clip(np.rint(frame[None] + noise), 0, 255).astype(np.uint8)
 
 
 def xyxy_to_cxcywh(boxes: np.ndarray) -> np.ndarray:
@@ -509,13 +523,16 @@ class ActionDataset(torch.utils.data.Dataset):
     ``{"labels": int64 (N,), "boxes": float32 (N, 4) cxcywh normalised, "video": str}``.
     Augmentation (``augment=True``, training only) is seeded by (seed, epoch, index): the
     same sample gets the same augmentation in any worker or process, and after a resume.
+    With ``still_prob`` > 0 a video with an action becomes, with that probability, a still clip
+    without one (:func:`still_clip`).
     """
 
     def __init__(self, records, num_frames: int, img_size: int, augment: bool = False, seed: int = 0,
-                 mean=video.IMAGENET_MEAN, std=video.IMAGENET_STD):
+                 mean=video.IMAGENET_MEAN, std=video.IMAGENET_STD, still_prob: float = 0.0):
         self.records = list(records)
         self.num_frames, self.img_size = int(num_frames), int(img_size)
         self.augment, self.seed, self.epoch = bool(augment), int(seed), 0
+        self.still_prob = float(still_prob)
         self.mean, self.std = tuple(mean), tuple(std)
 
     def __len__(self) -> int:
@@ -551,11 +568,13 @@ class ActionDataset(torch.utils.data.Dataset):
         frames, decoded = video.decode_frames(record.path, idx)
         if decoded <= idx.max():  # recorded count too high (quick probe of a lying container)
             frames, _ = video.decode_frames(record.path, self._indices(decoded, rng))
-        boxes = record.boxes
+        boxes, labels = record.boxes, np.asarray(record.labels, np.int64).reshape(-1)
         if rng is not None:
             frames, boxes = augment_clip(frames, boxes, rng, self.img_size)
+            if len(labels) and rng.random() < self.still_prob:
+                frames, boxes, labels = still_clip(frames, rng), boxes[:0], labels[:0]
         clip = video.preprocess(frames, self.img_size, self.mean, self.std)
-        target = {"labels": torch.as_tensor(record.labels, dtype=torch.int64).reshape(-1),
+        target = {"labels": torch.from_numpy(labels),
                   "boxes": torch.from_numpy(xyxy_to_cxcywh(boxes)),
                   "video": record.video}
         return clip, target

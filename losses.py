@@ -101,8 +101,21 @@ class SetCriterion(nn.Module):
                 "loss_giou": (1 - giou).sum() / num_boxes,
                 "matched_iou": iou.mean().detach()}
 
+    def loss_video(self, outputs, targets, indices, num_boxes) -> dict:
+        """Video-level CE on ``video_logits (B, C+1)``: the target is spread evenly over the video's
+        classes, or no_object for a video without action. No matching: it reaches the trunk directly."""
+        logits = outputs["video_logits"].float()
+        target = torch.zeros_like(logits)
+        for row, t in zip(target, targets):
+            labels = t["labels"].long().to(logits.device)
+            if labels.numel():
+                row.index_add_(0, labels, torch.full(labels.shape, 1.0 / labels.numel(), device=logits.device))
+            else:
+                row[-1] = 1.0
+        return {"loss_video": F.cross_entropy(logits, target)}
+
     def get_loss(self, name, outputs, targets, indices, num_boxes) -> dict:
-        loss_fns = {"labels": self.loss_labels, "boxes": self.loss_boxes}
+        loss_fns = {"labels": self.loss_labels, "boxes": self.loss_boxes, "video": self.loss_video}
         return loss_fns[name](outputs, targets, indices, num_boxes)
 
     def forward(self, outputs: dict, targets: list[dict], num_boxes: float | None = None) -> dict:
@@ -113,10 +126,13 @@ class SetCriterion(nn.Module):
         losses = {}
         indices = self.matcher(outputs, targets)
         for name in self.losses:
-            losses.update(self.get_loss(name, outputs, targets, indices, num_boxes))
+            if name != "video" or "video_logits" in outputs:   # evaluation outputs have no video logits
+                losses.update(self.get_loss(name, outputs, targets, indices, num_boxes))
         for layer, aux in enumerate(outputs.get("aux_outputs", [])):
             aux_indices = self.matcher(aux, targets)
             for name in self.losses:
+                if name == "video":
+                    continue
                 terms = self.get_loss(name, aux, targets, aux_indices, num_boxes)
                 losses.update({f"{k}_{layer}": v for k, v in terms.items() if k.startswith("loss_")})
         return losses
@@ -133,12 +149,17 @@ def _flat_indices(indices):
 
 
 def build_criterion(num_classes: int, num_decoder_layers: int = 4, aux_loss: bool = True,
-                    weights: dict = PUBLISHED_WEIGHTS, eos_coef: float = 0.1) -> SetCriterion:
+                    weights: dict = PUBLISHED_WEIGHTS, eos_coef: float = 0.1, video_loss_coef: float = 0.0) -> SetCriterion:
     """The published recipe: matcher costs and loss weights 2 / 5 / 2, no-object weight 0.1,
-    auxiliary losses on every earlier decoder layer with the same weights."""
+    auxiliary losses on every earlier decoder layer with the same weights. ``video_loss_coef`` > 0
+    adds the video-level class loss (:meth:`SetCriterion.loss_video`) with that weight."""
     matcher = HungarianMatcher(weights["loss_ce"], weights["loss_bbox"], weights["loss_giou"])
     weight_dict = dict(weights)
     if aux_loss:
         for layer in range(num_decoder_layers - 1):
             weight_dict.update({f"{k}_{layer}": v for k, v in weights.items()})
-    return SetCriterion(num_classes, matcher, weight_dict, eos_coef)
+    losses = ("labels", "boxes")
+    if video_loss_coef > 0:
+        weight_dict["loss_video"] = video_loss_coef
+        losses += ("video",)
+    return SetCriterion(num_classes, matcher, weight_dict, eos_coef, losses)

@@ -17,6 +17,7 @@ import os
 import random
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -30,15 +31,20 @@ import metrics
 from dataset import (ActionDataset, BalancedBatchSampler, DatasetError, collate, format_problems, load_dataset,
                      split_dataset)
 from losses import build_criterion
-from model import (PRETRAINED_CHOICES, STAR, CheckpointError, build_model, count_parameters, load_for_finetuning,
-                   make_checkpoint, model_args_from, save_checkpoint)
+from model import (PRETRAINED_CHOICES, STAR, CheckpointError, build_model, count_parameters, init_motion_stem,
+                   load_for_finetuning, make_checkpoint, model_args_from, save_checkpoint)
 from runtime import UsageError, autocast_settings, resolve_device
 from video import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("star")
 
-PUBLISHED_LR = 5e-5      # the published recipe, for a Kinetics-pretrained trunk
-SCRATCH_LR = 1e-4        # from scratch: measured on sample data (README, "Training from scratch")
+# Defaults that depend on the trunk's start (flags left at None take them). The published recipe is
+# for a Kinetics-pretrained trunk; from scratch the trunk must learn motion in a few hundred steps,
+# measured on sample data (README, "Training from scratch").
+PUBLISHED_RECIPE = types.MappingProxyType({"lr": 5e-5, "lr_backbone": 5e-5, "warmup_epochs": 0, "still_prob": 0.0,
+                                         "video_loss_coef": 0.0, "motion_init": False})
+SCRATCH_RECIPE = types.MappingProxyType({"lr": 2e-4, "lr_backbone": 5e-4, "warmup_epochs": 2, "still_prob": 0.2,
+                                       "video_loss_coef": 2.0, "motion_init": True})
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -48,7 +54,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=50, help="number of training epochs")
     p.add_argument("--batch_size", type=int, default=2, help="clips per batch (per process)")
     p.add_argument("--lr", type=float, default=None,
-                   help=f"AdamW learning rate (default {PUBLISHED_LR} with a pretrained trunk, {SCRATCH_LR} from scratch)")
+                   help=f"AdamW learning rate of the decoder, queries and heads (default {PUBLISHED_RECIPE['lr']} "
+                        f"with a pretrained trunk, {SCRATCH_RECIPE['lr']} from scratch)")
+    p.add_argument("--lr_backbone", type=float, default=None,
+                   help=f"learning rate of the R(2+1)D trunk (default {PUBLISHED_RECIPE['lr_backbone']} pretrained, "
+                        f"{SCRATCH_RECIPE['lr_backbone']} from scratch)")
+    p.add_argument("--warmup_epochs", type=int, default=None,
+                   help=f"epochs of linear learning-rate warm-up before the cosine (default "
+                        f"{PUBLISHED_RECIPE['warmup_epochs']} pretrained, {SCRATCH_RECIPE['warmup_epochs']} from scratch)")
+    p.add_argument("--video_loss_coef", type=float, default=None,
+                   help="weight of the video-level class loss on the mean trunk token (0 = off; default "
+                        f"{PUBLISHED_RECIPE['video_loss_coef']} pretrained, {SCRATCH_RECIPE['video_loss_coef']} from scratch)")
+    p.add_argument("--motion_init", action=argparse.BooleanOptionalAction, default=None,
+                   help="start the stem's temporal kernels at zero sum over time, so the new trunk sees motion "
+                        "(default: on from scratch, off with a pretrained trunk)")
+    p.add_argument("--still_prob", type=float, default=None,
+                   help="probability that a training video with an action is shown as a still clip without one "
+                        f"(default {PUBLISHED_RECIPE['still_prob']} pretrained, {SCRATCH_RECIPE['still_prob']} from scratch)")
     p.add_argument("--min_lr", type=float, default=1e-6, help="final learning rate of the cosine schedule")
     p.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
     p.add_argument("--num_frames", type=int, default=16, help="frames sampled per clip")
@@ -134,7 +156,8 @@ def load_data(args, rank: int, output_dir: Path):
 
 
 def make_loaders(args, train, val, rank: int, world: int):
-    train_set = ActionDataset(train, args.num_frames, args.img_size, augment=not args.no_aug, seed=args.seed)
+    train_set = ActionDataset(train, args.num_frames, args.img_size, augment=not args.no_aug, seed=args.seed,
+                              still_prob=args.still_prob)
     sampler = BalancedBatchSampler(train_set.has_action, args.batch_size, args.seed, world, rank)
     kwargs = {"num_workers": args.workers, "collate_fn": collate, "persistent_workers": False}
     train_loader = DataLoader(train_set, batch_sampler=sampler, **kwargs)
@@ -150,7 +173,7 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, device, amp_dty
     model.train()
     loader.batch_sampler.set_epoch(epoch)
     loader.dataset.set_epoch(epoch)
-    sums, steps, skipped = {}, 0, 0
+    sums, counts, skipped = {}, {}, 0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=dist.is_initialized() and dist.get_rank() != 0,
                leave=False, dynamic_ncols=True)
     for clips, targets in bar:
@@ -178,13 +201,13 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, device, amp_dty
             else:
                 scaler.step(optimizer)   # GradScaler sees the inf and skips the step itself
         scaler.update()
-        steps += 1
-        for k, v in losses.items():
-            if k == "loss" or not k[-1].isdigit():   # main terms only; aux terms are in the total
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-        bar.set_postfix(loss=f"{sums['loss'] / steps:.3f}")
-    stats = {f"train_{k}": v / max(steps, 1) for k, v in sums.items()}
+        for k, v in [*losses.items(), ("loss", loss)]:
+            value = float(v.detach())
+            if not k[-1].isdigit() and math.isfinite(value):   # main terms only (aux terms are in the total);
+                sums[k] = sums.get(k, 0.0) + value               # matched_iou is NaN for a batch without boxes
+                counts[k] = counts.get(k, 0) + 1
+        bar.set_postfix(loss=f"{sums['loss'] / counts['loss']:.3f}")
+    stats = {f"train_{k}": v / counts[k] for k, v in sums.items()}
     stats["skipped_steps"] = skipped
     return stats
 
@@ -221,7 +244,7 @@ def evaluate(model, criterion, loader, device, amp_dtype, class_names, threshold
 # ----------------------------------------------------------------------------- outputs
 
 EPOCH_FIELDS = ["epoch", "lr", "seconds", "train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou",
-                "train_class_error", "train_matched_iou", "skipped_steps", "val_loss", "video_acc", "det_acc_50",
+                "train_loss_video", "train_class_error", "train_matched_iou", "skipped_steps", "val_loss", "video_acc", "det_acc_50",
                 "mean_iou", "map50", "map50_95", "score"]
 
 
@@ -277,19 +300,55 @@ def build_training_state(args, class_map, device, world):
     """Model (maybe DDP), criterion, optimizer, scheduler, scaler, amp dtype, model args."""
     model_args = model_args_from(len(class_map), num_queries=args.num_queries, aux_loss=not args.no_aux_loss)
     model = build_model(pretrained=args.backbone_weights or args.pretrained, **model_args)
+    if args.motion_init:
+        init_motion_stem(model)
     if args.init_from:
         load_for_finetuning(model, args.init_from)
     model.to(device)
     log.info("STAR: %.2f M parameters", count_parameters(model) / 1e6)
-    criterion = build_criterion(len(class_map), model_args["num_decoder_layers"], model_args["aux_loss"]).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(args.epochs, 1), eta_min=args.min_lr)
+    criterion = build_criterion(len(class_map), model_args["num_decoder_layers"], model_args["aux_loss"],
+                                video_loss_coef=args.video_loss_coef).to(device)
+    optimizer = torch.optim.AdamW(parameter_groups(model, args), weight_decay=args.weight_decay)
+    scheduler = make_scheduler(optimizer, args)
     amp_dtype, amp_note = autocast_settings(device, "fp32" if args.no_amp else "auto")
     log.info("precision: %s", amp_note)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model, criterion, optimizer, scheduler, scaler, amp_dtype, model_args
+
+
+def parameter_groups(model, args) -> list[dict]:
+    """The R(2+1)D trunk at ``lr_backbone``, everything else (projection, decoder, queries, heads) at ``lr``."""
+    trunk, rest = [], []
+    for name, param in model.named_parameters():
+        (trunk if name.startswith("backbone.stem.") else rest).append(param)
+    return [{"params": trunk, "lr": args.lr_backbone}, {"params": rest, "lr": args.lr}]
+
+
+def make_scheduler(optimizer, args):
+    """Per epoch: linear warm-up over ``warmup_epochs``, then cosine from each group's lr to ``min_lr``."""
+    warmup, total = args.warmup_epochs, max(args.epochs, 1)
+
+    def factor(base_lr):
+        floor = min(args.min_lr / base_lr, 1.0) if base_lr > 0 else 0.0
+
+        def at(epoch):
+            if epoch < warmup:
+                return (epoch + 1) / (warmup + 1)
+            progress = (epoch - warmup) / max(total - warmup, 1)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return at
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor(g["lr"]) for g in optimizer.param_groups])
+
+
+def apply_recipe(args) -> None:
+    """Fill the flags left at None from the published or the from-scratch recipe."""
+    pretrained = args.pretrained != "none" or args.backbone_weights or args.init_from
+    recipe = PUBLISHED_RECIPE if pretrained else SCRATCH_RECIPE
+    for key, value in recipe.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 def resume(path: Path, model, optimizer, scheduler, scaler) -> tuple[int, float]:
@@ -327,13 +386,14 @@ def train(args) -> dict:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(output_dir, rank)
-    if args.lr is None:
-        args.lr = PUBLISHED_LR if (args.pretrained != "none" or args.backbone_weights or args.init_from) else SCRATCH_LR
+    apply_recipe(args)
     seed_everything(args.seed + rank)
     train_records, val_records, class_map = load_data(args, rank, output_dir)
     train_loader, val_loader = make_loaders(args, train_records, val_records, rank, world)
     model, criterion, optimizer, scheduler, scaler, amp_dtype, model_args = build_training_state(args, class_map, device, world)
-    log.info("device %s, autocast %s, lr %g, %d steps per epoch", device, amp_dtype, args.lr, len(train_loader))
+    log.info("device %s, autocast %s, lr %g (trunk %g), warm-up %d epochs, still clips %g, video loss %g, "
+             "motion init %s, %d steps per epoch", device, amp_dtype, args.lr, args.lr_backbone, args.warmup_epochs,
+             args.still_prob, args.video_loss_coef, "on" if args.motion_init else "off", len(train_loader))
     ckpt_path, best_path, results_csv = output_dir / "checkpoint.pth", output_dir / "best_model.pth", output_dir / "training_results.csv"
     start_epoch, best = 0, -math.inf
     if args.resume and ckpt_path.exists():
@@ -345,7 +405,7 @@ def train(args) -> dict:
     common = {"raw_class_ids": list(class_map.raw_ids), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     for epoch in range(start_epoch, args.epochs):
         start = time.time()
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"]}
         row.update(train_one_epoch(model, criterion, train_loader, optimizer, scaler, device, amp_dtype, args, epoch, world))
         scheduler.step()
         result = {}

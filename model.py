@@ -109,7 +109,8 @@ class STAR(nn.Module):
     ``forward(x)``: ``x`` is ``(B, T, 3, H, W)``, preprocessed (RGB, /255, ImageNet mean/std).
     Returns ``{"pred_logits": (B, Q, C+1), "pred_boxes": (B, Q, 4)}`` with boxes ``(cx, cy, w, h)``
     normalised to [0, 1], plus ``"aux_outputs"`` (one such dict per earlier decoder layer) when
-    ``return_aux`` (default: training with ``aux_loss``).
+    ``return_aux`` (default: training with ``aux_loss``), plus in training ``"video_logits" (B, C+1)``:
+    the class head applied to the mean trunk token (for the criterion's optional video-level loss).
     """
 
     def __init__(self, num_classes: int, num_queries: int = 12, hidden_dim: int = 256,
@@ -131,12 +132,15 @@ class STAR(nn.Module):
         video = x.transpose(1, 2)                                         # (B, 3, T, H, W) for Conv3d
         if self.channels_last:   # match the weights' layout, else every conv converts on its own
             video = video.contiguous(memory_format=torch.channels_last_3d)
-        memory = self.pos_embedding(self.backbone(video))
+        tokens = self.backbone(video)
+        memory = self.pos_embedding(tokens)
         queries = self.queries.weight.unsqueeze(0).expand(x.shape[0], -1, -1)
         layer_outputs = self.decoder(queries, memory)
         out = self.head(layer_outputs[-1])
         if return_aux:
             out["aux_outputs"] = [self.head(hidden) for hidden in layer_outputs[:-1]]
+        if self.training:   # the class head on the mean trunk token: a direct training signal for the trunk
+            out["video_logits"] = self.head.class_head(tokens.mean(1))
         return out
 
     def use_channels_last(self) -> "STAR":
@@ -183,6 +187,19 @@ def load_trunk_weights(model: STAR, pretrained: str | os.PathLike) -> None:
     model.backbone.stem.load_state_dict(
         nn.Sequential(trunk.stem, trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4).state_dict())
     log.info("trunk initialised from %s", source)
+
+
+def init_motion_stem(model: STAR) -> None:
+    """Make every temporal kernel of the trunk's stem sum to zero over time (a from-scratch init).
+
+    Such a kernel ignores what stays the same from frame to frame and answers only to change, so
+    from its first step the trunk sees the actor's motion rather than the look of the scene, which
+    a few dozen videos otherwise teach it to memorise (README, "Training from scratch"). Training
+    is free to move the kernels afterwards."""
+    # R(2+1)D-18: the stem's (3, 1, 1) conv after its (1, 7, 7) spatial conv: the first to mix frames
+    temporal = next(m for m in model.backbone.stem.modules() if isinstance(m, nn.Conv3d) and m.kernel_size[0] > 1)
+    with torch.no_grad():
+        temporal.weight -= temporal.weight.mean(dim=2, keepdim=True)
 
 
 def build_model(num_classes: int, pretrained: str | os.PathLike = "none", **model_kwargs) -> STAR:

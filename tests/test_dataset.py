@@ -263,6 +263,30 @@ def test_augmentation_keeps_the_box_on_the_actor():
     assert 5 < flips < 35  # both flipped and unflipped happened
 
 
+def test_channel_swap_changes_colour_but_not_the_box():
+    frames = np.zeros((4, 60, 80, 3), np.uint8)
+    frames[:, 10:40, 50:70, 0] = 200                      # a red actor
+    box = np.array([[50 / 80, 10 / 60, 70 / 80, 40 / 60]], np.float32)
+    dominant = set()
+    for seed in range(30):
+        out, out_box = dataset.augment_clip(frames, box, np.random.default_rng(seed), 64)
+        ys, xs = np.nonzero(out[0].max(axis=-1) > 100)
+        actor = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]) / 64
+        assert np.allclose(out_box[0], actor, atol=2.5 / 64)
+        dominant.add(int(out[0, ys[0], xs[0]].argmax()))
+    assert dominant == {0, 1, 2}                          # red stayed red sometimes, moved other times
+
+
+def test_still_clip_is_one_frame_with_faint_noise():
+    frames = np.stack([np.full((6, 8, 3), 20 * t, np.uint8) for t in range(5)])   # brightness = time
+    out = dataset.still_clip(frames, np.random.default_rng(0))
+    assert out.shape == frames.shape and out.dtype == np.uint8
+    source = round(float(out.mean()) / 20)
+    assert 0 <= source < 5 and abs(float(out.mean()) - 20 * source) < 1     # one of the frames
+    diffs = np.diff(out.astype(np.float32), axis=0)
+    assert 0 < diffs.std() < 4 * dataset.STILL_NOISE       # only noise moves
+
+
 def test_crop_keeps_most_of_every_box():
     box = np.array([[0.0, 0.0, 0.2, 0.2], [0.8, 0.8, 1.0, 1.0]], np.float32)
     for seed in range(30):
@@ -311,6 +335,19 @@ def test_action_dataset_items_and_seeded_augmentation(tmp_path):
     assert torch.equal(a1, b1) and torch.equal(t1["boxes"], u1["boxes"])  # same (seed, epoch, index)
     other.set_epoch(4)
     assert not torch.equal(other[1][0], a1)
+
+
+def test_still_prob_turns_actions_into_still_negatives(tmp_path):
+    records = _small_dataset(tmp_path)
+    always = dataset.ActionDataset(records, 8, 32, augment=True, seed=1, still_prob=1.0)
+    clip, target = always[1]                               # v1 has an action
+    assert target["labels"].shape == (0,) and target["boxes"].shape == (0, 4)
+    assert (clip - clip[0:1]).abs().mean() < 0.1           # no motion left (numbered frames differ a lot)
+    assert always[0][1]["labels"].shape == (0,)             # negatives stay negatives
+    never = dataset.ActionDataset(records, 8, 32, augment=True, seed=1, still_prob=0.0)
+    assert never[1][1]["labels"].tolist() == [0]
+    plain = dataset.ActionDataset(records, 8, 32, augment=False, still_prob=1.0)
+    assert plain[1][1]["labels"].tolist() == [0]            # validation is never altered
 
 
 def test_undecodable_video_at_training_time_is_skipped(tmp_path, caplog):

@@ -150,6 +150,26 @@ def test_criterion_terms_equal_hand_computation():
     assert criterion.total(losses).item() == pytest.approx(total.item(), rel=1e-5)
 
 
+def test_video_loss_equals_hand_computation():
+    gen = torch.Generator().manual_seed(5)
+    outputs = random_outputs(3, 4, 3, gen)
+    outputs["video_logits"] = torch.randn(3, 4, generator=gen)
+    targets = random_targets([1, 2, 0], 3, gen)
+    targets[1]["labels"] = torch.tensor([0, 2])            # two actors, two classes: half each
+    criterion = build_criterion(3, aux_loss=False, video_loss_coef=1.5)
+    losses = criterion(outputs, targets)
+    log_p = torch.log_softmax(outputs["video_logits"], -1)
+    first = -log_p[0, targets[0]["labels"][0]]
+    expected = (first - 0.5 * (log_p[1, 0] + log_p[1, 2]) - log_p[2, 3]) / 3   # video 3: no_object
+    assert losses["loss_video"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert criterion.weight_dict["loss_video"] == 1.5
+    without = {k: v for k, v in losses.items() if k != "loss_video"}
+    assert criterion.total(losses).item() == pytest.approx((criterion.total(without) + 1.5 * expected).item(), rel=1e-5)
+    del outputs["video_logits"]                                # evaluation outputs: the term is left out
+    assert "loss_video" not in criterion(outputs, targets)
+    assert "loss_video" not in build_criterion(3, aux_loss=False).weight_dict   # the published recipe: off
+
+
 def test_criterion_without_any_target_is_finite_and_differentiable():
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(2, 5, 3, generator=gen, requires_grad=True)

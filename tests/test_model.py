@@ -157,6 +157,8 @@ def test_forward_shapes_aux_outputs_and_gradient_reaches_trunk():
     out = model(x[:1])
     assert out["pred_logits"].shape == (1, 12, 3) and out["pred_boxes"].shape == (1, 12, 4)
     assert len(out["aux_outputs"]) == 3
+    assert out["video_logits"].shape == (1, 3)                        # class head on the mean trunk token
+    assert all("video_logits" not in o for o in (out1, with_aux))      # training only
     loss = sum(o["pred_logits"].sum() + o["pred_boxes"].sum() for o in [out, *out["aux_outputs"]])
     loss.backward()
     grad = model.backbone.stem[0][0].weight.grad      # backbone.stem.0.0.weight
@@ -424,6 +426,22 @@ def test_trunk_kinetics400_without_network_says_what_to_do(tmp_path, monkeypatch
 # --------------------------------------------------------------------------------------------------
 # Inference speed-up
 # --------------------------------------------------------------------------------------------------
+def test_motion_stem_init_answers_only_to_change():
+    torch.manual_seed(0)
+    model = M.build_model(2)
+    M.init_motion_stem(model)
+    stem = model.backbone.stem[0].eval()               # spatial conv, BN, ReLU, temporal conv, ...
+    still = torch.rand(1, 3, 1, 24, 24).expand(1, 3, 6, 24, 24)
+    moving = torch.rand(1, 3, 6, 24, 24)
+    with torch.no_grad():
+        before_temporal = torch.nn.Sequential(*list(stem)[:3])
+        still_out = stem[3](before_temporal(still))[:, :, 1:-1]      # inner frames (no zero padding)
+        moving_out = stem[3](before_temporal(moving))[:, :, 1:-1]
+    assert still_out.abs().max() < 1e-5 * moving_out.abs().max()
+    untouched = M.build_model(2)                        # other layers keep their initialisation scheme
+    assert untouched.backbone.stem[0][3].weight.sum(2).abs().max() > 1e-3
+
+
 def test_fold_batchnorm_keeps_outputs(published):
     model, _ = M.load_checkpoint(published[1])       # eval mode, random BN statistics and affine
     num_bn = sum(isinstance(m, nn.BatchNorm3d) for m in model.modules())

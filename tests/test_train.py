@@ -363,7 +363,7 @@ def test_init_from_checkpoint_with_other_classes(sample_data, tmp_path, tiny_net
     assert run_main(sample_data, out, "--epochs", "1", "--init_from", str(source)) == 0
     log = log_text(out)
     assert f"class layer {star_model.CLASS_LAYER} re-initialised (5 classes there, 3 here)" in log
-    assert f"lr {main.PUBLISHED_LR:g}" in log                           # fine-tuning default
+    assert f"lr {main.PUBLISHED_RECIPE['lr']:g} (trunk" in log                          # fine-tuning default
     net, info = star_model.load_checkpoint(out / "best_model.pth")
     assert net.num_classes == 3 and len(info["class_names"]) == 3
 
@@ -373,3 +373,47 @@ def test_init_from_unusable_file_returns_2(sample_data, tmp_path, tiny_net):
     bad.write_bytes(b"\x00garbage" * 50)
     assert run_main(sample_data, tmp_path / "out", "--epochs", "1", "--init_from", str(bad)) == 2
     assert "error: " in log_text(tmp_path / "out") and "bad.pth" in log_text(tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- recipe, groups, schedule
+
+def test_recipe_defaults_depend_on_the_trunk_and_flags_win():
+    parse = main.get_args_parser().parse_args
+    scratch = parse(["--input_dir", "d", "--output_dir", "o", "--pretrained", "none", "--lr", "3e-4"])
+    main.apply_recipe(scratch)
+    assert scratch.lr == 3e-4                                          # an explicit flag wins
+    assert all(getattr(scratch, k) == v for k, v in main.SCRATCH_RECIPE.items() if k != "lr")
+    for extra in ([], ["--init_from", "x.pth"], ["--pretrained", "none", "--backbone_weights", "w.pth"]):
+        args = parse(["--input_dir", "d", "--output_dir", "o", *extra])
+        main.apply_recipe(args)
+        assert all(getattr(args, k) == v for k, v in main.PUBLISHED_RECIPE.items()), extra
+
+
+def test_parameter_groups_split_trunk_from_the_rest_once():
+    net = star_model.STAR(num_classes=2, **{k: v for k, v in tiny_model_args(2).items() if k != "num_classes"})
+    args = main.get_args_parser().parse_args(["--input_dir", "d", "--output_dir", "o", "--lr", "1e-4",
+                                              "--lr_backbone", "5e-4"])
+    trunk, rest = main.parameter_groups(net, args)
+    assert (trunk["lr"], rest["lr"]) == (5e-4, 1e-4)
+    ids = [id(p) for p in trunk["params"] + rest["params"]]
+    assert len(ids) == len(set(ids)) == len(list(net.parameters()))
+    assert {id(p) for p in trunk["params"]} == {id(p) for p in net.backbone.stem.parameters()}
+
+
+def test_schedule_warms_up_then_follows_the_cosine_to_min_lr():
+    args = main.get_args_parser().parse_args(["--input_dir", "d", "--output_dir", "o", "--epochs", "10",
+                                              "--warmup_epochs", "2", "--min_lr", "1e-6"])
+    bases = (5e-4, 2e-4)
+    optimizer = torch.optim.AdamW([{"params": [nn.Parameter(torch.zeros(1))], "lr": lr} for lr in bases])
+    scheduler = main.make_scheduler(optimizer, args)
+    seen = []
+    for _ in range(args.epochs):
+        seen.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    for base, lrs in zip(bases, zip(*seen)):
+        assert lrs[0] == pytest.approx(base / 3) and lrs[1] == pytest.approx(2 * base / 3)
+        for epoch in range(2, 10):                      # torch's CosineAnnealingLR formula over 8 epochs
+            cosine = 1e-6 + (base - 1e-6) * (1 + math.cos(math.pi * (epoch - 2) / 8)) / 2
+            assert lrs[epoch] == pytest.approx(cosine, rel=1e-9)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-6, 1e-6])
