@@ -103,7 +103,10 @@ class SetCriterion(nn.Module):
 
     def loss_video(self, outputs, targets, indices, num_boxes) -> dict:
         """Video-level CE on ``video_logits (B, C+1)``: the target is spread evenly over the video's
-        classes, or no_object for a video without action. No matching: it reaches the trunk directly."""
+        classes, or no_object for a video without action. No matching: it reaches the trunk directly.
+        Nothing when the outputs have no ``video_logits`` (evaluation, auxiliary decoder outputs)."""
+        if "video_logits" not in outputs:
+            return {}
         logits = outputs["video_logits"].float()
         target = torch.zeros_like(logits)
         for row, t in zip(target, targets):
@@ -126,13 +129,10 @@ class SetCriterion(nn.Module):
         losses = {}
         indices = self.matcher(outputs, targets)
         for name in self.losses:
-            if name != "video" or "video_logits" in outputs:   # evaluation outputs have no video logits
-                losses.update(self.get_loss(name, outputs, targets, indices, num_boxes))
+            losses.update(self.get_loss(name, outputs, targets, indices, num_boxes))
         for layer, aux in enumerate(outputs.get("aux_outputs", [])):
             aux_indices = self.matcher(aux, targets)
             for name in self.losses:
-                if name == "video":
-                    continue
                 terms = self.get_loss(name, aux, targets, aux_indices, num_boxes)
                 losses.update({f"{k}_{layer}": v for k, v in terms.items() if k.startswith("loss_")})
         return losses
