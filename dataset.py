@@ -546,12 +546,16 @@ class ActionDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index):
+        """``index``: an int (augmented as of ``set_epoch``) or ``(index, epoch)`` from
+        :class:`EpochTaggedBatches` (persistent workers keep their own copy of this dataset, so
+        ``set_epoch`` in the main process does not reach them)."""
+        index, epoch = index if isinstance(index, tuple) else (index, self.epoch)
         # A video that fails now (disk, codec) must not kill a long run: log and use the next.
         for attempt in range(len(self.records)):
             i = (index + attempt) % len(self.records)
             try:
-                return self._load(i)
+                return self._load(i, epoch)
             except video.VideoError as exc:
                 log.warning("skipping %s at training time: %s", self.records[i].video, exc)
         raise DatasetError("no video of the dataset could be decoded")
@@ -561,9 +565,9 @@ class ActionDataset(torch.utils.data.Dataset):
             return video.sample_indices(num_frames, self.num_frames)
         return jittered_indices(num_frames, self.num_frames, rng)
 
-    def _load(self, i: int):
+    def _load(self, i: int, epoch: int):
         record = self.records[i]
-        rng = np.random.default_rng([self.seed, self.epoch, i]) if self.augment else None
+        rng = np.random.default_rng([self.seed, epoch, i]) if self.augment else None
         idx = self._indices(record.num_frames, rng)
         frames, decoded = video.decode_frames(record.path, idx)
         if decoded <= idx.max():  # recorded count too high (quick probe of a lying container)
@@ -643,3 +647,23 @@ class BalancedBatchSampler(torch.utils.data.Sampler):
 
     def __iter__(self) -> Iterator[list[int]]:
         yield from self._all_batches()[self.rank::self.num_replicas]
+
+
+class EpochTaggedBatches(torch.utils.data.Sampler):
+    """Wraps a batch sampler: yields ``[(index, epoch), ...]`` so that the dataset's workers know the
+    epoch (for its augmentation seed) without being restarted: DataLoader's persistent workers.
+    ``set_epoch`` and ``len`` go to the wrapped sampler."""
+
+    def __init__(self, batch_sampler):
+        self.batch_sampler, self.epoch = batch_sampler, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.batch_sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in self.batch_sampler:
+            yield [(i, self.epoch) for i in batch]

@@ -28,11 +28,12 @@ from torchvision.ops import box_convert
 from tqdm import tqdm
 
 import metrics
-from dataset import (ActionDataset, BalancedBatchSampler, DatasetError, collate, format_problems, load_dataset,
-                     split_dataset)
-from losses import build_criterion
+from dataset import (ActionDataset, BalancedBatchSampler, DatasetError, EpochTaggedBatches, collate, format_problems,
+                     load_dataset, split_dataset)
+from losses import PUBLISHED_WEIGHTS, build_criterion
 from model import (PRETRAINED_CHOICES, STAR, CheckpointError, build_model, count_parameters, init_motion_stem,
-                   load_for_finetuning, make_checkpoint, model_args_from, save_checkpoint)
+                   init_position_table, load_for_finetuning, make_checkpoint, model_args_from, save_checkpoint,
+                   token_grid)
 from runtime import UsageError, autocast_settings, resolve_device
 from video import IMAGENET_MEAN, IMAGENET_STD
 
@@ -42,9 +43,11 @@ log = logging.getLogger("star")
 # for a Kinetics-pretrained trunk; from scratch the trunk must learn motion in a few hundred steps,
 # measured on sample data (README, "Training from scratch").
 PUBLISHED_RECIPE = types.MappingProxyType({"lr": 5e-5, "lr_backbone": 5e-5, "warmup_epochs": 0, "still_prob": 0.0,
-                                         "video_loss_coef": 0.0, "motion_init": False})
+                                         "video_loss_coef": 0.0, "motion_init": False, "motion_constraint": False,
+                                         "position_init": False, "ce_loss_coef": PUBLISHED_WEIGHTS["loss_ce"]})
 SCRATCH_RECIPE = types.MappingProxyType({"lr": 2e-4, "lr_backbone": 5e-4, "warmup_epochs": 2, "still_prob": 0.2,
-                                       "video_loss_coef": 2.0, "motion_init": True})
+                                       "video_loss_coef": 2.0, "motion_init": True, "motion_constraint": True,
+                                       "position_init": True, "ce_loss_coef": 6.0})
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -65,9 +68,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--video_loss_coef", type=float, default=None,
                    help="weight of the video-level class loss on the mean trunk token (0 = off; default "
                         f"{PUBLISHED_RECIPE['video_loss_coef']} pretrained, {SCRATCH_RECIPE['video_loss_coef']} from scratch)")
+    p.add_argument("--ce_loss_coef", type=float, default=None,
+                   help="weight of the class loss of the matched queries (and of the class cost in matching; default "
+                        f"{PUBLISHED_RECIPE['ce_loss_coef']} pretrained, {SCRATCH_RECIPE['ce_loss_coef']} from scratch)")
     p.add_argument("--motion_init", action=argparse.BooleanOptionalAction, default=None,
                    help="start the stem's temporal kernels at zero sum over time, so the new trunk sees motion "
                         "(default: on from scratch, off with a pretrained trunk)")
+    p.add_argument("--motion_constraint", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the stem's temporal kernels at zero sum over time after every step, so the trunk stays "
+                        "blind to what does not move (default: on from scratch, off with a pretrained trunk)")
+    p.add_argument("--position_init", action=argparse.BooleanOptionalAction, default=None,
+                   help="start the position table at a sine encoding of each token's place in the clip, so the new "
+                        "decoder can locate from its first step (default: on from scratch, off with a pretrained model)")
     p.add_argument("--still_prob", type=float, default=None,
                    help="probability that a training video with an action is shown as a still clip without one "
                         f"(default {PUBLISHED_RECIPE['still_prob']} pretrained, {SCRATCH_RECIPE['still_prob']} from scratch)")
@@ -158,8 +170,9 @@ def load_data(args, rank: int, output_dir: Path):
 def make_loaders(args, train, val, rank: int, world: int):
     train_set = ActionDataset(train, args.num_frames, args.img_size, augment=not args.no_aug, seed=args.seed,
                               still_prob=args.still_prob)
-    sampler = BalancedBatchSampler(train_set.has_action, args.batch_size, args.seed, world, rank)
-    kwargs = {"num_workers": args.workers, "collate_fn": collate, "persistent_workers": False}
+    sampler = EpochTaggedBatches(BalancedBatchSampler(train_set.has_action, args.batch_size, args.seed, world, rank))
+    # workers live for the whole run (starting them cost ~2 s per epoch); the batches carry the epoch
+    kwargs = {"num_workers": args.workers, "collate_fn": collate, "persistent_workers": args.workers > 0}
     train_loader = DataLoader(train_set, batch_sampler=sampler, **kwargs)
     val_set = ActionDataset(val, args.num_frames, args.img_size, augment=False)
     val_loader = DataLoader(val_set, batch_size=args.batch_size, shuffle=False, **kwargs)
@@ -201,6 +214,8 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, device, amp_dty
             else:
                 scaler.step(optimizer)   # GradScaler sees the inf and skips the step itself
         scaler.update()
+        if args.motion_constraint:
+            init_motion_stem(getattr(model, "module", model))
         for k, v in [*losses.items(), ("loss", loss)]:
             value = float(v.detach())
             if not k[-1].isdigit() and math.isfinite(value):   # main terms only (aux terms are in the total);
@@ -302,11 +317,14 @@ def build_training_state(args, class_map, device, world):
     model = build_model(pretrained=args.backbone_weights or args.pretrained, **model_args)
     if args.motion_init:
         init_motion_stem(model)
+    if args.position_init:
+        init_position_table(model, token_grid(model, args.num_frames, args.img_size))
     if args.init_from:
         load_for_finetuning(model, args.init_from)
     model.to(device)
     log.info("STAR: %.2f M parameters", count_parameters(model) / 1e6)
     criterion = build_criterion(len(class_map), model_args["num_decoder_layers"], model_args["aux_loss"],
+                                weights={**PUBLISHED_WEIGHTS, "loss_ce": args.ce_loss_coef},
                                 video_loss_coef=args.video_loss_coef).to(device)
     optimizer = torch.optim.AdamW(parameter_groups(model, args), weight_decay=args.weight_decay)
     scheduler = make_scheduler(optimizer, args)
@@ -391,9 +409,11 @@ def train(args) -> dict:
     train_records, val_records, class_map = load_data(args, rank, output_dir)
     train_loader, val_loader = make_loaders(args, train_records, val_records, rank, world)
     model, criterion, optimizer, scheduler, scaler, amp_dtype, model_args = build_training_state(args, class_map, device, world)
-    log.info("device %s, autocast %s, lr %g (trunk %g), warm-up %d epochs, still clips %g, video loss %g, "
-             "motion init %s, %d steps per epoch", device, amp_dtype, args.lr, args.lr_backbone, args.warmup_epochs,
-             args.still_prob, args.video_loss_coef, "on" if args.motion_init else "off", len(train_loader))
+    on_off = {True: "on", False: "off"}
+    log.info("device %s, autocast %s, lr %g (trunk %g), warm-up %d epochs, still clips %g, class loss %g, video loss %g, "
+             "motion init %s, motion constraint %s, position init %s, %d steps per epoch", device, amp_dtype, args.lr,
+             args.lr_backbone, args.warmup_epochs, args.still_prob, args.ce_loss_coef, args.video_loss_coef,
+             on_off[args.motion_init], on_off[args.motion_constraint], on_off[args.position_init], len(train_loader))
     ckpt_path, best_path, results_csv = output_dir / "checkpoint.pth", output_dir / "best_model.pth", output_dir / "training_results.csv"
     start_epoch, best = 0, -math.inf
     if args.resume and ckpt_path.exists():

@@ -6,6 +6,7 @@ Module names and state-dict keys match the published ``best_model.pth`` exactly 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 import tempfile
@@ -200,6 +201,54 @@ def init_motion_stem(model: STAR) -> None:
     temporal = next(m for m in model.backbone.stem.modules() if isinstance(m, nn.Conv3d) and m.kernel_size[0] > 1)
     with torch.no_grad():
         temporal.weight -= temporal.weight.mean(dim=2, keepdim=True)
+
+
+def token_grid(model: STAR, num_frames: int, img_size: int) -> tuple[int, int, int]:
+    """``(t, h, w)`` of the trunk's token grid for clips of ``num_frames`` frames of ``img_size`` px
+    (R(2+1)D-18: time / 8, space / 16, rounded up), read from one forward pass of the trunk."""
+    trunk = model.backbone.stem
+    was_training = trunk.training
+    trunk.eval()   # no BatchNorm statistics from this dummy clip
+    try:
+        with torch.no_grad():
+            weight = next(trunk.parameters())
+            features = trunk(torch.zeros(1, 3, num_frames, img_size, img_size, dtype=weight.dtype, device=weight.device))
+    finally:
+        trunk.train(was_training)
+    return tuple(features.shape[2:])
+
+
+def init_position_table(model: STAR, grid: tuple[int, int, int], temperature: float = 10000.0) -> None:
+    """Write a sine encoding of each token's ``(t, y, x)`` place on ``grid`` into the first rows of the
+    position table (a from-scratch init; the rows stay trainable, later rows keep their random init).
+
+    The table is indexed by token number, so at random init it says nothing about where a token lies,
+    and a box regressor must learn that from a few hundred steps. With DETR's sine encoding (y and x
+    get ``hidden_dim // 2 - hidden_dim // 8`` channels each, time the rest) the decoder can read places
+    from its first step. The encoding holds for the grid it is written for: the checkpoint's stored
+    preprocessing (``num_frames``, ``img_size``) gives the same grid at inference."""
+    t, h, w = grid
+    table = model.pos_embedding.embedding.weight
+    dim = table.shape[1]
+    if t * h * w > table.shape[0]:
+        raise ValueError(f"{t * h * w} tokens exceed the position table ({table.shape[0]})")
+    time_dim = dim // 4 if t > 1 else 0
+    space_dim = (dim - time_dim) // 2
+    coords = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in grid), indexing="ij"), -1)
+    coords = (coords.reshape(-1, 3) + 0.5) / torch.tensor(grid, dtype=torch.float32) * 2 * math.pi   # (N, 3)
+
+    def encode(values: torch.Tensor, channels: int) -> torch.Tensor:   # (N,) -> (N, channels), sin/cos pairs
+        freqs = temperature ** (torch.arange(channels // 2, dtype=torch.float32) * 2 / channels)
+        angles = values[:, None] / freqs
+        return torch.stack([angles.sin(), angles.cos()], -1).flatten(1)
+
+    parts = [encode(coords[:, 1], space_dim), encode(coords[:, 2], space_dim)]
+    if time_dim:
+        parts.append(encode(coords[:, 0], dim - 2 * space_dim))
+    encoding = torch.cat(parts, 1)
+    with torch.no_grad():
+        table[:encoding.shape[0], :encoding.shape[1]] = encoding
+        table[:encoding.shape[0], encoding.shape[1]:] = 0
 
 
 def build_model(num_classes: int, pretrained: str | os.PathLike = "none", **model_kwargs) -> STAR:

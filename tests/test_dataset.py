@@ -337,6 +337,25 @@ def test_action_dataset_items_and_seeded_augmentation(tmp_path):
     assert not torch.equal(other[1][0], a1)
 
 
+def test_persistent_workers_get_each_epochs_augmentation(tmp_path):
+    """Batches tagged with the epoch give, through long-lived workers, the clips that set_epoch gives
+    in-process: persistent workers never see the main process's set_epoch."""
+    records = _small_dataset(tmp_path)
+    aug = dataset.ActionDataset(records, 8, 32, augment=True, seed=5)
+    sampler = dataset.EpochTaggedBatches(dataset.BalancedBatchSampler(aug.has_action, 2, seed=0))
+    loader = torch.utils.data.DataLoader(aug, batch_sampler=sampler, num_workers=1, persistent_workers=True,
+                                         collate_fn=dataset.collate)
+    reference = dataset.ActionDataset(records, 8, 32, augment=True, seed=5)
+    for epoch in (0, 3):
+        sampler.set_epoch(epoch)
+        reference.set_epoch(epoch)
+        batches = list(sampler.batch_sampler)
+        assert len(sampler) == len(batches)
+        for (clips, targets), batch in zip(loader, batches):
+            assert torch.equal(clips, torch.stack([reference[i][0] for i in batch]))
+            assert [t["video"] for t in targets] == [records[i].video for i in batch]
+
+
 def test_still_prob_turns_actions_into_still_negatives(tmp_path):
     records = _small_dataset(tmp_path)
     always = dataset.ActionDataset(records, 8, 32, augment=True, seed=1, still_prob=1.0)

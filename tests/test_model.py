@@ -3,12 +3,14 @@ the network from DESIGN.md), checkpoint loading/saving and its failure modes, fi
 initialisation (file, offline hub cache, no network) and BatchNorm folding. CPU, small inputs."""
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import shlex
 import shutil
 import time
 import urllib.error
+
 
 import pytest
 import torch
@@ -440,6 +442,40 @@ def test_motion_stem_init_answers_only_to_change():
     assert still_out.abs().max() < 1e-5 * moving_out.abs().max()
     untouched = M.build_model(2)                        # other layers keep their initialisation scheme
     assert untouched.backbone.stem[0][3].weight.sum(2).abs().max() > 1e-3
+
+
+def test_token_grid_matches_the_trunk_and_leaves_batchnorm_alone():
+    model = M.build_model(2).train()
+    before = [b.clone() for b in model.buffers()]
+    cases = [(8, 112, (1, 7, 7)), (8, 64, (1, 4, 4)), (16, 96, (2, 6, 6)), (5, 70, (1, 5, 5))]
+    assert [M.token_grid(model, frames, size) for frames, size, _ in cases] == [grid for *_, grid in cases]
+    assert model.training and all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+    model.eval()
+    for frames, size, grid in cases:
+        with torch.no_grad():
+            tokens = model.backbone(torch.zeros(1, 3, frames, size, size))
+        assert tokens.shape[1] == grid[0] * grid[1] * grid[2]
+
+
+def test_position_init_is_a_sine_encoding_of_each_tokens_place():
+    model = M.build_model(2)
+    table = model.pos_embedding.embedding.weight
+    untouched = table[16:].clone()
+    M.init_position_table(model, (1, 4, 4))                 # one time step: y and x get 128 channels each
+    token = 1 * 4 + 2                                       # (t, y, x) = (0, 1, 2), flattened t-major
+    y, x = (1 + 0.5) / 4 * 2 * math.pi, (2 + 0.5) / 4 * 2 * math.pi
+    for k in (0, 5, 63):                                    # frequency k: channels 2k (sin) and 2k+1 (cos)
+        freq = 10000 ** (2 * k / 128)
+        assert table[token, 2 * k].item() == pytest.approx(math.sin(y / freq), abs=1e-6)
+        assert table[token, 2 * k + 1].item() == pytest.approx(math.cos(y / freq), abs=1e-6)
+        assert table[token, 128 + 2 * k].item() == pytest.approx(math.sin(x / freq), abs=1e-6)
+    distances = torch.cdist(table[:16].detach(), table[:16].detach())
+    assert distances[~torch.eye(16, dtype=torch.bool)].min() > 0.1   # every place told apart
+    assert torch.equal(table[16:], untouched)                         # rows of other grids keep their init
+    M.init_position_table(model, (2, 2, 2))                 # with time: a quarter of the channels
+    assert not torch.allclose(table[0], table[4])           # same (y, x), other time step
+    with pytest.raises(ValueError, match="exceed"):
+        M.init_position_table(model, (4, 51, 51))
 
 
 def test_fold_batchnorm_keeps_outputs(published):

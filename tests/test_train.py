@@ -27,6 +27,7 @@ import pytest
 import torch
 from torch import nn
 
+import dataset
 import main
 import model as star_model
 from tools.make_sample_data import make_sample_dataset
@@ -387,6 +388,34 @@ def test_recipe_defaults_depend_on_the_trunk_and_flags_win():
         args = parse(["--input_dir", "d", "--output_dir", "o", *extra])
         main.apply_recipe(args)
         assert all(getattr(args, k) == v for k, v in main.PUBLISHED_RECIPE.items()), extra
+
+
+def _temporal_stem_conv(net) -> nn.Conv3d:
+    """The conv that init_motion_stem acts on: the trunk's first conv mixing frames."""
+    return next(m for m in net.backbone.stem.modules() if isinstance(m, nn.Conv3d) and m.kernel_size[0] > 1)
+
+
+def test_motion_constraint_keeps_the_stem_blind_to_stillness_through_training(reference_run, tiny_net):
+    """The reference run is from scratch: after 2 epochs of steps the kernels still sum to zero over
+    time (without the constraint AdamW moves them off at once)."""
+    net, _ = star_model.load_checkpoint(reference_run / "checkpoint.pth")
+    weight = _temporal_stem_conv(net).weight
+    assert weight.abs().max() > 1e-3
+    assert weight.sum(2).abs().max() < 1e-6 * weight.abs().max()
+    assert "motion constraint on, position init on" in log_text(reference_run)
+
+
+def test_class_loss_weight_reaches_the_criterion_and_the_matcher(sample_data, tiny_net):
+    dataset_args = main.get_args_parser().parse_args(["--input_dir", str(sample_data), "--output_dir", "o", *TINY_ARGS])
+    class_map = dataset.load_dataset(sample_data)[1]
+    for extra, expected in (([], main.SCRATCH_RECIPE["ce_loss_coef"]), (["--ce_loss_coef", "3"], 3.0)):
+        args = main.get_args_parser().parse_args(["--input_dir", str(sample_data), "--output_dir", "o", *TINY_ARGS, *extra])
+        main.apply_recipe(args)
+        criterion = main.build_training_state(args, class_map, torch.device("cpu"), 1)[1]
+        assert criterion.weight_dict["loss_ce"] == criterion.weight_dict["loss_ce_0"] == expected
+        assert criterion.matcher.cost_class == expected
+        assert criterion.weight_dict["loss_bbox"] == 5.0 and criterion.weight_dict["loss_giou"] == 2.0
+    assert dataset_args.ce_loss_coef is None and main.PUBLISHED_RECIPE["ce_loss_coef"] == 2.0   # the published weight
 
 
 def test_parameter_groups_split_trunk_from_the_rest_once():
