@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 out="${OUT:-demo_output}"
-EPOCHS="${EPOCHS:-20}"
+EPOCHS="${EPOCHS:-26}"
 IMG_SIZE="${IMG_SIZE:-64}"
 NUM_FRAMES="${NUM_FRAMES:-8}"
 bash tools/setup_env.sh requirements.txt
