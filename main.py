@@ -184,8 +184,7 @@ def make_loaders(args, train, val, rank: int, world: int):
 def train_one_epoch(model, criterion, loader, optimizer, scaler, device, amp_dtype, args, epoch, world) -> dict:
     """One pass over the training batches. Returns mean loss terms and the count of skipped steps."""
     model.train()
-    loader.batch_sampler.set_epoch(epoch)
-    loader.dataset.set_epoch(epoch)
+    loader.batch_sampler.set_epoch(epoch)   # EpochTaggedBatches: the epoch travels with the indices to the workers
     sums, counts, skipped = {}, {}, 0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=dist.is_initialized() and dist.get_rank() != 0,
                leave=False, dynamic_ncols=True)

@@ -191,12 +191,13 @@ def load_trunk_weights(model: STAR, pretrained: str | os.PathLike) -> None:
 
 
 def init_motion_stem(model: STAR) -> None:
-    """Make every temporal kernel of the trunk's stem sum to zero over time (a from-scratch init).
+    """Make every temporal kernel of the trunk's stem sum to zero over time (a from-scratch init, and
+    the projection main.py applies after every step with ``--motion_constraint``).
 
     Such a kernel ignores what stays the same from frame to frame and answers only to change, so
     from its first step the trunk sees the actor's motion rather than the look of the scene, which
-    a few dozen videos otherwise teach it to memorise (README, "Training from scratch"). Training
-    is free to move the kernels afterwards."""
+    a few dozen videos otherwise teach it to memorise (README, "Training from scratch"). Without the
+    constraint training is free to move the kernels afterwards."""
     # R(2+1)D-18: the stem's (3, 1, 1) conv after its (1, 7, 7) spatial conv: the first to mix frames
     temporal = next(m for m in model.backbone.stem.modules() if isinstance(m, nn.Conv3d) and m.kernel_size[0] > 1)
     with torch.no_grad():
@@ -224,8 +225,8 @@ def init_position_table(model: STAR, grid: tuple[int, int, int], temperature: fl
 
     The table is indexed by token number, so at random init it says nothing about where a token lies,
     and a box regressor must learn that from a few hundred steps. With DETR's sine encoding (y and x
-    get ``hidden_dim // 2 - hidden_dim // 8`` channels each, time the rest) the decoder can read places
-    from its first step. The encoding holds for the grid it is written for: the checkpoint's stored
+    get half the channels each; with more than one time step, time gets a quarter and y and x
+    three eighths each) the decoder can read places from its first step. The encoding holds for the grid it is written for: the checkpoint's stored
     preprocessing (``num_frames``, ``img_size``) gives the same grid at inference."""
     t, h, w = grid
     table = model.pos_embedding.embedding.weight
