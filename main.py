@@ -88,6 +88,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_frames", type=int, default=16, help="frames sampled per clip")
     p.add_argument("--img_size", type=int, default=224, help="frames are resized to img_size x img_size")
     p.add_argument("--num_queries", type=int, default=12, help="learned decoder queries (detections per clip)")
+    p.add_argument("--dropout", type=float, default=0.1,
+                   help="dropout of the trunk tokens, the decoder and the heads in training (0.1 = the published network's)")
     p.add_argument("--val_split", type=float, default=0.2, help="fraction of videos held out for validation")
     p.add_argument("--eval_every", type=int, default=2, help="validate every N epochs (and after the last)")
     p.add_argument("--grad_clip", type=float, default=0.5, help="max gradient norm (0 = no clipping)")
@@ -312,7 +314,8 @@ def plot_history(results_csv: Path, output_dir: Path) -> None:
 
 def build_training_state(args, class_map, device, world):
     """Model (maybe DDP), criterion, optimizer, scheduler, scaler, amp dtype, model args."""
-    model_args = model_args_from(len(class_map), num_queries=args.num_queries, aux_loss=not args.no_aux_loss)
+    model_args = model_args_from(len(class_map), num_queries=args.num_queries, dropout=args.dropout,
+                                 aux_loss=not args.no_aux_loss)
     model = build_model(pretrained=args.backbone_weights or args.pretrained, **model_args)
     if args.motion_init:
         init_motion_stem(model)
@@ -410,8 +413,8 @@ def train(args) -> dict:
     model, criterion, optimizer, scheduler, scaler, amp_dtype, model_args = build_training_state(args, class_map, device, world)
     on_off = {True: "on", False: "off"}
     log.info("device %s, autocast %s, lr %g (trunk %g), warm-up %d epochs, still clips %g, class loss %g, video loss %g, "
-             "motion init %s, motion constraint %s, position init %s, %d steps per epoch", device, amp_dtype, args.lr,
-             args.lr_backbone, args.warmup_epochs, args.still_prob, args.ce_loss_coef, args.video_loss_coef,
+             "dropout %g, motion init %s, motion constraint %s, position init %s, %d steps per epoch", device, amp_dtype, args.lr,
+             args.lr_backbone, args.warmup_epochs, args.still_prob, args.ce_loss_coef, args.video_loss_coef, args.dropout,
              on_off[args.motion_init], on_off[args.motion_constraint], on_off[args.position_init], len(train_loader))
     ckpt_path, best_path, results_csv = output_dir / "checkpoint.pth", output_dir / "best_model.pth", output_dir / "training_results.csv"
     start_epoch, best = 0, -math.inf

@@ -418,6 +418,18 @@ def test_class_loss_weight_reaches_the_criterion_and_the_matcher(sample_data, ti
     assert dataset_args.ce_loss_coef is None and main.PUBLISHED_RECIPE["ce_loss_coef"] == 2.0   # the published weight
 
 
+def test_dropout_flag_reaches_every_dropout_and_the_model_args(sample_data, tiny_net):
+    class_map = dataset.load_dataset(sample_data)[1]
+    for extra, expected in (([], 0.1), (["--dropout", "0.3"], 0.3)):      # 0.1: the published network's
+        args = main.get_args_parser().parse_args(["--input_dir", str(sample_data), "--output_dir", "o", *TINY_ARGS, *extra])
+        main.apply_recipe(args)
+        model, *_, model_args = main.build_training_state(args, class_map, torch.device("cpu"), 1)
+        assert model_args["dropout"] == expected                 # stored in the checkpoint's model arguments
+        rates = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+        rates |= {m.dropout for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention)}   # a float there
+        assert rates == {expected}
+
+
 def test_parameter_groups_split_trunk_from_the_rest_once():
     net = star_model.STAR(num_classes=2, **{k: v for k, v in tiny_model_args(2).items() if k != "num_classes"})
     args = main.get_args_parser().parse_args(["--input_dir", "d", "--output_dir", "o", "--lr", "1e-4",
