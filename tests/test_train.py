@@ -193,10 +193,11 @@ def test_resume_continues_and_reproduces_the_uninterrupted_run(reference_run, sa
     for mine, theirs in zip(rows, ref):
         for key in ("lr", "train_loss", "train_loss_ce", "train_loss_bbox", "val_loss", "mean_iou"):
             assert float(mine[key]) == pytest.approx(float(theirs[key]), rel=1e-3, abs=1e-6), (mine["epoch"], key)
-    a = torch.load(reference_run / "checkpoint.pth", map_location="cpu", weights_only=True)["model"]
-    b = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)["model"]
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5, msg=key)
+    a = torch.load(reference_run / "checkpoint.pth", map_location="cpu", weights_only=True)
+    b = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    for part in ("model", "ema"):                  # the weight average is resumed too
+        for key in a[part]:
+            torch.testing.assert_close(b[part][key], a[part][key], rtol=1e-3, atol=1e-5, msg=f"{part} {key}")
 
 
 def test_resume_without_checkpoint_starts_from_scratch(sample_data, tmp_path, tiny_net):
@@ -458,3 +459,89 @@ def test_schedule_warms_up_then_follows_the_cosine_to_min_lr():
             cosine = 1e-6 + (base - 1e-6) * (1 + math.cos(math.pi * (epoch - 2) / 8)) / 2
             assert lrs[epoch] == pytest.approx(cosine, rel=1e-9)
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-6, 1e-6])
+
+
+def test_weight_average_follows_the_ema_formula_with_its_ramp():
+    """make_ema: after n earlier updates the average moves by 1 - min(decay, (1 + n) / (10 + n)) towards
+    the weights; integer buffers (BatchNorm's step count) are copied, not averaged."""
+    net = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    ema = main.make_ema(net, 0.9)
+    expected = {k: v.clone() for k, v in net.state_dict().items()}
+    ema.update_parameters(net)                                            # first update: a copy
+    for n in range(1, 40):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+            net[1].running_mean.add_(1.0)
+            net[1].num_batches_tracked += 1
+        ema.update_parameters(net)
+        keep = min(0.9, (1 + n) / (10 + n))
+        for k, v in net.state_dict().items():
+            expected[k] = v.clone() if not v.is_floating_point() else keep * expected[k] + (1 - keep) * v
+    for k, v in ema.module.state_dict().items():
+        torch.testing.assert_close(v, expected[k], msg=k)
+    assert main.make_ema(net, 0.0) is None
+    with pytest.raises(main.UsageError):
+        main.make_ema(net, 1.0)
+
+
+def test_best_model_holds_the_weight_average_and_the_checkpoint_both(reference_run):
+    """From scratch the recipe averages the weights: validation and best_model.pth use the average,
+    checkpoint.pth keeps the training weights (to resume) and the average beside them."""
+    ckpt = torch.load(reference_run / "checkpoint.pth", map_location="cpu", weights_only=True)
+    best = torch.load(reference_run / "best_model.pth", map_location="cpu", weights_only=True)
+    averaged = {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    assert set(averaged) == set(ckpt["model"]) == set(best["model"])
+    assert any(not torch.equal(averaged[k], ckpt["model"][k]) for k in averaged)
+    if best["epoch"] == ckpt["epoch"]:                 # best = last epoch: the very same averaged weights
+        assert all(torch.equal(best["model"][k], averaged[k]) for k in averaged)
+    assert f"weight average decay {main.SCRATCH_RECIPE['ema_decay']:g}" in log_text(reference_run)
+
+
+def test_decoder_replay_remembers_the_latest_clips_and_samples_without_repeats():
+    replay = main.DecoderReplay(capacity=5, batch_size=3, seed=0)
+    for start in range(0, 8, 2):                       # clips 0..7 in batches of 2: only 3..7 are kept
+        features = torch.arange(start, start + 2, dtype=torch.float32).view(2, 1, 1, 1, 1).requires_grad_()
+        targets = [{"labels": torch.tensor([i]), "boxes": torch.full((1, 4), 0.1 * i), "video": "v"}
+                   for i in range(start, start + 2)]
+        replay.add(features, targets)
+    assert len(replay) == 5
+    assert [int(f) for f in replay.features] == [3, 4, 5, 6, 7] and not any(f.requires_grad for f in replay.features)
+    features, targets = replay.sample()
+    ids = [int(f) for f in features.flatten()]
+    assert len(ids) == len(set(ids)) == 3 and set(ids) <= {3, 4, 5, 6, 7}
+    assert [int(t["labels"]) for t in targets] == ids and set(targets[0]) == {"labels", "boxes"}
+
+    copy = main.DecoderReplay(capacity=5, batch_size=3, seed=99)
+    copy.load_state_dict(replay.state_dict(), torch.device("cpu"))        # the same clips and the same draws
+    for _ in range(4):
+        a, b = replay.sample(), copy.sample()
+        assert torch.equal(a[0], b[0]) and all(torch.equal(x["boxes"], y["boxes"]) for x, y in zip(a[1], b[1]))
+
+
+def test_a_replay_step_moves_the_decoder_side_and_leaves_the_trunk(tiny_net):
+    torch.manual_seed(0)
+    net = star_model.STAR(**tiny_model_args(3)).train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    criterion = main.build_criterion(3, 2, True, video_loss_coef=2.0)
+    features = net.trunk_features(torch.randn(2, 4, 3, 64, 64)).detach()
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.4]])},
+               {"labels": torch.tensor([], dtype=torch.int64), "boxes": torch.zeros(0, 4)}]
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    loss = criterion.total(criterion(net.detect(features), targets))
+    assert main.optimizer_step(loss, net.parameters(), optimizer, scaler, grad_clip=0.5)
+    after = net.state_dict()
+    trunk = [k for k in before if k.startswith("backbone.stem.")]
+    assert trunk and all(torch.equal(before[k], after[k]) for k in trunk)
+    for prefix in ("backbone.proj.", "pos_embedding.", "queries.", "decoder.", "head.class_head.", "head.bbox_head."):
+        assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)), prefix
+
+
+def test_replay_steps_reach_the_log_and_the_checkpoint(reference_run):
+    """From scratch the recipe replays: checkpoint.pth carries each process's remembered clips for --resume
+    (the resume test above checks that a resumed run ends where an uninterrupted one does)."""
+    ckpt = torch.load(reference_run / "checkpoint.pth", map_location="cpu", weights_only=True)
+    (state,) = ckpt["replay"]
+    assert 0 < len(state["features"]) == len(state["labels"]) == len(state["boxes"])
+    assert f"decoder replay {main.SCRATCH_RECIPE['replay_steps']} steps per batch" in log_text(reference_run)
