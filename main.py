@@ -46,11 +46,10 @@ log = logging.getLogger("star")
 PUBLISHED_RECIPE = types.MappingProxyType({"lr": 5e-5, "lr_backbone": 5e-5, "warmup_epochs": 0, "still_prob": 0.0,
                                          "video_loss_coef": 0.0, "motion_init": False, "motion_constraint": False,
                                          "position_init": False, "ce_loss_coef": PUBLISHED_WEIGHTS["loss_ce"],
-                                         "ema_decay": 0.0, "replay_steps": 0})
+                                         "ema_decay": 0.0})
 SCRATCH_RECIPE = types.MappingProxyType({"lr": 2e-4, "lr_backbone": 5e-4, "warmup_epochs": 2, "still_prob": 0.2,
                                        "video_loss_coef": 2.0, "motion_init": True, "motion_constraint": True,
-                                       "position_init": True, "ce_loss_coef": 6.0, "ema_decay": 0.98,
-                                       "replay_steps": 3})
+                                       "position_init": True, "ce_loss_coef": 6.0, "ema_decay": 0.0})
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -82,10 +81,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="validate and keep as best_model.pth an exponential moving average of the weights with this "
                         "decay per step (0 = off, the raw weights; default "
                         f"{PUBLISHED_RECIPE['ema_decay']} pretrained, {SCRATCH_RECIPE['ema_decay']} from scratch)")
-    p.add_argument("--replay_steps", type=int, default=None,
-                   help="after each batch, this many extra steps of the decoder side (projection, position table, "
-                        "queries, decoder, heads) on the remembered trunk features of the last epoch's clips (0 = off; "
-                        f"default {PUBLISHED_RECIPE['replay_steps']} pretrained, {SCRATCH_RECIPE['replay_steps']} from scratch)")
     p.add_argument("--motion_init", action=argparse.BooleanOptionalAction, default=None,
                    help="start the stem's temporal kernels at zero sum over time, so the new trunk sees motion "
                         "(default: on from scratch, off with a pretrained trunk)")
@@ -198,11 +193,9 @@ def make_loaders(args, train, val, rank: int, world: int):
 
 # ----------------------------------------------------------------------------- loops
 
-def train_one_epoch(model, criterion, loader, optimizer, scaler, device, amp_dtype, args, epoch, world, ema=None,
-                    replay=None) -> dict:
-    """One pass over the training batches. With ``replay`` (a :class:`DecoderReplay`) each batch is followed by
-    ``args.replay_steps`` decoder-only steps on remembered trunk features; ``ema``, if given, follows the
-    weights after each batch. Returns mean loss terms and the count of skipped steps."""
+def train_one_epoch(model, criterion, loader, optimizer, scaler, device, amp_dtype, args, epoch, world, ema=None) -> dict:
+    """One pass over the training batches; ``ema``, if given, follows the weights after each step. Returns
+    mean loss terms and the count of skipped steps."""
     model.train()
     net = getattr(model, "module", model)
     loader.batch_sampler.set_epoch(epoch)   # EpochTaggedBatches: the epoch travels with the indices to the workers
@@ -213,21 +206,11 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, device, amp_dty
         clips = clips.to(device, non_blocking=True)
         targets = [{k: v.to(device) for k, v in t.items() if k != "video"} for t in targets]
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            outputs = model(clips, return_features=replay is not None)
+            outputs = model(clips)
         losses, loss = checked_losses(criterion, outputs, targets, device, world, epoch)
         skipped += not optimizer_step(loss, net.parameters(), optimizer, scaler, args.grad_clip)
         if args.motion_constraint:
             init_motion_stem(net)
-        if replay is not None:
-            replay.add(outputs["trunk_features"], targets)
-            for _ in range(args.replay_steps):
-                features, replayed = replay.sample()
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    replay_outputs = net.detect(features)
-                replay_loss = checked_losses(criterion, replay_outputs, replayed, device, world, epoch)[1]
-                # the trunk gets no gradient here (its features are remembered): only the decoder side moves
-                skipped += not optimizer_step(replay_loss, net.parameters(), optimizer, scaler, args.grad_clip,
-                                              world=world)
         if ema is not None:
             ema.update_parameters(net)
         for k, v in [*losses.items(), ("loss", loss)]:
@@ -253,19 +236,11 @@ def checked_losses(criterion, outputs, targets, device, world, epoch) -> tuple[d
     return losses, loss
 
 
-def optimizer_step(loss, parameters, optimizer, scaler, grad_clip: float, world: int = 1) -> bool:
-    """Backward, unscale, clip, step; returns False when the step was skipped for a non-finite gradient norm.
-
-    ``world`` > 1: the gradients are averaged over the processes here (for a backward that did not go
-    through DistributedDataParallel, whose own backward averages them)."""
+def optimizer_step(loss, parameters, optimizer, scaler, grad_clip: float) -> bool:
+    """Backward, unscale, clip, step; returns False when the step was skipped for a non-finite gradient norm."""
     parameters = list(parameters)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    if world > 1:
-        for p in parameters:
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= world
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip or float("inf"))
     finite = bool(torch.isfinite(grad_norm))
@@ -277,51 +252,6 @@ def optimizer_step(loss, parameters, optimizer, scaler, grad_clip: float, world:
         scaler.step(optimizer)      # GradScaler sees the inf and skips the step itself
     scaler.update()
     return finite
-
-
-class DecoderReplay:
-    """The trunk features and targets of the most recent ``capacity`` training clips, for extra decoder-only
-    steps (``--replay_steps``).
-
-    Why: from scratch on a CPU the trunk's forward and backward cost ~95 % of a step, and the decoder, whose
-    boxes are the slow part, gets one update per batch. Measured on cached trunk tokens of sample data,
-    the decoder alone went from top-box IoU 0.61 on its training clips after 300 steps to 0.73 after 1200,
-    det-acc@0.5 0.62 -> 0.81. Replaying remembered features (the last epoch's, so they are at most one epoch
-    stale) gives the decoder those steps for a few per cent of the time. Sampling is seeded; the state goes
-    into checkpoint.pth so that a resumed run replays the same batches."""
-
-    def __init__(self, capacity: int, batch_size: int, seed: int):
-        if capacity < 1 or batch_size < 1:
-            raise ValueError(f"bad replay capacity {capacity} or batch size {batch_size}")
-        self.capacity, self.batch_size = int(capacity), int(batch_size)
-        self.features: list[torch.Tensor] = []
-        self.targets: list[dict] = []
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __len__(self) -> int:
-        return len(self.features)
-
-    def add(self, features: torch.Tensor, targets: list[dict]) -> None:
-        """features ``(B, C, t, h, w)`` (detached here), targets: B dicts with ``labels`` and ``boxes``."""
-        for feature, target in zip(features.detach(), targets):
-            self.features.append(feature)
-            self.targets.append({"labels": target["labels"], "boxes": target["boxes"]})
-        del self.features[:-self.capacity], self.targets[:-self.capacity]
-
-    def sample(self) -> tuple[torch.Tensor, list[dict]]:
-        """A random batch (without repeats) of remembered clips: features ``(b, C, t, h, w)`` and targets."""
-        picks = torch.randperm(len(self.features), generator=self.generator)[:self.batch_size].tolist()
-        return torch.stack([self.features[i] for i in picks]), [self.targets[i] for i in picks]
-
-    def state_dict(self) -> dict:
-        return {"features": [f.cpu() for f in self.features], "labels": [t["labels"].cpu() for t in self.targets],
-                "boxes": [t["boxes"].cpu() for t in self.targets], "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict, device) -> None:
-        self.features = [f.to(device) for f in state["features"]]
-        self.targets = [{"labels": labels.to(device), "boxes": boxes.to(device)}
-                        for labels, boxes in zip(state["labels"], state["boxes"])]
-        self.generator.set_state(state["generator"])
 
 
 def global_num_boxes(targets, device, world) -> float:
@@ -435,22 +365,14 @@ def build_training_state(args, class_map, device, world):
     return model, criterion, optimizer, scheduler, scaler, amp_dtype, model_args
 
 
-def gather_replay_states(replay: DecoderReplay, world: int) -> list[dict]:
-    """Every process's replay state (a collective: all ranks call it), for rank 0's checkpoint."""
-    if world == 1:
-        return [replay.state_dict()]
-    states = [None] * world
-    dist.all_gather_object(states, replay.state_dict())
-    return states
-
-
 def make_ema(model: STAR, decay: float) -> AveragedModel | None:
     """An exponential moving average of ``model``'s weights and buffers (BatchNorm statistics), or None
     when ``decay`` is 0. The decay ramps up as ``min(decay, (1 + n) / (10 + n))`` over the first updates
     (n = updates so far), so the average does not drag the random init along for hundreds of steps.
 
-    Why: from scratch on a few dozen videos, validation swings from one epoch to the next while the weights
-    chase each small batch; the average of the last few epochs' weights is a steadier detector."""
+    An option (``--ema_decay``): averaged weights are the usual cure for validation that swings from epoch
+    to epoch, but from scratch on the sample data the cosine schedule already ends on steady weights and
+    the average scored the same as the raw weights (README, "Training from scratch")."""
     if not 0.0 <= decay < 1.0:
         raise UsageError(f"--ema_decay must be in [0, 1), got {decay}")
     if decay == 0.0:
@@ -497,18 +419,14 @@ def apply_recipe(args) -> None:
             setattr(args, key, value)
 
 
-def resume(path: Path, model, optimizer, scheduler, scaler, ema=None, replay=None, rank: int = 0) -> tuple[int, float]:
+def resume(path: Path, model, optimizer, scheduler, scaler, ema=None) -> tuple[int, float]:
     """Restore everything from checkpoint.pth; returns (next epoch, best score so far)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     getattr(model, "module", model).load_state_dict(ckpt["model"])
-    for part, flag, state in (("ema", "--ema_decay", ema), ("replay", "--replay_steps", replay)):
-        if state is not None and part not in ckpt:
-            raise UsageError(f"{path}: was written without {flag}; resume with {flag} 0")
     if ema is not None:
+        if "ema" not in ckpt:
+            raise UsageError(f"{path}: was written without --ema_decay; resume with --ema_decay 0")
         ema.load_state_dict(ckpt["ema"])
-    if replay is not None:   # each process remembers its own clips; rank 0's file holds rank 0's
-        replay.load_state_dict(ckpt["replay"][rank] if rank < len(ckpt["replay"]) else ckpt["replay"][0],
-                               next(getattr(model, "module", model).parameters()).device)
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
@@ -548,22 +466,16 @@ def train(args) -> dict:
     on_off = {True: "on", False: "off"}
     log.info("device %s, autocast %s, lr %g (trunk %g), warm-up %d epochs, still clips %g, loss weights class %g / L1 %g / "
              "GIoU %g / video %g, dropout %g, motion init %s, motion constraint %s, position init %s, weight average %s, "
-             "decoder replay %d steps per batch, %d steps per epoch", device, amp_dtype, args.lr, args.lr_backbone,
-             args.warmup_epochs, args.still_prob, args.ce_loss_coef, args.bbox_loss_coef, args.giou_loss_coef,
-             args.video_loss_coef, args.dropout, on_off[args.motion_init], on_off[args.motion_constraint],
-             on_off[args.position_init], f"decay {args.ema_decay:g}" if args.ema_decay else "off", args.replay_steps,
-             len(train_loader))
+             "%d steps per epoch", device, amp_dtype, args.lr, args.lr_backbone, args.warmup_epochs, args.still_prob,
+             args.ce_loss_coef, args.bbox_loss_coef, args.giou_loss_coef, args.video_loss_coef, args.dropout,
+             on_off[args.motion_init], on_off[args.motion_constraint], on_off[args.position_init],
+             f"decay {args.ema_decay:g}" if args.ema_decay else "off", len(train_loader))
     ckpt_path, best_path, results_csv = output_dir / "checkpoint.pth", output_dir / "best_model.pth", output_dir / "training_results.csv"
     ema = make_ema(getattr(model, "module", model), args.ema_decay)
-    replay = None
-    if args.replay_steps < 0:
-        raise UsageError(f"--replay_steps must be >= 0, got {args.replay_steps}")
-    if args.replay_steps:   # remembers one epoch of this process's clips
-        replay = DecoderReplay(len(train_loader) * args.batch_size, args.batch_size, args.seed + rank)
     evaluated = ema.module if ema is not None else getattr(model, "module", model)   # what is validated and kept as best
     start_epoch, best = 0, -math.inf
     if args.resume and ckpt_path.exists():
-        start_epoch, best = resume(ckpt_path, model, optimizer, scheduler, scaler, ema, replay, rank)
+        start_epoch, best = resume(ckpt_path, model, optimizer, scheduler, scaler, ema)
     elif args.resume:
         log.info("--resume: no %s yet, starting from scratch", ckpt_path)
     preprocessing = {"num_frames": args.num_frames, "img_size": args.img_size,
@@ -573,7 +485,7 @@ def train(args) -> dict:
         start = time.time()
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"]}
         row.update(train_one_epoch(model, criterion, train_loader, optimizer, scaler, device, amp_dtype, args, epoch, world,
-                                   ema, replay))
+                                   ema))
         scheduler.step()
         result = {}
         if rank == 0 and val_records and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
@@ -585,25 +497,22 @@ def train(args) -> dict:
             append_results(results_csv, row)
             log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in row.items()
                                                          if isinstance(v, float) and k != "epoch"))
-            if result and (result["score"] > best or not best_path.exists()):
+            # a tie goes to the later epoch: on a small validation split many epochs share the best score,
+            # and the later one has trained longer at a lower learning rate (README, "Training from scratch")
+            new_best = bool(result) and (result["score"] >= best or not best_path.exists())
+            if new_best or (not val_records and epoch + 1 == args.epochs):
+                save_checkpoint(make_checkpoint(evaluated, model_args, class_map.names, preprocessing, epoch=epoch,
+                                                metrics=result, **common), best_path)
+            if new_best:
                 best = result["score"]
-                save_checkpoint(make_checkpoint(evaluated, model_args, class_map.names, preprocessing, epoch=epoch,
-                                                metrics=result, **common), best_path)
                 log.info("new best model (score %.4f) -> %s", best, best_path)
-            elif not val_records and epoch + 1 == args.epochs:
-                save_checkpoint(make_checkpoint(evaluated, model_args, class_map.names, preprocessing, epoch=epoch,
-                                                metrics=result, **common), best_path)
             # the training weights (and their average, if any): what --resume continues from
             ckpt = make_checkpoint(model, model_args, class_map.names, preprocessing, epoch=epoch, metrics=result,
                                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                                    scaler=scaler.state_dict(), rng=rng_state(), best_score=best, **common)
             if ema is not None:
                 ckpt["ema"] = ema.state_dict()
-            if replay is not None:
-                ckpt["replay"] = gather_replay_states(replay, world)
             save_checkpoint(ckpt, ckpt_path)
-        elif replay is not None:
-            gather_replay_states(replay, world)
         if world > 1:
             dist.barrier()
     final = {}

@@ -47,11 +47,8 @@ class Backbone(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tokens(self.stem(x))
-
-    def tokens(self, features: torch.Tensor) -> torch.Tensor:
-        """Trunk features ``(B, 512, t, h, w)`` -> tokens ``(B, t*h*w, hidden_dim)``."""
-        tokens = self.proj(features).flatten(2).transpose(1, 2)   # (B, t*h*w, D)
+        features = self.proj(self.stem(x))                 # (B, D, t, h, w)
+        tokens = features.flatten(2).transpose(1, 2)       # (B, t*h*w, D)
         return self.dropout(self.norm(tokens))
 
 
@@ -114,9 +111,7 @@ class STAR(nn.Module):
     Returns ``{"pred_logits": (B, Q, C+1), "pred_boxes": (B, Q, 4)}`` with boxes ``(cx, cy, w, h)``
     normalised to [0, 1], plus ``"aux_outputs"`` (one such dict per earlier decoder layer) when
     ``return_aux`` (default: training with ``aux_loss``), plus in training ``"video_logits" (B, C+1)``:
-    the class head applied to the mean trunk token (for the criterion's optional video-level loss),
-    plus ``"trunk_features"`` (the trunk's output, see ``trunk_features``) when ``return_features``.
-    ``forward = detect(trunk_features(x))``: the two halves can be run apart.
+    the class head applied to the mean trunk token (for the criterion's optional video-level loss).
     """
 
     def __init__(self, num_classes: int, num_queries: int = 12, hidden_dim: int = 256,
@@ -132,28 +127,15 @@ class STAR(nn.Module):
         self.decoder = Decoder(hidden_dim, nheads, dim_feedforward, dropout, num_decoder_layers)
         self.head = Head(hidden_dim, num_classes, dropout)
 
-    def forward(self, x: torch.Tensor, return_aux: bool | None = None, return_features: bool = False) -> dict:
-        features = self.trunk_features(x)
-        out = self.detect(features, return_aux)
-        if return_features:   # for main.py's decoder replay (it detaches them)
-            out["trunk_features"] = features
-        return out
-
-    def trunk_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The R(2+1)D trunk alone: ``x (B, T, 3, H, W)`` -> features ``(B, 512, T/8, H/16, W/16)``."""
+    def forward(self, x: torch.Tensor, return_aux: bool | None = None) -> dict:
+        if return_aux is None:
+            return_aux = self.training and self.aux_loss
         video = x.transpose(1, 2)                                         # (B, 3, T, H, W) for Conv3d
         if self.channels_last:   # match the weights' layout, else every conv converts on its own
             video = video.contiguous(memory_format=torch.channels_last_3d)
-        return self.backbone.stem(video)
-
-    def detect(self, features: torch.Tensor, return_aux: bool | None = None) -> dict:
-        """Everything after the trunk (projection, tokens, position table, decoder, heads) on trunk
-        ``features (B, 512, t, h, w)``; the same outputs as ``forward``."""
-        if return_aux is None:
-            return_aux = self.training and self.aux_loss
-        tokens = self.backbone.tokens(features)
+        tokens = self.backbone(video)
         memory = self.pos_embedding(tokens)
-        queries = self.queries.weight.unsqueeze(0).expand(features.shape[0], -1, -1)
+        queries = self.queries.weight.unsqueeze(0).expand(x.shape[0], -1, -1)
         layer_outputs = self.decoder(queries, memory)
         out = self.head(layer_outputs[-1])
         if return_aux:

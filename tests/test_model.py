@@ -170,22 +170,6 @@ def test_forward_shapes_aux_outputs_and_gradient_reaches_trunk():
         assert "aux_outputs" not in model(x[:1])                      # training without aux_loss
 
 
-def test_forward_is_detect_after_trunk_features():
-    """main.py's decoder replay runs the two halves apart: together they are the forward pass."""
-    torch.manual_seed(0)
-    model = M.build_model(2).eval()
-    x = torch.randn(1, *TINY[1:])
-    with torch.no_grad():
-        whole = model(x, return_features=True)
-        features = model.trunk_features(x)
-        halves = model.detect(features)
-    assert features.shape[:2] == (1, 512)
-    assert torch.equal(whole["trunk_features"], features)
-    for key in ("pred_logits", "pred_boxes"):
-        assert torch.equal(whole[key], halves[key])
-    assert "trunk_features" not in model(x)
-
-
 def test_state_dict_key_layout_and_parameter_count(published, star2):
     ref, _ = published
     model = star2

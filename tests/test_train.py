@@ -37,6 +37,7 @@ TESTS = Path(__file__).resolve().parent
 TINY_ARGS = ["--epochs", "2", "--batch_size", "2", "--num_frames", "4", "--img_size", "64", "--pretrained", "none",
              "--workers", "0", "--eval_every", "1", "--num_queries", "4"]
 PRED_HEADER = ["video_name", "pred_class", "score", "x1", "y1", "x2", "y2", "start_sec", "end_sec"]
+EMA_ARGS = ["--ema_decay", "0.9"]   # the reference run averages its weights: the resume test covers that state too
 OUTPUTS = ["best_model.pth", "checkpoint.pth", "split.json", "training_results.csv", "test_predictions.csv",
            "losses.png", "metrics.png", "confusion_matrix.png", "train.log"]
 
@@ -117,7 +118,7 @@ def reference_run(tmp_path_factory, sample_data) -> Path:
     out = tmp_path_factory.mktemp("run") / "full"
     with pytest.MonkeyPatch.context() as mp:
         install_tiny_network(mp.setattr)
-        assert run_main(sample_data, out) == 0
+        assert run_main(sample_data, out, *EMA_ARGS) == 0
     return out
 
 
@@ -182,11 +183,11 @@ def test_resume_continues_and_reproduces_the_uninterrupted_run(reference_run, sa
 
     monkeypatch.setattr(main, "train_one_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_main(sample_data, out)
+        run_main(sample_data, out, *EMA_ARGS)
     assert [r["epoch"] for r in read_rows(out / "training_results.csv")] == ["1"]
     monkeypatch.setattr(main, "train_one_epoch", original)
 
-    assert run_main(sample_data, out, "--resume") == 0
+    assert run_main(sample_data, out, "--resume", *EMA_ARGS) == 0
     assert "resumed from" in log_text(out) and "continuing at epoch 2" in log_text(out)
     rows, ref = read_rows(out / "training_results.csv"), read_rows(reference_run / "training_results.csv")
     assert [r["epoch"] for r in rows] == ["1", "2"]                     # in order, no duplicate
@@ -486,8 +487,8 @@ def test_weight_average_follows_the_ema_formula_with_its_ramp():
 
 
 def test_best_model_holds_the_weight_average_and_the_checkpoint_both(reference_run):
-    """From scratch the recipe averages the weights: validation and best_model.pth use the average,
-    checkpoint.pth keeps the training weights (to resume) and the average beside them."""
+    """With --ema_decay, validation and best_model.pth use the weight average; checkpoint.pth keeps the
+    training weights (to resume) and the average beside them."""
     ckpt = torch.load(reference_run / "checkpoint.pth", map_location="cpu", weights_only=True)
     best = torch.load(reference_run / "best_model.pth", map_location="cpu", weights_only=True)
     averaged = {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
@@ -495,53 +496,39 @@ def test_best_model_holds_the_weight_average_and_the_checkpoint_both(reference_r
     assert any(not torch.equal(averaged[k], ckpt["model"][k]) for k in averaged)
     if best["epoch"] == ckpt["epoch"]:                 # best = last epoch: the very same averaged weights
         assert all(torch.equal(best["model"][k], averaged[k]) for k in averaged)
-    assert f"weight average decay {main.SCRATCH_RECIPE['ema_decay']:g}" in log_text(reference_run)
+    assert "weight average decay 0.9," in log_text(reference_run)
 
 
-def test_decoder_replay_remembers_the_latest_clips_and_samples_without_repeats():
-    replay = main.DecoderReplay(capacity=5, batch_size=3, seed=0)
-    for start in range(0, 8, 2):                       # clips 0..7 in batches of 2: only 3..7 are kept
-        features = torch.arange(start, start + 2, dtype=torch.float32).view(2, 1, 1, 1, 1).requires_grad_()
-        targets = [{"labels": torch.tensor([i]), "boxes": torch.full((1, 4), 0.1 * i), "video": "v"}
-                   for i in range(start, start + 2)]
-        replay.add(features, targets)
-    assert len(replay) == 5
-    assert [int(f) for f in replay.features] == [3, 4, 5, 6, 7] and not any(f.requires_grad for f in replay.features)
-    features, targets = replay.sample()
-    ids = [int(f) for f in features.flatten()]
-    assert len(ids) == len(set(ids)) == 3 and set(ids) <= {3, 4, 5, 6, 7}
-    assert [int(t["labels"]) for t in targets] == ids and set(targets[0]) == {"labels", "boxes"}
-
-    copy = main.DecoderReplay(capacity=5, batch_size=3, seed=99)
-    copy.load_state_dict(replay.state_dict(), torch.device("cpu"))        # the same clips and the same draws
-    for _ in range(4):
-        a, b = replay.sample(), copy.sample()
-        assert torch.equal(a[0], b[0]) and all(torch.equal(x["boxes"], y["boxes"]) for x, y in zip(a[1], b[1]))
+def test_without_weight_average_the_checkpoints_hold_the_training_weights(sample_data, tmp_path, tiny_net):
+    assert main.SCRATCH_RECIPE["ema_decay"] == main.PUBLISHED_RECIPE["ema_decay"] == 0.0   # opt-in (README)
+    out = tmp_path / "plain"
+    assert run_main(sample_data, out, "--epochs", "1") == 0
+    ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    best = torch.load(out / "best_model.pth", map_location="cpu", weights_only=True)
+    assert "ema" not in ckpt and "weight average off" in log_text(out)
+    assert all(torch.equal(best["model"][k], v) for k, v in ckpt["model"].items())
+    assert run_main(sample_data, out, "--epochs", "2", "--resume", *EMA_ARGS) == 2       # says what to do
+    assert "resume with --ema_decay 0" in log_text(out)
 
 
-def test_a_replay_step_moves_the_decoder_side_and_leaves_the_trunk(tiny_net):
-    torch.manual_seed(0)
-    net = star_model.STAR(**tiny_model_args(3)).train()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    criterion = main.build_criterion(3, 2, True, video_loss_coef=2.0)
-    features = net.trunk_features(torch.randn(2, 4, 3, 64, 64)).detach()
-    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.4]])},
-               {"labels": torch.tensor([], dtype=torch.int64), "boxes": torch.zeros(0, 4)}]
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    loss = criterion.total(criterion(net.detect(features), targets))
-    assert main.optimizer_step(loss, net.parameters(), optimizer, scaler, grad_clip=0.5)
-    after = net.state_dict()
-    trunk = [k for k in before if k.startswith("backbone.stem.")]
-    assert trunk and all(torch.equal(before[k], after[k]) for k in trunk)
-    for prefix in ("backbone.proj.", "pos_embedding.", "queries.", "decoder.", "head.class_head.", "head.bbox_head."):
-        assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)), prefix
+def test_a_tie_in_the_validation_score_goes_to_the_later_epoch(sample_data, tmp_path, tiny_net, monkeypatch):
+    monkeypatch.setattr(main.metrics, "best_score", lambda result: 0.5)
+    out = tmp_path / "ties"
+    assert run_main(sample_data, out) == 0
+    best = torch.load(out / "best_model.pth", map_location="cpu", weights_only=True)
+    assert best["epoch"] == 1                                              # the 2nd (last) of the tied epochs
 
 
-def test_replay_steps_reach_the_log_and_the_checkpoint(reference_run):
-    """From scratch the recipe replays: checkpoint.pth carries each process's remembered clips for --resume
-    (the resume test above checks that a resumed run ends where an uninterrupted one does)."""
-    ckpt = torch.load(reference_run / "checkpoint.pth", map_location="cpu", weights_only=True)
-    (state,) = ckpt["replay"]
-    assert 0 < len(state["features"]) == len(state["labels"]) == len(state["boxes"])
-    assert f"decoder replay {main.SCRATCH_RECIPE['replay_steps']} steps per batch" in log_text(reference_run)
+
+def test_decoder_probe_trains_the_decoder_side_on_cached_tokens(reference_run, sample_data, tiny_net, capsys):
+    """tools/decoder_probe.py (README's cached-token measurements) runs on a run's checkpoint and prints its figures."""
+    from tools import decoder_probe
+    args = decoder_probe.get_args_parser().parse_args(
+        ["--checkpoint", str(reference_run / "checkpoint.pth"), "--input_dir", str(sample_data),
+         "--unseen_dir", str(sample_data), "--augmentations", "2", "--steps", "6", "--num_queries", "4"])
+    assert decoder_probe.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    split = json.loads((reference_run / "split.json").read_text())
+    assert lines[0].startswith(f"cached tokens: train ({2 * len(split['train'])}, ")
+    assert sum(line.startswith("step ") for line in lines) == 6
+    assert "; val video_acc " in lines[-1] and "; unseen video_acc " in lines[-1] and "det_acc_50" in lines[-1]
