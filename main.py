@@ -45,11 +45,10 @@ log = logging.getLogger("star")
 # measured on sample data (README, "Training from scratch").
 PUBLISHED_RECIPE = types.MappingProxyType({"lr": 5e-5, "lr_backbone": 5e-5, "warmup_epochs": 0, "still_prob": 0.0,
                                          "video_loss_coef": 0.0, "motion_init": False, "motion_constraint": False,
-                                         "position_init": False, "ce_loss_coef": PUBLISHED_WEIGHTS["loss_ce"],
-                                         "ema_decay": 0.0})
+                                         "position_init": False, "ce_loss_coef": PUBLISHED_WEIGHTS["loss_ce"]})
 SCRATCH_RECIPE = types.MappingProxyType({"lr": 2e-4, "lr_backbone": 5e-4, "warmup_epochs": 2, "still_prob": 0.2,
                                        "video_loss_coef": 2.0, "motion_init": True, "motion_constraint": True,
-                                       "position_init": True, "ce_loss_coef": 6.0, "ema_decay": 0.0})
+                                       "position_init": True, "ce_loss_coef": 6.0})
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -77,10 +76,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="weight of the L1 box loss of the matched queries (and of the L1 cost in matching)")
     p.add_argument("--giou_loss_coef", type=float, default=PUBLISHED_WEIGHTS["loss_giou"],
                    help="weight of the GIoU loss of the matched queries (and of the GIoU cost in matching)")
-    p.add_argument("--ema_decay", type=float, default=None,
+    p.add_argument("--ema_decay", type=float, default=0.0,
                    help="validate and keep as best_model.pth an exponential moving average of the weights with this "
-                        "decay per step (0 = off, the raw weights; default "
-                        f"{PUBLISHED_RECIPE['ema_decay']} pretrained, {SCRATCH_RECIPE['ema_decay']} from scratch)")
+                        "decay per step (default 0 = off, the raw weights)")
     p.add_argument("--motion_init", action=argparse.BooleanOptionalAction, default=None,
                    help="start the stem's temporal kernels at zero sum over time, so the new trunk sees motion "
                         "(default: on from scratch, off with a pretrained trunk)")
@@ -471,8 +469,9 @@ def train(args) -> dict:
              on_off[args.motion_init], on_off[args.motion_constraint], on_off[args.position_init],
              f"decay {args.ema_decay:g}" if args.ema_decay else "off", len(train_loader))
     ckpt_path, best_path, results_csv = output_dir / "checkpoint.pth", output_dir / "best_model.pth", output_dir / "training_results.csv"
-    ema = make_ema(getattr(model, "module", model), args.ema_decay)
-    evaluated = ema.module if ema is not None else getattr(model, "module", model)   # what is validated and kept as best
+    net = getattr(model, "module", model)   # unwrapped from DistributedDataParallel
+    ema = make_ema(net, args.ema_decay)
+    evaluated = ema.module if ema is not None else net   # what is validated and kept as best
     start_epoch, best = 0, -math.inf
     if args.resume and ckpt_path.exists():
         start_epoch, best = resume(ckpt_path, model, optimizer, scheduler, scaler, ema)

@@ -128,20 +128,27 @@ class STAR(nn.Module):
         self.head = Head(hidden_dim, num_classes, dropout)
 
     def forward(self, x: torch.Tensor, return_aux: bool | None = None) -> dict:
-        if return_aux is None:
-            return_aux = self.training and self.aux_loss
         video = x.transpose(1, 2)                                         # (B, 3, T, H, W) for Conv3d
         if self.channels_last:   # match the weights' layout, else every conv converts on its own
             video = video.contiguous(memory_format=torch.channels_last_3d)
         tokens = self.backbone(video)
+        out = self.decode(tokens, return_aux)
+        if self.training:   # the class head on the mean trunk token: a direct training signal for the trunk
+            out["video_logits"] = self.head.class_head(tokens.mean(1))
+        return out
+
+    def decode(self, tokens: torch.Tensor, return_aux: bool | None = None) -> dict:
+        """Everything after the backbone on its tokens ``(B, N, hidden_dim)``: position table, queries,
+        decoder, heads. Returns ``pred_logits``, ``pred_boxes`` and, when ``return_aux`` (default:
+        training with ``aux_loss``), ``aux_outputs``. tools/decoder_probe.py trains it on cached tokens."""
+        if return_aux is None:
+            return_aux = self.training and self.aux_loss
         memory = self.pos_embedding(tokens)
-        queries = self.queries.weight.unsqueeze(0).expand(x.shape[0], -1, -1)
+        queries = self.queries.weight.unsqueeze(0).expand(tokens.shape[0], -1, -1)
         layer_outputs = self.decoder(queries, memory)
         out = self.head(layer_outputs[-1])
         if return_aux:
             out["aux_outputs"] = [self.head(hidden) for hidden in layer_outputs[:-1]]
-        if self.training:   # the class head on the mean trunk token: a direct training signal for the trunk
-            out["video_logits"] = self.head.class_head(tokens.mean(1))
         return out
 
     def use_channels_last(self) -> "STAR":

@@ -500,7 +500,10 @@ def test_best_model_holds_the_weight_average_and_the_checkpoint_both(reference_r
 
 
 def test_without_weight_average_the_checkpoints_hold_the_training_weights(sample_data, tmp_path, tiny_net):
-    assert main.SCRATCH_RECIPE["ema_decay"] == main.PUBLISHED_RECIPE["ema_decay"] == 0.0   # opt-in (README)
+    for trunk in ("none", "kinetics400"):                                                # opt-in (README)
+        args = main.get_args_parser().parse_args(["--input_dir", "d", "--output_dir", "o", "--pretrained", trunk])
+        main.apply_recipe(args)
+        assert args.ema_decay == 0.0
     out = tmp_path / "plain"
     assert run_main(sample_data, out, "--epochs", "1") == 0
     ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
@@ -517,7 +520,6 @@ def test_a_tie_in_the_validation_score_goes_to_the_later_epoch(sample_data, tmp_
     assert run_main(sample_data, out) == 0
     best = torch.load(out / "best_model.pth", map_location="cpu", weights_only=True)
     assert best["epoch"] == 1                                              # the 2nd (last) of the tied epochs
-
 
 
 def test_decoder_probe_trains_the_decoder_side_on_cached_tokens(reference_run, sample_data, tiny_net, capsys):

@@ -53,32 +53,21 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 @torch.no_grad()
 def cache_tokens(model: STAR, records, num_frames: int, img_size: int, copies: int, augment: bool):
-    """Trunk tokens (before dropout and position table) ``(N, tokens, D)`` and targets (cxcywh)."""
+    """Backbone tokens of the eval-mode ``model`` (no dropout) ``(N, tokens, D)`` and targets (cxcywh)."""
     tokens, targets = [], []
     for copy in range(copies):
         clips = ActionDataset(records, num_frames, img_size, augment=augment, seed=copy)
         for start in range(0, len(clips), 8):
             batch, batch_targets = collate([clips[(i, copy)] for i in range(start, min(start + 8, len(clips)))])
-            features = model.backbone.proj(model.backbone.stem(batch.transpose(1, 2)))
-            tokens.append(model.backbone.norm(features.flatten(2).transpose(1, 2)))
+            tokens.append(model.backbone(batch.transpose(1, 2)))
             targets += [{"labels": t["labels"], "boxes": t["boxes"]} for t in batch_targets]
     return torch.cat(tokens), targets
-
-
-def decode(model: STAR, tokens: torch.Tensor) -> dict:
-    """STAR.forward after the trunk's token normalisation (same modules, same order)."""
-    memory = model.pos_embedding(model.backbone.dropout(tokens))
-    queries = model.queries.weight.unsqueeze(0).expand(tokens.shape[0], -1, -1)
-    hidden = model.decoder(queries, memory)
-    out = model.head(hidden[-1])
-    out["aux_outputs"] = [model.head(h) for h in hidden[:-1]]
-    return out
 
 
 @torch.no_grad()
 def score(model: STAR, tokens, targets, class_names) -> dict:
     model.eval()
-    preds = metrics.outputs_to_predictions(decode(model, tokens))
+    preds = metrics.outputs_to_predictions(model.decode(tokens))
     model.train()
     xyxy = [{"labels": t["labels"], "boxes": box_convert(t["boxes"], "cxcywh", "xyxy")} for t in targets]
     found = metrics.evaluate(preds, xyxy, class_names, 0.5)
@@ -116,7 +105,8 @@ def main(args) -> int:
             group["lr"] = args.lr * min(1.0, step / 20) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         picks = torch.randint(0, len(tokens), (args.batch_size,), generator=generator).tolist()
         batch = [targets[i] for i in picks]
-        loss = criterion.total(criterion(decode(model, tokens[picks]), batch))
+        # the backbone's dropout, as in training, then the decoder side with its auxiliary outputs
+        loss = criterion.total(criterion(model.decode(model.backbone.dropout(tokens[picks])), batch))
         training.optimizer_step(loss, params, optimizer, scaler, grad_clip=0.5)
         if step % max(args.steps // 6, 1) == 0 or step == args.steps:
             figures = {k: score(model, *v, names) for k, v in sets.items()}
