@@ -35,7 +35,7 @@ from tools.make_sample_data import make_sample_dataset
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 TINY_ARGS = ["--epochs", "2", "--batch_size", "2", "--num_frames", "4", "--img_size", "64", "--pretrained", "none",
-             "--workers", "0", "--eval_every", "1", "--num_queries", "4"]
+             "--workers", "0", "--eval_every", "1", "--num_queries", "4", "--device", "cpu"]   # CPU: the suite's contract
 PRED_HEADER = ["video_name", "pred_class", "score", "x1", "y1", "x2", "y2", "start_sec", "end_sec"]
 EMA_ARGS = ["--ema_decay", "0.9"]   # the reference run averages its weights: the resume test covers that state too
 OUTPUTS = ["best_model.pth", "checkpoint.pth", "split.json", "training_results.csv", "test_predictions.csv",
@@ -167,6 +167,24 @@ def test_end_to_end_writes_every_output(reference_run, sample_data, tiny_net):
     assert ckpt["epoch"] == 1 and {"optimizer", "scheduler", "scaler", "rng", "best_score"} <= set(ckpt)
     log = log_text(out)
     assert "epoch 2:" in log and "best model (epoch" in log
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_amp_end_to_end(sample_data, tmp_path, tiny_net):
+    """On a GPU: fp16 autocast with GradScaler; every output written, finite losses, the scaler's state in
+    the checkpoint. GradScaler starts at scale 2**16 and skips the steps whose gradients overflow until it
+    has backed off, so a few skipped steps are expected, but not all of them."""
+    out = tmp_path / "cuda"
+    assert run_main(sample_data, out, "--device", "cuda", *EMA_ARGS) == 0   # later flags win: cuda, AMP on
+    assert "precision: fp16 autocast" in log_text(out)
+    for name in OUTPUTS:
+        assert (out / name).is_file(), name
+    rows = read_rows(out / "training_results.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert all(math.isfinite(float(r["train_loss"])) and math.isfinite(float(r["val_loss"])) for r in rows)
+    ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert ckpt["scaler"]["scale"] <= 2.0 ** 16
+    assert sum(int(r["skipped_steps"]) for r in rows) < 2 * int(log_text(out).split(" steps per epoch")[0].split()[-1])
 
 
 # ----------------------------------------------------------------------------- 2. resume
