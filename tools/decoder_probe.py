@@ -28,7 +28,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import main as training  # noqa: E402  (repository root on the path so the tool runs from anywhere)
 import metrics  # noqa: E402
 from dataset import ActionDataset, collate, load_dataset  # noqa: E402
-from losses import build_criterion  # noqa: E402
+from losses import PUBLISHED_WEIGHTS, build_criterion  # noqa: E402
 from model import STAR, init_position_table, load_checkpoint  # noqa: E402
 
 
@@ -42,8 +42,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=4, help="clips per step")
     p.add_argument("--lr", type=float, default=training.SCRATCH_RECIPE["lr"], help="AdamW learning rate")
     p.add_argument("--ce_loss_coef", type=float, default=training.SCRATCH_RECIPE["ce_loss_coef"], help="class loss weight")
-    p.add_argument("--bbox_loss_coef", type=float, default=5.0, help="L1 box loss weight")
-    p.add_argument("--giou_loss_coef", type=float, default=2.0, help="GIoU loss weight")
+    p.add_argument("--bbox_loss_coef", type=float, default=PUBLISHED_WEIGHTS["loss_bbox"], help="L1 box loss weight")
+    p.add_argument("--giou_loss_coef", type=float, default=PUBLISHED_WEIGHTS["loss_giou"], help="GIoU loss weight")
     p.add_argument("--eos_coef", type=float, default=0.1, help="no-object class weight")
     p.add_argument("--num_queries", type=int, default=12, help="decoder queries")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout of tokens, decoder and heads")
@@ -95,8 +95,8 @@ def main(args) -> int:
     params = [p for n, p in model.named_parameters() if not n.startswith("backbone.stem.")]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    criterion = build_criterion(len(names), 4, True, {"loss_ce": args.ce_loss_coef, "loss_bbox": args.bbox_loss_coef,
-                                                     "loss_giou": args.giou_loss_coef}, args.eos_coef)
+    weights = {"loss_ce": args.ce_loss_coef, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
+    criterion = build_criterion(len(names), model.decoder.decoder.num_layers, True, weights, args.eos_coef)
     tokens, targets = sets["train"]
     generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
