@@ -461,6 +461,39 @@ def test_parameter_groups_split_trunk_from_the_rest_once():
     assert {id(p) for p in trunk["params"]} == {id(p) for p in net.backbone.stem.parameters()}
 
 
+def test_freeze_trunk_keeps_the_first_stages_and_trains_the_rest(sample_data, tiny_net):
+    """--freeze_trunk 2: stem and layer1 get no gradient and are in no optimizer group, so a step leaves
+    their weights as they were (their BatchNorm statistics still follow the data); later stages train."""
+    class_map = dataset.load_dataset(sample_data)[1]
+    args = main.get_args_parser().parse_args(["--input_dir", str(sample_data), "--output_dir", "o", *TINY_ARGS,
+                                              "--freeze_trunk", "2", "--motion_constraint"])
+    main.apply_recipe(args)
+    model, criterion, optimizer, _, scaler, *_ = main.build_training_state(args, class_map, torch.device("cpu"), 1)
+    stem, layer1, layer2 = list(model.backbone.stem)[:3]
+    frozen = [p for stage in (stem, layer1) for p in stage.parameters()]
+    assert frozen and not any(p.requires_grad for p in frozen)
+    grouped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert grouped == {id(p) for p in model.parameters() if p.requires_grad}
+    assert not grouped & {id(p) for p in frozen}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    records = dataset.load_dataset(sample_data)[0]
+    clips, targets = dataset.collate([dataset.ActionDataset(records, 4, 64)[i] for i in range(4)])
+    targets = [{k: v for k, v in t.items() if k != "video"} for t in targets]
+    model.train()
+    loss = criterion.total(criterion(model(clips), targets))
+    assert main.optimizer_step(loss, model.parameters(), optimizer, scaler, 0.5)
+    after = model.state_dict()
+    for name in before:
+        changed = not torch.equal(before[name], after[name])
+        if name.startswith(("backbone.stem.0.", "backbone.stem.1.")) and "running_" not in name and "num_batches" not in name:
+            assert not changed, name                              # frozen weights and BatchNorm affine terms
+        elif name.startswith("backbone.stem.2.") and name.endswith("weight"):
+            assert changed, name                                  # layer2 trains
+    assert not torch.equal(before["backbone.stem.0.1.running_mean"], after["backbone.stem.0.1.running_mean"])
+    with pytest.raises(SystemExit):
+        main.get_args_parser().parse_args(["--input_dir", "d", "--output_dir", "o", "--freeze_trunk", "6"])
+
+
 def test_schedule_warms_up_then_follows_the_cosine_to_min_lr():
     args = main.get_args_parser().parse_args(["--input_dir", "d", "--output_dir", "o", "--epochs", "10",
                                               "--warmup_epochs", "2", "--min_lr", "1e-6"])
