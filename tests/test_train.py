@@ -464,19 +464,18 @@ def test_parameter_groups_split_trunk_from_the_rest_once():
 def test_freeze_trunk_keeps_the_first_stages_and_trains_the_rest(sample_data, tiny_net):
     """--freeze_trunk 2: stem and layer1 get no gradient and are in no optimizer group, so a step leaves
     their weights as they were (their BatchNorm statistics still follow the data); later stages train."""
-    class_map = dataset.load_dataset(sample_data)[1]
+    records, class_map, _ = dataset.load_dataset(sample_data)
     args = main.get_args_parser().parse_args(["--input_dir", str(sample_data), "--output_dir", "o", *TINY_ARGS,
                                               "--freeze_trunk", "2", "--motion_constraint"])
     main.apply_recipe(args)
     model, criterion, optimizer, _, scaler, *_ = main.build_training_state(args, class_map, torch.device("cpu"), 1)
-    stem, layer1, layer2 = list(model.backbone.stem)[:3]
+    stem, layer1 = list(model.backbone.stem)[:2]
     frozen = [p for stage in (stem, layer1) for p in stage.parameters()]
     assert frozen and not any(p.requires_grad for p in frozen)
     grouped = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert grouped == {id(p) for p in model.parameters() if p.requires_grad}
     assert not grouped & {id(p) for p in frozen}
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    records = dataset.load_dataset(sample_data)[0]
     clips, targets = dataset.collate([dataset.ActionDataset(records, 4, 64)[i] for i in range(4)])
     targets = [{k: v for k, v in t.items() if k != "video"} for t in targets]
     model.train()
