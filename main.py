@@ -45,10 +45,11 @@ log = logging.getLogger("star")
 # measured on sample data (README, "Training from scratch").
 PUBLISHED_RECIPE = types.MappingProxyType({"lr": 5e-5, "lr_backbone": 5e-5, "warmup_epochs": 0, "still_prob": 0.0,
                                          "video_loss_coef": 0.0, "motion_init": False, "motion_constraint": False,
-                                         "position_init": False, "ce_loss_coef": PUBLISHED_WEIGHTS["loss_ce"]})
+                                         "position_init": False, "ce_loss_coef": PUBLISHED_WEIGHTS["loss_ce"],
+                                         "freeze_trunk": 0})
 SCRATCH_RECIPE = types.MappingProxyType({"lr": 2e-4, "lr_backbone": 5e-4, "warmup_epochs": 2, "still_prob": 0.2,
                                        "video_loss_coef": 2.0, "motion_init": True, "motion_constraint": True,
-                                       "position_init": True, "ce_loss_coef": 6.0})
+                                       "position_init": True, "ce_loss_coef": 6.0, "freeze_trunk": 2})
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -76,6 +77,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="weight of the L1 box loss of the matched queries (and of the L1 cost in matching)")
     p.add_argument("--giou_loss_coef", type=float, default=PUBLISHED_WEIGHTS["loss_giou"],
                    help="weight of the GIoU loss of the matched queries (and of the GIoU cost in matching)")
+    p.add_argument("--eos_coef", type=float, default=0.1,
+                   help="weight of the no_object class in the class loss of the unmatched queries (published 0.1)")
     p.add_argument("--ema_decay", type=float, default=0.0,
                    help="validate and keep as best_model.pth an exponential moving average of the weights with this "
                         "decay per step (default 0 = off, the raw weights)")
@@ -91,9 +94,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--still_prob", type=float, default=None,
                    help="probability that a training video with an action is shown as a still clip without one "
                         f"(default {PUBLISHED_RECIPE['still_prob']} pretrained, {SCRATCH_RECIPE['still_prob']} from scratch)")
-    p.add_argument("--freeze_trunk", type=int, default=0, choices=range(0, 6), metavar="{0..5}",
+    p.add_argument("--freeze_trunk", type=int, default=None, choices=range(0, 6), metavar="{0..5}",
                    help="keep the first N trunk stages (1 = the stem, 2 = stem and layer1, ... 5 = all) at their "
-                        "initial weights: no gradients there, so each step is cheaper (default 0 = train all)")
+                        "initial weights: no gradients there, so each step is cheaper (default: 0 = train all with a pretrained "
+                        f"trunk, {SCRATCH_RECIPE['freeze_trunk']} from scratch)")
     p.add_argument("--min_lr", type=float, default=1e-6, help="final learning rate of the cosine schedule")
     p.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
     p.add_argument("--num_frames", type=int, default=16, help="frames sampled per clip")
@@ -356,7 +360,7 @@ def build_training_state(args, class_map, device, world):
     criterion = build_criterion(len(class_map), model_args["num_decoder_layers"], model_args["aux_loss"],
                                 weights={"loss_ce": args.ce_loss_coef, "loss_bbox": args.bbox_loss_coef,
                                          "loss_giou": args.giou_loss_coef},
-                                video_loss_coef=args.video_loss_coef).to(device)
+                                eos_coef=args.eos_coef, video_loss_coef=args.video_loss_coef).to(device)
     optimizer = torch.optim.AdamW(parameter_groups(model, args), weight_decay=args.weight_decay)
     scheduler = make_scheduler(optimizer, args)
     amp_dtype, amp_note = autocast_settings(device, "fp32" if args.no_amp else "auto")
@@ -435,9 +439,13 @@ def apply_recipe(args) -> None:
             setattr(args, key, value)
 
 
-def resume(path: Path, model, optimizer, scheduler, scaler, ema=None) -> tuple[int, float]:
+def resume(path: Path, model, optimizer, scheduler, scaler, ema=None, freeze_trunk: int = 0) -> tuple[int, float]:
     """Restore everything from checkpoint.pth; returns (next epoch, best score so far)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    # the optimizer's parameter groups hold only the trained stages: another count cannot take its state
+    frozen_then = ckpt.get("args", {}).get("freeze_trunk") or 0   # absent or None in older checkpoints: 0
+    if frozen_then != freeze_trunk:
+        raise UsageError(f"{path}: was trained with --freeze_trunk {frozen_then}; resume with --freeze_trunk {frozen_then}")
     getattr(model, "module", model).load_state_dict(ckpt["model"])
     if ema is not None:
         if "ema" not in ckpt:
@@ -482,17 +490,17 @@ def train(args) -> dict:
     on_off = {True: "on", False: "off"}
     log.info("device %s, autocast %s, lr %g (trunk %g), warm-up %d epochs, still clips %g, loss weights class %g / L1 %g / "
              "GIoU %g / video %g, dropout %g, motion init %s, motion constraint %s, position init %s, weight average %s, "
-             "%d steps per epoch", device, amp_dtype, args.lr, args.lr_backbone, args.warmup_epochs, args.still_prob,
+             "frozen trunk stages %d, %d steps per epoch", device, amp_dtype, args.lr, args.lr_backbone, args.warmup_epochs, args.still_prob,
              args.ce_loss_coef, args.bbox_loss_coef, args.giou_loss_coef, args.video_loss_coef, args.dropout,
              on_off[args.motion_init], on_off[args.motion_constraint], on_off[args.position_init],
-             f"decay {args.ema_decay:g}" if args.ema_decay else "off", len(train_loader))
+             f"decay {args.ema_decay:g}" if args.ema_decay else "off", args.freeze_trunk, len(train_loader))
     ckpt_path, best_path, results_csv = output_dir / "checkpoint.pth", output_dir / "best_model.pth", output_dir / "training_results.csv"
     net = getattr(model, "module", model)   # unwrapped from DistributedDataParallel
     ema = make_ema(net, args.ema_decay)
     evaluated = ema.module if ema is not None else net   # what is validated and kept as best
     start_epoch, best = 0, -math.inf
     if args.resume and ckpt_path.exists():
-        start_epoch, best = resume(ckpt_path, model, optimizer, scheduler, scaler, ema)
+        start_epoch, best = resume(ckpt_path, model, optimizer, scheduler, scaler, ema, args.freeze_trunk)
     elif args.resume:
         log.info("--resume: no %s yet, starting from scratch", ckpt_path)
     preprocessing = {"num_frames": args.num_frames, "img_size": args.img_size,

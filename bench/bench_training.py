@@ -38,6 +38,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     p.add_argument("--grad_clip", type=float, default=0.5, help="max gradient norm, as main.py (0 = none)")
     p.add_argument("--num_classes", type=int, default=2, help="foreground classes")
+    p.add_argument("--freeze_trunk", type=int, default=0, choices=range(0, 6), metavar="{0..5}",
+                   help="first N trunk stages without gradients, as main.py --freeze_trunk (from scratch it freezes 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the random batch")
     p.add_argument("--timeout", type=float, default=3600, help="seconds one variant (child process) may take")
     p.add_argument("--quick", action="store_true", help="a smoke test: 2x32x32 clips, batch 2, 1 timed step")
@@ -67,15 +69,18 @@ def make_step(args, variant: common.Variant):
     """A closure doing one train step; it returns (loss, skipped?)."""
     import torch
     from losses import build_criterion
+    from main import freeze_trunk_stages
     from model import build_model
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     model = build_model(args.num_classes, pretrained="none").to(device).train()
+    freeze_trunk_stages(model, args.freeze_trunk)
     criterion = build_criterion(args.num_classes).to(device)
     clips, targets = random_batch(args, variant.batch or args.batch_size, device)
     if "cl" in variant.options:
         model.use_channels_last()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=1e-4)
     dtype = common.torch_dtype(variant.dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
@@ -86,7 +91,7 @@ def make_step(args, variant: common.Variant):
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(trained, args.grad_clip or float("inf"))
         finite = bool(torch.isfinite(norm))
         if finite or scaler.is_enabled():
             scaler.step(optimizer)   # GradScaler skips a non-finite step itself
@@ -128,7 +133,7 @@ def child_argv(args, variant: common.Variant) -> list[str]:
     argv = ["--variant", variant.name, "--device", args.device, "--frames", str(args.frames), "--size", str(args.size),
             "--batch_size", str(args.batch_size), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
             "--lr", str(args.lr), "--grad_clip", str(args.grad_clip), "--num_classes", str(args.num_classes),
-            "--seed", str(args.seed)]
+            "--seed", str(args.seed), "--freeze_trunk", str(args.freeze_trunk)]
     return common.child_cmd(__file__, argv)
 
 
@@ -157,6 +162,7 @@ def main(args) -> int:
     reference = common.Variant("fp32")
     variants = [reference] + [v for v in variants if v != reference]
     print(f"# STAR training steps, {args.frames}x{args.size}x{args.size}, batch {args.batch_size}, {args.device}, "
+          f"{args.freeze_trunk} trunk stages frozen, "
           f"warm-up {args.warmup}, median of {args.repeats}" + (" (QUICK: figures meaningless)" if args.quick else ""))
     common.print_machine(args.device)
     runs = []

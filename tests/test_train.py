@@ -415,17 +415,42 @@ def _temporal_stem_conv(net) -> nn.Conv3d:
     return next(m for m in net.backbone.stem.modules() if isinstance(m, nn.Conv3d) and m.kernel_size[0] > 1)
 
 
-def test_motion_constraint_keeps_the_stem_blind_to_stillness_through_training(reference_run, tiny_net):
-    """The reference run is from scratch: after 2 epochs of steps the kernels still sum to zero over
-    time (without the constraint AdamW moves them off at once)."""
-    net, _ = star_model.load_checkpoint(reference_run / "checkpoint.pth")
-    weight = _temporal_stem_conv(net).weight
-    assert weight.abs().max() > 1e-3
+def test_motion_constraint_keeps_the_stem_blind_to_stillness_through_training(sample_data, tmp_path, tiny_net,
+                                                                             monkeypatch):
+    """From scratch with the stem trained (--freeze_trunk 0; the recipe freezes it): after 2 epochs of
+    steps the kernels have moved but still sum to zero over time (without the constraint AdamW moves them off at once)."""
+    initial = {}
+    freeze = main.freeze_trunk_stages
+
+    def remember_initial_stem(model, num_stages):     # called once the model is initialised
+        initial["weight"] = _temporal_stem_conv(model).weight.detach().clone()
+        return freeze(model, num_stages)
+
+    monkeypatch.setattr(main, "freeze_trunk_stages", remember_initial_stem)
+    out = tmp_path / "stem_trained"
+    assert run_main(sample_data, out, "--freeze_trunk", "0") == 0
+    weight = _temporal_stem_conv(star_model.load_checkpoint(out / "checkpoint.pth")[0]).weight
+    assert not torch.allclose(weight, initial["weight"])                 # trained
     assert weight.sum(2).abs().max() < 1e-6 * weight.abs().max()
-    assert "motion constraint on, position init on" in log_text(reference_run)
+    assert "motion constraint on, position init on" in log_text(out) and "frozen trunk stages 0," in log_text(out)
 
 
-def test_class_loss_weight_reaches_the_criterion_and_the_matcher(sample_data, tiny_net):
+def test_the_from_scratch_recipe_freezes_stem_and_layer1(reference_run):
+    """The reference run is from scratch: it ran with the recipe's --freeze_trunk 2 and its checkpoint says so
+    (what freezing does: test_freeze_trunk_keeps_the_first_stages_and_trains_the_rest)."""
+    assert main.SCRATCH_RECIPE["freeze_trunk"] == 2 and main.PUBLISHED_RECIPE["freeze_trunk"] == 0
+    ckpt = torch.load(reference_run / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert ckpt["args"]["freeze_trunk"] == 2 and "frozen trunk stages 2," in log_text(reference_run)
+
+
+def test_resume_with_another_freeze_trunk_says_what_to_do(reference_run, sample_data, tmp_path, tiny_net):
+    out = tmp_path / "refrozen"
+    shutil.copytree(reference_run, out)
+    assert run_main(sample_data, out, "--epochs", "3", "--resume", *EMA_ARGS, "--freeze_trunk", "0") == 2
+    assert "checkpoint.pth: was trained with --freeze_trunk 2; resume with --freeze_trunk 2" in log_text(out)
+
+
+def test_class_loss_and_no_object_weights_reach_the_criterion_and_the_matcher(sample_data, tiny_net):
     dataset_args = main.get_args_parser().parse_args(["--input_dir", str(sample_data), "--output_dir", "o", *TINY_ARGS])
     class_map = dataset.load_dataset(sample_data)[1]
     for extra, expected in (([], main.SCRATCH_RECIPE["ce_loss_coef"]), (["--ce_loss_coef", "3"], 3.0)):
@@ -436,6 +461,11 @@ def test_class_loss_weight_reaches_the_criterion_and_the_matcher(sample_data, ti
         assert criterion.matcher.cost_class == expected
         assert criterion.weight_dict["loss_bbox"] == 5.0 and criterion.weight_dict["loss_giou"] == 2.0
     assert dataset_args.ce_loss_coef is None and main.PUBLISHED_RECIPE["ce_loss_coef"] == 2.0   # the published weight
+    for extra, expected in (([], 0.1), (["--eos_coef", "0.3"], 0.3)):     # 0.1: the published no-object weight
+        args = main.get_args_parser().parse_args(["--input_dir", str(sample_data), "--output_dir", "o", *TINY_ARGS, *extra])
+        main.apply_recipe(args)
+        criterion = main.build_training_state(args, class_map, torch.device("cpu"), 1)[1]
+        assert criterion.class_weight.tolist() == pytest.approx([1.0] * len(class_map) + [expected])
 
 
 def test_dropout_flag_reaches_every_dropout_and_the_model_args(sample_data, tiny_net):
