@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The offline demo: installs what it needs, generates sample data, trains a short CPU run from
 # scratch, predicts on held-out sample videos and scores them. Everything lands in demo_output/.
-# Takes about 13 minutes on 2 CPU cores (with the installs). Settings can be overridden: EPOCHS=40 bash demo.sh
+# Takes about 12 minutes on 2 CPU cores (with the installs). Settings can be overridden: EPOCHS=60 bash demo.sh
 set -euo pipefail
 cd "$(dirname "$0")"
 out="${OUT:-demo_output}"
-EPOCHS="${EPOCHS:-26}"
+EPOCHS="${EPOCHS:-40}"
 IMG_SIZE="${IMG_SIZE:-64}"
 NUM_FRAMES="${NUM_FRAMES:-8}"
 bash tools/setup_env.sh requirements.txt

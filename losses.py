@@ -149,11 +149,14 @@ def _flat_indices(indices):
 
 
 def build_criterion(num_classes: int, num_decoder_layers: int = 4, aux_loss: bool = True,
-                    weights: dict = PUBLISHED_WEIGHTS, eos_coef: float = 0.1, video_loss_coef: float = 0.0) -> SetCriterion:
+                    weights: dict = PUBLISHED_WEIGHTS, eos_coef: float = 0.1, video_loss_coef: float = 0.0,
+                    cost_class: float | None = None) -> SetCriterion:
     """The published recipe: matcher costs and loss weights 2 / 5 / 2, no-object weight 0.1,
     auxiliary losses on every earlier decoder layer with the same weights. ``video_loss_coef`` > 0
-    adds the video-level class loss (:meth:`SetCriterion.loss_video`) with that weight."""
-    matcher = HungarianMatcher(weights["loss_ce"], weights["loss_bbox"], weights["loss_giou"])
+    adds the video-level class loss (:meth:`SetCriterion.loss_video`) with that weight. The matcher's
+    costs are the loss weights, except ``cost_class`` when given."""
+    matcher = HungarianMatcher(weights["loss_ce"] if cost_class is None else cost_class,
+                               weights["loss_bbox"], weights["loss_giou"])
     weight_dict = dict(weights)
     if aux_loss:
         for layer in range(num_decoder_layers - 1):

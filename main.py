@@ -71,12 +71,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="weight of the video-level class loss on the mean trunk token (0 = off; default "
                         f"{PUBLISHED_RECIPE['video_loss_coef']} pretrained, {SCRATCH_RECIPE['video_loss_coef']} from scratch)")
     p.add_argument("--ce_loss_coef", type=float, default=None,
-                   help="weight of the class loss of the matched queries (and of the class cost in matching; default "
+                   help="weight of the class loss of the matched queries (and of the class cost in matching unless "
+                        "--set_cost_class; default "
                         f"{PUBLISHED_RECIPE['ce_loss_coef']} pretrained, {SCRATCH_RECIPE['ce_loss_coef']} from scratch)")
     p.add_argument("--bbox_loss_coef", type=float, default=PUBLISHED_WEIGHTS["loss_bbox"],
                    help="weight of the L1 box loss of the matched queries (and of the L1 cost in matching)")
     p.add_argument("--giou_loss_coef", type=float, default=PUBLISHED_WEIGHTS["loss_giou"],
                    help="weight of the GIoU loss of the matched queries (and of the GIoU cost in matching)")
+    p.add_argument("--set_cost_class", type=float, default=None,
+                   help="class cost of the Hungarian matching (default: the class loss weight, --ce_loss_coef)")
     p.add_argument("--eos_coef", type=float, default=0.1,
                    help="weight of the no_object class in the class loss of the unmatched queries (published 0.1)")
     p.add_argument("--ema_decay", type=float, default=0.0,
@@ -360,7 +363,8 @@ def build_training_state(args, class_map, device, world):
     criterion = build_criterion(len(class_map), model_args["num_decoder_layers"], model_args["aux_loss"],
                                 weights={"loss_ce": args.ce_loss_coef, "loss_bbox": args.bbox_loss_coef,
                                          "loss_giou": args.giou_loss_coef},
-                                eos_coef=args.eos_coef, video_loss_coef=args.video_loss_coef).to(device)
+                                eos_coef=args.eos_coef, video_loss_coef=args.video_loss_coef,
+                                cost_class=args.set_cost_class).to(device)
     optimizer = torch.optim.AdamW(parameter_groups(model, args), weight_decay=args.weight_decay)
     scheduler = make_scheduler(optimizer, args)
     amp_dtype, amp_note = autocast_settings(device, "fp32" if args.no_amp else "auto")

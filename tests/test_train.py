@@ -461,6 +461,11 @@ def test_class_loss_and_no_object_weights_reach_the_criterion_and_the_matcher(sa
         assert criterion.matcher.cost_class == expected
         assert criterion.weight_dict["loss_bbox"] == 5.0 and criterion.weight_dict["loss_giou"] == 2.0
     assert dataset_args.ce_loss_coef is None and main.PUBLISHED_RECIPE["ce_loss_coef"] == 2.0   # the published weight
+    args = main.get_args_parser().parse_args(["--input_dir", str(sample_data), "--output_dir", "o", *TINY_ARGS,
+                                              "--set_cost_class", "1"])
+    main.apply_recipe(args)
+    criterion = main.build_training_state(args, class_map, torch.device("cpu"), 1)[1]
+    assert criterion.matcher.cost_class == 1.0 and criterion.weight_dict["loss_ce"] == main.SCRATCH_RECIPE["ce_loss_coef"]
     for extra, expected in (([], 0.1), (["--eos_coef", "0.3"], 0.3)):     # 0.1: the published no-object weight
         args = main.get_args_parser().parse_args(["--input_dir", str(sample_data), "--output_dir", "o", *TINY_ARGS, *extra])
         main.apply_recipe(args)
