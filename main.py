@@ -33,8 +33,8 @@ from dataset import (ActionDataset, BalancedBatchSampler, DatasetError, EpochTag
                      load_dataset, split_dataset)
 from losses import PUBLISHED_WEIGHTS, build_criterion
 from model import (PRETRAINED_CHOICES, STAR, CheckpointError, build_model, count_parameters, init_motion_stem,
-                   init_position_table, load_for_finetuning, make_checkpoint, model_args_from, save_checkpoint,
-                   token_grid)
+                   init_position_table, load_for_finetuning, make_checkpoint, model_args_from, motion_stem_conv,
+                   save_checkpoint, token_grid)
 from runtime import UsageError, autocast_settings, resolve_device
 from video import IMAGENET_MEAN, IMAGENET_STD
 
@@ -208,6 +208,7 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, device, amp_dty
     net = getattr(model, "module", model)
     loader.batch_sampler.set_epoch(epoch)   # EpochTaggedBatches: the epoch travels with the indices to the workers
     sums, counts, skipped = {}, {}, 0
+    constrain_stem = args.motion_constraint and motion_stem_conv(net).weight.requires_grad   # frozen: left as it is
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=dist.is_initialized() and dist.get_rank() != 0,
                leave=False, dynamic_ncols=True)
     for clips, targets in bar:
@@ -217,7 +218,7 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, device, amp_dty
             outputs = model(clips)
         losses, loss = checked_losses(criterion, outputs, targets, device, world, epoch)
         skipped += not optimizer_step(loss, net.parameters(), optimizer, scaler, args.grad_clip)
-        if args.motion_constraint:
+        if constrain_stem:
             init_motion_stem(net)
         if ema is not None:
             ema.update_parameters(net)

@@ -197,6 +197,12 @@ def load_trunk_weights(model: STAR, pretrained: str | os.PathLike) -> None:
     log.info("trunk initialised from %s", source)
 
 
+def motion_stem_conv(model: STAR) -> nn.Conv3d:
+    """The trunk's first conv that mixes frames (R(2+1)D-18: the stem's (3, 1, 1) conv after its (1, 7, 7)
+    spatial conv): the one :func:`init_motion_stem` acts on."""
+    return next(m for m in model.backbone.stem.modules() if isinstance(m, nn.Conv3d) and m.kernel_size[0] > 1)
+
+
 def init_motion_stem(model: STAR) -> None:
     """Make every temporal kernel of the trunk's stem sum to zero over time (a from-scratch init, and
     the projection main.py applies after every step with ``--motion_constraint``).
@@ -205,8 +211,7 @@ def init_motion_stem(model: STAR) -> None:
     from its first step the trunk sees the actor's motion rather than the look of the scene, which
     a few dozen videos otherwise teach it to memorise (README, "Training from scratch"). Without the
     constraint training is free to move the kernels afterwards."""
-    # R(2+1)D-18: the stem's (3, 1, 1) conv after its (1, 7, 7) spatial conv: the first to mix frames
-    temporal = next(m for m in model.backbone.stem.modules() if isinstance(m, nn.Conv3d) and m.kernel_size[0] > 1)
+    temporal = motion_stem_conv(model)
     with torch.no_grad():
         temporal.weight -= temporal.weight.mean(dim=2, keepdim=True)
 

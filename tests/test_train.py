@@ -410,29 +410,40 @@ def test_recipe_defaults_depend_on_the_trunk_and_flags_win():
         assert all(getattr(args, k) == v for k, v in main.PUBLISHED_RECIPE.items()), extra
 
 
-def _temporal_stem_conv(net) -> nn.Conv3d:
-    """The conv that init_motion_stem acts on: the trunk's first conv mixing frames."""
-    return next(m for m in net.backbone.stem.modules() if isinstance(m, nn.Conv3d) and m.kernel_size[0] > 1)
+def _remember_initial_stem(monkeypatch) -> dict:
+    """The temporal stem conv's weight as main.py initialised it (captured when it freezes stages)."""
+    initial = {}
+    freeze = main.freeze_trunk_stages
+
+    def remember(model, num_stages):     # called once the model is initialised
+        initial["weight"] = star_model.motion_stem_conv(model).weight.detach().clone()
+        return freeze(model, num_stages)
+
+    monkeypatch.setattr(main, "freeze_trunk_stages", remember)
+    return initial
 
 
 def test_motion_constraint_keeps_the_stem_blind_to_stillness_through_training(sample_data, tmp_path, tiny_net,
                                                                              monkeypatch):
     """From scratch with the stem trained (--freeze_trunk 0; the recipe freezes it): after 2 epochs of
     steps the kernels have moved but still sum to zero over time (without the constraint AdamW moves them off at once)."""
-    initial = {}
-    freeze = main.freeze_trunk_stages
-
-    def remember_initial_stem(model, num_stages):     # called once the model is initialised
-        initial["weight"] = _temporal_stem_conv(model).weight.detach().clone()
-        return freeze(model, num_stages)
-
-    monkeypatch.setattr(main, "freeze_trunk_stages", remember_initial_stem)
+    initial = _remember_initial_stem(monkeypatch)
     out = tmp_path / "stem_trained"
     assert run_main(sample_data, out, "--freeze_trunk", "0") == 0
-    weight = _temporal_stem_conv(star_model.load_checkpoint(out / "checkpoint.pth")[0]).weight
+    weight = star_model.motion_stem_conv(star_model.load_checkpoint(out / "checkpoint.pth")[0]).weight
     assert not torch.allclose(weight, initial["weight"])                 # trained
     assert weight.sum(2).abs().max() < 1e-6 * weight.abs().max()
     assert "motion constraint on, position init on" in log_text(out) and "frozen trunk stages 0," in log_text(out)
+
+
+def test_a_frozen_stem_is_not_reprojected_by_the_motion_constraint(sample_data, tmp_path, tiny_net, monkeypatch):
+    """--no-motion_init with the constraint on and the stem frozen: the stem stays exactly as initialised."""
+    initial = _remember_initial_stem(monkeypatch)
+    out = tmp_path / "frozen_stem"
+    assert run_main(sample_data, out, "--epochs", "1", "--freeze_trunk", "2", "--no-motion_init") == 0
+    weight = star_model.motion_stem_conv(star_model.load_checkpoint(out / "checkpoint.pth")[0]).weight
+    assert weight.sum(2).abs().max() > 1e-3                              # not zero-sum: never projected
+    assert torch.equal(weight, initial["weight"])
 
 
 def test_the_from_scratch_recipe_freezes_stem_and_layer1(reference_run):
