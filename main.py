@@ -32,9 +32,9 @@ import metrics
 from dataset import (ActionDataset, BalancedBatchSampler, DatasetError, EpochTaggedBatches, collate, format_problems,
                      load_dataset, split_dataset)
 from losses import PUBLISHED_WEIGHTS, build_criterion
-from model import (PRETRAINED_CHOICES, STAR, CheckpointError, build_model, count_parameters, init_motion_stem,
-                   init_position_table, load_for_finetuning, make_checkpoint, model_args_from, motion_stem_conv,
-                   save_checkpoint, token_grid)
+from model import (PRETRAINED_CHOICES, STAR, CheckpointError, build_model, count_parameters, freeze_trunk_stages,
+                   init_motion_stem, init_position_table, load_for_finetuning, make_checkpoint, model_args_from,
+                   motion_stem_conv, save_checkpoint, token_grid)
 from runtime import UsageError, autocast_settings, resolve_device
 from video import IMAGENET_MEAN, IMAGENET_STD
 
@@ -395,17 +395,6 @@ def make_ema(model: STAR, decay: float) -> AveragedModel | None:
         n = float(num_averaged)
         return torch.lerp(averaged, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
     return AveragedModel(model, avg_fn=ema_update, use_buffers=True)
-
-
-def freeze_trunk_stages(model: STAR, num_stages: int) -> None:
-    """Keep the first ``num_stages`` of the trunk's five stages (stem, layer1..layer4) at their weights.
-
-    Why: the backward pass through the early, high-resolution stages is most of a CPU step
-    (8x112, batch 4: 6.1 s a step, 3.2 s with stem and layer1 frozen). Their BatchNorm statistics
-    still follow the data in training."""
-    for stage in list(model.backbone.stem)[:num_stages]:
-        for param in stage.parameters():
-            param.requires_grad_(False)
 
 
 def parameter_groups(model, args) -> list[dict]:

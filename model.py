@@ -216,6 +216,17 @@ def init_motion_stem(model: STAR) -> None:
         temporal.weight -= temporal.weight.mean(dim=2, keepdim=True)
 
 
+def freeze_trunk_stages(model: STAR, num_stages: int) -> None:
+    """Keep the first ``num_stages`` of the trunk's five stages (stem, layer1..layer4) at their weights.
+
+    Why: the backward pass through the early, high-resolution stages is most of a CPU step (8x112,
+    batch 4: 1.7x the samples/s with stem and layer1 frozen, README "Benchmarks"). Their BatchNorm
+    statistics still follow the data in training."""
+    for stage in list(model.backbone.stem)[:num_stages]:
+        for param in stage.parameters():
+            param.requires_grad_(False)
+
+
 def token_grid(model: STAR, num_frames: int, img_size: int) -> tuple[int, int, int]:
     """``(t, h, w)`` of the trunk's token grid for clips of ``num_frames`` frames of ``img_size`` px
     (R(2+1)D-18: time / 8, space / 16, rounded up), read from one forward pass of the trunk."""
