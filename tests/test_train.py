@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -35,7 +36,8 @@ from tools.make_sample_data import make_sample_dataset
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 TINY_ARGS = ["--epochs", "2", "--batch_size", "2", "--num_frames", "4", "--img_size", "64", "--pretrained", "none",
-             "--workers", "0", "--eval_every", "1", "--num_queries", "4", "--device", "cpu"]   # CPU: the suite's contract
+             "--workers", "0", "--eval_every", "1", "--num_queries", "4", "--device", "cpu",   # CPU: the suite's contract
+             "--decoder_steps", "0"]   # the decoder phase has its own tests
 PRED_HEADER = ["video_name", "pred_class", "score", "x1", "y1", "x2", "y2", "start_sec", "end_sec"]
 EMA_ARGS = ["--ema_decay", "0.9"]   # the reference run averages its weights: the resume test covers that state too
 OUTPUTS = ["best_model.pth", "checkpoint.pth", "split.json", "training_results.csv", "test_predictions.csv",
@@ -616,6 +618,38 @@ def test_a_tie_in_the_validation_score_goes_to_the_later_epoch(sample_data, tmp_
     assert run_main(sample_data, out) == 0
     best = torch.load(out / "best_model.pth", map_location="cpu", weights_only=True)
     assert best["epoch"] == 1                                              # the 2nd (last) of the tied epochs
+
+
+def test_decoder_phase_retrains_the_decoder_side_on_the_trunk_and_keeps_its_best(sample_data, tmp_path, tiny_net,
+                                                                                 monkeypatch):
+    monkeypatch.setattr(main.metrics, "best_score", lambda result: 0.5)  # all tie: the last evaluation is kept
+    out = tmp_path / "phase"
+    assert run_main(sample_data, out, "--decoder_steps", "12") == 0
+    log = log_text(out)
+    assert "decoder phase: trunk tokens of" in log and "decoder step 12/12:" in log
+    assert len(re.findall(r"^\S+ decoder step \d+/12: ", log, re.MULTILINE)) == 6          # every steps/6
+    ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    best = torch.load(out / "best_model.pth", map_location="cpu", weights_only=True)
+    assert best["decoder_step"] == 12 and best["epoch"] == ckpt["epoch"] == 1
+    decoder_side = ("pos_embedding.", "queries.", "decoder.", "head.")
+    for key, value in ckpt["model"].items():
+        if key.startswith("backbone."):                              # the trunk and projection as trained
+            assert torch.equal(best["model"][key], value), key
+    assert any(not torch.equal(best["model"][k], v) for k, v in ckpt["model"].items() if k.startswith(decoder_side))
+    # the phase scores cached tokens; the final report runs the whole saved model on the videos: same metrics
+    full = json.loads((out / "val_metrics.json").read_text())
+    for key in ("video_acc", "det_acc_50", "mean_iou", "map50", "map50_95"):
+        assert best["metrics"][key] == pytest.approx(full[key], rel=1e-4, abs=1e-5), key
+
+
+def test_decoder_phase_is_the_from_scratch_default_only():
+    def parse(extra):
+        args = main.get_args_parser().parse_args(["--input_dir", "d", "--output_dir", "o", *extra])
+        main.apply_recipe(args)
+        return args.decoder_steps
+    assert parse(["--pretrained", "none"]) == main.SCRATCH_RECIPE["decoder_steps"] > 0
+    assert parse([]) == parse(["--pretrained", "none", "--init_from", "x.pth"]) == 0
+    assert parse(["--decoder_steps", "50"]) == 50
 
 
 def test_decoder_probe_trains_the_decoder_side_on_cached_tokens(reference_run, sample_data, tiny_net, capsys):

@@ -27,7 +27,7 @@ from torchvision.ops import box_convert
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import main as training  # noqa: E402  (repository root on the path so the tool runs from anywhere)
 import metrics  # noqa: E402
-from dataset import ActionDataset, collate, load_dataset  # noqa: E402
+from dataset import ActionDataset, load_dataset  # noqa: E402
 from losses import PUBLISHED_WEIGHTS, build_criterion  # noqa: E402
 from model import STAR, init_position_table, load_checkpoint  # noqa: E402
 
@@ -51,17 +51,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-@torch.no_grad()
 def cache_tokens(model: STAR, records, num_frames: int, img_size: int, copies: int, augment: bool):
-    """Backbone tokens of the eval-mode ``model`` (no dropout) ``(N, tokens, D)`` and targets (cxcywh)."""
-    tokens, targets = [], []
-    for copy in range(copies):
-        clips = ActionDataset(records, num_frames, img_size, augment=augment, seed=copy)
-        for start in range(0, len(clips), 8):
-            batch, batch_targets = collate([clips[(i, copy)] for i in range(start, min(start + 8, len(clips)))])
-            tokens.append(model.backbone(batch.transpose(1, 2)))
-            targets += [{"labels": t["labels"], "boxes": t["boxes"]} for t in batch_targets]
-    return torch.cat(tokens), targets
+    """Backbone tokens of the eval-mode ``model`` ``(N, tokens, D)`` and targets (cxcywh): ``copies`` passes."""
+    clips = ActionDataset(records, num_frames, img_size, augment=augment)
+    return training.cache_tokens(model, clips, range(copies), torch.device("cpu"), None)
 
 
 @torch.no_grad()
