@@ -506,26 +506,39 @@ def decoder_phase(model: STAR, model_args, criterion, train_set, val_set, class_
              len(train_set), args.decoder_copies, len(val_set), time.time() - start)
     torch.manual_seed(args.seed)
     params = reset_decoder_side(model, model_args, args)
+
+    def validate(step, loss):
+        result = evaluate_tokens(model, criterion, val_tokens, val_targets, class_names, args.score_threshold) \
+            if len(val_set) else {}
+        log.info("decoder step %d/%d: train_loss=%.4g, %s", step, args.decoder_steps, loss,
+                 ", ".join(f"{k}={result[k]:.4g}" for k in EPOCH_FIELDS if isinstance(result.get(k), float)))
+        on_validation(step, result)
+    fit_decoder(model, params, criterion, train_tokens, train_targets, steps=args.decoder_steps, lr=args.lr,
+                weight_decay=args.weight_decay, batch_size=args.batch_size, grad_clip=args.grad_clip, seed=args.seed,
+                device=device, on_eval=validate, epoch=args.epochs - 1)
+
+
+def fit_decoder(model: STAR, params, criterion, tokens, targets, *, steps: int, lr: float, weight_decay: float,
+                batch_size: int, grad_clip: float, seed: int, device, on_eval, epoch: int = 0) -> None:
+    """``steps`` AdamW steps of ``params`` (the decoder side) on random batches of cached trunk ``tokens``
+    ``(N, tokens, D)`` and their ``targets``: a 20-step linear warm-up, then cosine to 0. Calls
+    ``on_eval(step, train_loss)`` every steps/6 and at the last step (the model may be left in eval mode).
+    A non-finite loss raises FloatingPointError naming ``epoch`` (0-based) as the training loop's does."""
     # fused: the optimizer was a third of a decoder step on the CPU (9 M parameters, the position table included)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     no_scaler = torch.amp.GradScaler(device.type, enabled=False)
-    generator = torch.Generator().manual_seed(args.seed)
-    steps, warmup = args.decoder_steps, min(20, args.decoder_steps)
-    eval_every = max(steps // 6, 1)
+    generator = torch.Generator().manual_seed(seed)
+    warmup, eval_every = min(20, steps), max(steps // 6, 1)
     for step in range(1, steps + 1):
-        for group in optimizer.param_groups:   # short linear warm-up, then cosine to 0
-            group["lr"] = args.lr * min(1.0, step / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, step / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
         model.train()
-        picks = torch.randint(0, len(train_tokens), (args.batch_size,), generator=generator).tolist()
-        outputs = model.decode(model.backbone.dropout(train_tokens[picks]))    # the token dropout of training
-        losses, loss = checked_losses(criterion, outputs, [train_targets[i] for i in picks], device, 1, args.epochs - 1)
-        optimizer_step(loss, params, optimizer, no_scaler, args.grad_clip)
+        picks = torch.randint(0, len(tokens), (batch_size,), generator=generator).tolist()
+        outputs = model.decode(model.backbone.dropout(tokens[picks]))    # the token dropout of training
+        _, loss = checked_losses(criterion, outputs, [targets[i] for i in picks], device, 1, epoch)
+        optimizer_step(loss, params, optimizer, no_scaler, grad_clip)
         if step % eval_every == 0 or step == steps:
-            result = evaluate_tokens(model, criterion, val_tokens, val_targets, class_names, args.score_threshold) \
-                if len(val_set) else {}
-            log.info("decoder step %d/%d: train_loss=%.4g, %s", step, steps, loss.item(),
-                     ", ".join(f"{k}={result[k]:.4g}" for k in EPOCH_FIELDS if isinstance(result.get(k), float)))
-            on_validation(step, result)
+            on_eval(step, loss.item())
 
 
 @torch.no_grad()

@@ -22,11 +22,9 @@ import sys
 import time
 
 import torch
-from torchvision.ops import box_convert
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import main as training  # noqa: E402  (repository root on the path so the tool runs from anywhere)
-import metrics  # noqa: E402
 from dataset import ActionDataset, load_dataset  # noqa: E402
 from losses import PUBLISHED_WEIGHTS, build_criterion  # noqa: E402
 from model import STAR, init_position_table, load_checkpoint  # noqa: E402
@@ -57,16 +55,6 @@ def cache_tokens(model: STAR, records, num_frames: int, img_size: int, copies: i
     return training.cache_tokens(model, clips, range(copies), torch.device("cpu"), None)
 
 
-@torch.no_grad()
-def score(model: STAR, tokens, targets, class_names) -> dict:
-    model.eval()
-    preds = metrics.outputs_to_predictions(model.decode(tokens))
-    model.train()
-    xyxy = [{"labels": t["labels"], "boxes": box_convert(t["boxes"], "cxcywh", "xyxy")} for t in targets]
-    found = metrics.evaluate(preds, xyxy, class_names, 0.5)
-    return {k: found[k] for k in ("video_acc", "det_acc_50", "mean_iou")}
-
-
 def main(args) -> int:
     trained, info = load_checkpoint(args.checkpoint)
     split = json.loads((pathlib.Path(args.checkpoint).parent / "split.json").read_text())
@@ -86,26 +74,18 @@ def main(args) -> int:
     side = math.isqrt(sets["train"][0].shape[1])
     init_position_table(model, (1, side, sets["train"][0].shape[1] // side))
     params = [p for n, p in model.named_parameters() if not n.startswith("backbone.stem.")]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
     weights = {"loss_ce": args.ce_loss_coef, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
     criterion = build_criterion(len(names), model.decoder.decoder.num_layers, True, weights, args.eos_coef)
-    tokens, targets = sets["train"]
-    generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        for group in optimizer.param_groups:   # 20-step warm-up, then cosine to 0
-            group["lr"] = args.lr * min(1.0, step / 20) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-        picks = torch.randint(0, len(tokens), (args.batch_size,), generator=generator).tolist()
-        batch = [targets[i] for i in picks]
-        # the backbone's dropout, as in training, then the decoder side with its auxiliary outputs
-        loss = criterion.total(criterion(model.decode(model.backbone.dropout(tokens[picks])), batch))
-        training.optimizer_step(loss, params, optimizer, scaler, grad_clip=0.5)
-        if step % max(args.steps // 6, 1) == 0 or step == args.steps:
-            figures = {k: score(model, *v, names) for k, v in sets.items()}
-            print(f"step {step}: " + "; ".join(f"{k} " + " ".join(f"{m} {x:.2f}" for m, x in f.items())
-                                               for k, f in figures.items()) + f" ({time.perf_counter() - start:.0f} s)",
-                  flush=True)
+
+    def report(step, _loss):
+        figures = {k: training.evaluate_tokens(model, criterion, *v, names, 0.5) for k, v in sets.items()}
+        print(f"step {step}: " + "; ".join(f"{k} " + " ".join(f"{m} {f[m]:.2f}" for m in ("video_acc", "det_acc_50", "mean_iou"))
+                                           for k, f in figures.items()) + f" ({time.perf_counter() - start:.0f} s)",
+              flush=True)
+    training.fit_decoder(model, params, criterion, *sets["train"], steps=args.steps, lr=args.lr, weight_decay=1e-4,
+                         batch_size=args.batch_size, grad_clip=0.5, seed=args.seed, device=torch.device("cpu"),
+                         on_eval=report)
     return 0
 
 
