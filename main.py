@@ -9,6 +9,7 @@ test_predictions.csv, plots (*.png), train.log.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import logging
@@ -34,7 +35,7 @@ from dataset import (ActionDataset, BalancedBatchSampler, DatasetError, EpochTag
 from losses import PUBLISHED_WEIGHTS, build_criterion
 from model import (PRETRAINED_CHOICES, STAR, CheckpointError, build_model, count_parameters, freeze_trunk_stages,
                    init_motion_stem, init_position_table, load_for_finetuning, make_checkpoint, model_args_from,
-                   motion_stem_conv, save_checkpoint, token_grid)
+                   motion_stem_conv, prepare_for_inference, save_checkpoint, token_grid)
 from runtime import UsageError, autocast_settings, resolve_device
 from video import IMAGENET_MEAN, IMAGENET_STD
 
@@ -104,9 +105,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         f"trunk, {SCRATCH_RECIPE['freeze_trunk']} from scratch)")
     p.add_argument("--decoder_steps", type=int, default=None,
                    help="after the last epoch, train a fresh decoder side (position table, queries, decoder, heads) for this "
-                        "many steps on trunk tokens cached from the training clips, validating every steps/6 (0 = off; "
+                        "many steps on trunk tokens cached from the training clips, validating every steps/12 (0 = off; "
                         f"default {PUBLISHED_RECIPE['decoder_steps']} pretrained, {SCRATCH_RECIPE['decoder_steps']} from scratch)")
-    p.add_argument("--decoder_copies", type=int, default=2,
+    p.add_argument("--decoder_copies", type=int, default=4,
                    help="augmented copies of each training clip whose trunk tokens the decoder phase trains on")
     p.add_argument("--min_lr", type=float, default=1e-6, help="final learning rate of the cosine schedule")
     p.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
@@ -235,6 +236,11 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, device, amp_dty
                 sums[k] = sums.get(k, 0.0) + value               # matched_iou is NaN for a batch without boxes
                 counts[k] = counts.get(k, 0) + 1
         bar.set_postfix(loss=f"{sums['loss'] / counts['loss']:.3f}")
+    if skipped and skipped == len(loader) and not scaler.is_enabled():
+        # a GradScaler skips steps while it backs off (fp16); without one, no step applied means nothing learnt
+        # (seen on a CPU with native bf16: every bf16 step of bench/bench_training.py had a non-finite gradient)
+        raise FloatingPointError(f"epoch {epoch + 1}: all {skipped} steps had a non-finite gradient norm and were skipped "
+                                 f"({amp_dtype or 'fp32'}): the weights did not change")
     stats = {f"train_{k}": v / counts[k] for k, v in sums.items()}
     stats["skipped_steps"] = skipped
     return stats
@@ -279,10 +285,17 @@ def global_num_boxes(targets, device, world) -> float:
     return float(n.clamp(min=1))
 
 
+def inference_copy(model: STAR) -> STAR:
+    """An eval-mode copy with BatchNorm folded and channels_last_3d, as test.py runs it: the same outputs
+    (fp32 rounding), ~1.5x faster on the CPU at 8x112. ``model`` itself is left as it is."""
+    return prepare_for_inference(copy.deepcopy(model))
+
+
 @torch.no_grad()
 def evaluate(model, criterion, loader, device, amp_dtype, class_names, threshold) -> tuple[dict, list, list, list]:
-    """Validation loss and metrics; also returns predictions, targets (xyxy) and video names."""
-    model.eval()
+    """Validation loss and metrics of ``model`` as test.py runs it (:func:`inference_copy`); also returns
+    predictions, targets (xyxy) and video names."""
+    model = inference_copy(model)
     preds, targets_xyxy, names, loss_sum, batches = [], [], [], 0.0, 0
     for clips, targets in loader:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -464,15 +477,15 @@ def resume(path: Path, model, optimizer, scheduler, scaler, ema=None, freeze_tru
 
 @torch.no_grad()
 def cache_tokens(model: STAR, dataset: ActionDataset, epochs, device, amp_dtype, batch_size: int = 8):
-    """Trunk tokens ``(N, tokens, D)`` of the eval-mode ``model`` for every clip of ``dataset`` as
-    augmented at each of ``epochs`` (one pass each), and the targets (``labels``, ``boxes`` cxcywh)."""
-    model.eval()
+    """Trunk tokens ``(N, tokens, D)`` of ``model`` run as :func:`evaluate` runs it, for every clip of
+    ``dataset`` as augmented at each of ``epochs`` (one pass each), and the targets (``labels``, ``boxes`` cxcywh)."""
+    model = inference_copy(model)
     tokens, targets = [], []
     for epoch in epochs:
         for start in range(0, len(dataset), batch_size):
             clips, batch_targets = collate([dataset[(i, epoch)] for i in range(start, min(start + batch_size, len(dataset)))])
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                tokens.append(model.backbone(clips.transpose(1, 2).to(device)).float())
+                tokens.append(model.encode(clips.to(device)).float())
             targets += [{"labels": t["labels"].to(device), "boxes": t["boxes"].to(device)} for t in batch_targets]
     return torch.cat(tokens), targets
 
@@ -492,7 +505,7 @@ def reset_decoder_side(model: STAR, model_args: dict, args) -> list[torch.nn.Par
 def decoder_phase(model: STAR, model_args, criterion, train_set, val_set, class_names, device, amp_dtype, args,
                   on_validation):
     """Train a fresh decoder side on cached trunk tokens (``--decoder_steps``); calls
-    ``on_validation(step, result)`` with the validation metrics every steps/6 and at the last step.
+    ``on_validation(step, result)`` with the validation metrics every steps/12 and at the last step.
 
     Why: from scratch, a 15-min CPU run leaves a trunk whose tokens tell the classes apart (a linear
     probe on them did) but a decoder that has not learnt to read them: its top query called every
@@ -508,8 +521,8 @@ def decoder_phase(model: STAR, model_args, criterion, train_set, val_set, class_
     params = reset_decoder_side(model, model_args, args)
 
     def validate(step, loss):
-        result = evaluate_tokens(model, criterion, val_tokens, val_targets, class_names, args.score_threshold) \
-            if len(val_set) else {}
+        result = evaluate_tokens(model, criterion, val_tokens, val_targets, class_names, args.score_threshold,
+                                 amp_dtype) if len(val_set) else {}
         log.info("decoder step %d/%d: train_loss=%.4g, %s", step, args.decoder_steps, loss,
                  ", ".join(f"{k}={result[k]:.4g}" for k in EPOCH_FIELDS if isinstance(result.get(k), float)))
         on_validation(step, result)
@@ -519,16 +532,18 @@ def decoder_phase(model: STAR, model_args, criterion, train_set, val_set, class_
 
 
 def fit_decoder(model: STAR, params, criterion, tokens, targets, *, steps: int, lr: float, weight_decay: float,
-                batch_size: int, grad_clip: float, seed: int, device, on_eval, epoch: int = 0) -> None:
+                batch_size: int, grad_clip: float, seed: int, device, on_eval, epoch: int = 0,
+                evaluations: int = 12) -> None:
     """``steps`` AdamW steps of ``params`` (the decoder side) on random batches of cached trunk ``tokens``
     ``(N, tokens, D)`` and their ``targets``: a 20-step linear warm-up, then cosine to 0. Calls
-    ``on_eval(step, train_loss)`` every steps/6 and at the last step (the model may be left in eval mode).
+    ``on_eval(step, train_loss)`` every steps/``evaluations`` and at the last step (the model may be left in
+    eval mode).
     A non-finite loss raises FloatingPointError naming ``epoch`` (0-based) as the training loop's does."""
     # fused: the optimizer was a third of a decoder step on the CPU (9 M parameters, the position table included)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     no_scaler = torch.amp.GradScaler(device.type, enabled=False)
     generator = torch.Generator().manual_seed(seed)
-    warmup, eval_every = min(20, steps), max(steps // 6, 1)
+    warmup, eval_every = min(20, steps), max(steps // evaluations, 1)
     for step in range(1, steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, step / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -542,10 +557,12 @@ def fit_decoder(model: STAR, params, criterion, tokens, targets, *, steps: int, 
 
 
 @torch.no_grad()
-def evaluate_tokens(model: STAR, criterion, tokens, targets, class_names, threshold) -> dict:
-    """:func:`evaluate` on cached validation tokens (the same numbers: the trunk's part is the same)."""
+def evaluate_tokens(model: STAR, criterion, tokens, targets, class_names, threshold, amp_dtype=None) -> dict:
+    """:func:`evaluate` on cached validation tokens (the same numbers: the trunk's part is the same, and the
+    decoder runs under the same autocast ``amp_dtype`` as there)."""
     model.eval()
-    outputs = model.decode(tokens)
+    with torch.autocast(tokens.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        outputs = model.decode(tokens)
     xyxy = [{"labels": t["labels"].cpu(), "boxes": box_convert(t["boxes"].cpu(), "cxcywh", "xyxy")} for t in targets]
     result = metrics.evaluate(metrics.outputs_to_predictions(outputs), xyxy, class_names, threshold)
     result["val_loss"] = float(criterion.total(criterion(outputs, targets)))

@@ -128,14 +128,18 @@ class STAR(nn.Module):
         self.head = Head(hidden_dim, num_classes, dropout)
 
     def forward(self, x: torch.Tensor, return_aux: bool | None = None) -> dict:
-        video = x.transpose(1, 2)                                         # (B, 3, T, H, W) for Conv3d
-        if self.channels_last:   # match the weights' layout, else every conv converts on its own
-            video = video.contiguous(memory_format=torch.channels_last_3d)
-        tokens = self.backbone(video)
+        tokens = self.encode(x)
         out = self.decode(tokens, return_aux)
         if self.training:   # the class head on the mean trunk token: a direct training signal for the trunk
             out["video_logits"] = self.head.class_head(tokens.mean(1))
         return out
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's tokens ``(B, N, hidden_dim)`` of clips ``x`` ``(B, T, 3, H, W)``."""
+        video = x.transpose(1, 2)                                         # (B, 3, T, H, W) for Conv3d
+        if self.channels_last:   # match the weights' layout, else every conv converts on its own
+            video = video.contiguous(memory_format=torch.channels_last_3d)
+        return self.backbone(video)
 
     def decode(self, tokens: torch.Tensor, return_aux: bool | None = None) -> dict:
         """Everything after the backbone on its tokens ``(B, N, hidden_dim)``: position table, queries,

@@ -149,6 +149,12 @@ def test_forward_shapes_aux_outputs_and_gradient_reaches_trunk():
     assert ((out1["pred_boxes"] >= 0) & (out1["pred_boxes"] <= 1)).all()
     assert torch.equal(out1["pred_logits"], out2["pred_logits"])      # eval is deterministic
     assert torch.equal(with_aux["pred_logits"], out1["pred_logits"])
+    with torch.no_grad():                                             # the decoder phase's split of forward
+        tokens = model.encode(x)
+        split = model.decode(tokens)
+    t, h, w = M.token_grid(model, TINY[1], TINY[3])
+    assert tokens.shape == (2, t * h * w, 256)
+    assert torch.equal(split["pred_logits"], out1["pred_logits"]) and torch.equal(split["pred_boxes"], out1["pred_boxes"])
     assert len(with_aux["aux_outputs"]) == 3
     for aux in with_aux["aux_outputs"]:
         assert set(aux) == {"pred_logits", "pred_boxes"}

@@ -30,6 +30,7 @@ from torch import nn
 
 import dataset
 import main
+import runtime
 import model as star_model
 from tools.make_sample_data import make_sample_dataset
 
@@ -244,7 +245,8 @@ def test_torchrun_two_processes_on_cpu(sample_data, tmp_path):
     script = tmp_path / "train_tiny.py"
     script.write_text(textwrap.dedent(WRAPPER.format(root=str(ROOT), tests=str(TESTS))))
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # the repository first, and whatever the caller's PYTHONPATH holds (packages installed there) after it
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(script), "--input_dir", str(sample_data), "--output_dir", str(out),
            *TINY_ARGS, "--epochs", "1", "--device", "cpu", "--decoder_steps", "6"]   # the phase runs on rank 0 only
@@ -287,6 +289,29 @@ def test_nan_loss_stops_with_exit_2_and_keeps_the_last_checkpoint(sample_data, t
     assert (out / "checkpoint.pth").read_bytes() == saved["checkpoint"]
     assert (out / "best_model.pth").read_bytes() == saved["best"]
     assert torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)["epoch"] == 0
+    assert [r["epoch"] for r in read_rows(out / "training_results.csv")] == ["1"]
+
+
+def test_an_epoch_whose_every_step_had_non_finite_gradients_stops_with_exit_2(sample_data, tmp_path, tiny_net,
+                                                                              monkeypatch):
+    """A finite loss with NaN gradients (as bf16 gave on a native-bf16 CPU): each step is skipped; an epoch in
+    which all were skipped learnt nothing, and the run stops there instead of going on unchanged."""
+    out = tmp_path / "nangrad"
+    original = main.train_one_epoch
+    saved = {}
+
+    def nan_gradients_in_second_epoch(model, *args, **kwargs):
+        if epoch_of(original, (model, *args), kwargs) >= 1:
+            saved["checkpoint"] = (out / "checkpoint.pth").read_bytes()
+            next(model.head.parameters()).register_hook(lambda grad: grad * float("nan"))
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(main, "train_one_epoch", nan_gradients_in_second_epoch)
+    assert run_main(sample_data, out) == 2
+    log = log_text(out)
+    assert "epoch 2: all 3 steps had a non-finite gradient norm and were skipped" in log, log
+    assert "last good checkpoint is unchanged" in log and "Traceback" not in log
+    assert (out / "checkpoint.pth").read_bytes() == saved["checkpoint"]
     assert [r["epoch"] for r in read_rows(out / "training_results.csv")] == ["1"]
 
 
@@ -620,14 +645,17 @@ def test_a_tie_in_the_validation_score_goes_to_the_later_epoch(sample_data, tmp_
     assert best["epoch"] == 1                                              # the 2nd (last) of the tied epochs
 
 
+@pytest.mark.parametrize("native_bf16", [False, True], ids=["fp32", "bf16-autocast"])
 def test_decoder_phase_retrains_the_decoder_side_on_the_trunk_and_keeps_its_best(sample_data, tmp_path, tiny_net,
-                                                                                 monkeypatch):
+                                                                                 monkeypatch, native_bf16):
     monkeypatch.setattr(main.metrics, "best_score", lambda result: 0.5)  # all tie: the last evaluation is kept
+    # a CPU with native bf16 trains and evaluates under bf16 autocast: the phase must score as the final report does
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native_bf16)
     out = tmp_path / "phase"
     assert run_main(sample_data, out, "--decoder_steps", "12") == 0
     log = log_text(out)
     assert "decoder phase: trunk tokens of" in log and "decoder step 12/12:" in log
-    assert len(re.findall(r"^\S+ decoder step \d+/12: ", log, re.MULTILINE)) == 6          # every steps/6
+    assert len(re.findall(r"^\S+ decoder step \d+/12: ", log, re.MULTILINE)) == 12         # every steps/12
     ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
     best = torch.load(out / "best_model.pth", map_location="cpu", weights_only=True)
     assert best["decoder_step"] == 12 and best["epoch"] == ckpt["epoch"] == 1

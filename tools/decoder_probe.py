@@ -8,7 +8,7 @@ Runs the trunk of a STAR checkpoint once over the training clips (``--augmentati
 copies of each, the run's split.json) and the validation (and unseen) videos, keeps the trunk
 tokens, then trains a fresh decoder side (token projection, position table, queries, decoder,
 heads) on them alone, with main.py's from-scratch recipe or the flags given, and prints the
-top-query metrics every ``--steps / 6`` steps. A step costs ~0.1 s on 2 CPU cores instead of the
+top-query metrics every ``--steps / 12`` steps. A step costs ~0.1 s on 2 CPU cores instead of the
 whole network's seconds, so decoder-side recipes (learning rate, loss weights, queries, steps)
 can be compared in a minute each. It measures the decoder alone: the trunk stays as trained.
 """
