@@ -2,7 +2,7 @@
 # The offline demo: installs what it needs, generates sample data, trains a short CPU run from
 # scratch, predicts on held-out sample videos and scores them. Everything lands in demo_output/.
 # Took about 12 minutes on 2 CPU cores (with the installs) before the decoder phase of the from-scratch recipe,
-# which adds about 2-3 minutes (not re-measured). Settings can be overridden: EPOCHS=60 bash demo.sh
+# which adds a few minutes (not re-measured). Settings can be overridden: EPOCHS=60 bash demo.sh
 set -euo pipefail
 cd "$(dirname "$0")"
 out="${OUT:-demo_output}"

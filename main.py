@@ -51,7 +51,7 @@ PUBLISHED_RECIPE = types.MappingProxyType({"lr": 5e-5, "lr_backbone": 5e-5, "war
 SCRATCH_RECIPE = types.MappingProxyType({"lr": 2e-4, "lr_backbone": 5e-4, "warmup_epochs": 2, "still_prob": 0.2,
                                        "video_loss_coef": 2.0, "motion_init": True, "motion_constraint": True,
                                        "position_init": True, "ce_loss_coef": 6.0, "freeze_trunk": 2,
-                                       "decoder_steps": 1200})
+                                       "decoder_steps": 2000})
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -510,7 +510,7 @@ def decoder_phase(model: STAR, model_args, criterion, train_set, val_set, class_
     Why: from scratch, a 15-min CPU run leaves a trunk whose tokens tell the classes apart (a linear
     probe on them did) but a decoder that has not learnt to read them: its top query called every
     `wave` video `jump`. Decoder steps on cached tokens cost ~0.1 s instead of a whole step's seconds,
-    so ~1200 of them fit in two or three minutes (README, "Training from scratch")."""
+    so 2000 of them fit in about four minutes (README, "Training from scratch")."""
     start = time.time()
     train_tokens, train_targets = cache_tokens(model, train_set, range(args.epochs, args.epochs + args.decoder_copies),
                                                device, amp_dtype)
