@@ -3,6 +3,7 @@ the network from DESIGN.md), checkpoint loading/saving and its failure modes, fi
 initialisation (file, offline hub cache, no network) and BatchNorm folding. CPU, small inputs."""
 from __future__ import annotations
 
+import errno
 import math
 import os
 import pickle
@@ -295,15 +296,19 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
     assert tmp_leftovers(tmp_path, {"checkpoint.pth"}) == []
     before = path.read_bytes()
 
-    def failing_save(obj, f, *args, **kwargs):
-        f.write(b"half a checkpoint")                                 # dies after writing part of it
-        raise RuntimeError("disk full")
+    # a full disk: torch's zip writer raises RuntimeError, a plain write OSError(ENOSPC); one line, old file kept
+    for error in (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 17 vs 12\nmore"),
+                  OSError(errno.ENOSPC, "No space left on device")):
+        def failing_save(obj, f, *args, error=error, **kwargs):
+            f.write(b"half a checkpoint")                             # dies after writing part of it
+            raise error
 
-    monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(RuntimeError, match="disk full"):
-        M.save_checkpoint({"w": torch.zeros(4)}, path)
-    assert path.read_bytes() == before                                # old file intact
-    assert tmp_leftovers(tmp_path, {"checkpoint.pth"}) == []          # no temp file left
+        monkeypatch.setattr(torch, "save", failing_save)
+        with pytest.raises(M.CheckpointError, match=r"checkpoint.pth: cannot write the checkpoint \((No space left on "
+                                                    r"device|\[enforce fail.*pos 17 vs 12)\); the previous file is unchanged$"):
+            M.save_checkpoint({"w": torch.zeros(4)}, path)
+        assert path.read_bytes() == before                            # old file intact
+        assert tmp_leftovers(tmp_path, {"checkpoint.pth"}) == []      # no temp file left
 
 
 # --------------------------------------------------------------------------------------------------
