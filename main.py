@@ -36,7 +36,7 @@ from losses import PUBLISHED_WEIGHTS, build_criterion
 from model import (PRETRAINED_CHOICES, STAR, CheckpointError, build_model, count_parameters, freeze_trunk_stages,
                    init_motion_stem, init_position_table, load_for_finetuning, make_checkpoint, model_args_from,
                    motion_stem_conv, prepare_for_inference, save_checkpoint, token_grid)
-from runtime import UsageError, autocast_settings, resolve_device
+from runtime import UsageError, autocast, autocast_settings, resolve_device
 from video import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("star")
@@ -222,7 +222,7 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, device, amp_dty
     for clips, targets in bar:
         clips = clips.to(device, non_blocking=True)
         targets = [{k: v.to(device) for k, v in t.items() if k != "video"} for t in targets]
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             outputs = model(clips)
         losses, loss = checked_losses(criterion, outputs, targets, device, world, epoch)
         skipped += not optimizer_step(loss, net.parameters(), optimizer, scaler, args.grad_clip)
@@ -298,7 +298,7 @@ def evaluate(model, criterion, loader, device, amp_dtype, class_names, threshold
     model = inference_copy(model)
     preds, targets_xyxy, names, loss_sum, batches = [], [], [], 0.0, 0
     for clips, targets in loader:
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             outputs = model(clips.to(device))
         device_targets = [{k: v.to(device) for k, v in t.items() if k != "video"} for t in targets]
         loss_sum += float(criterion.total(criterion(outputs, device_targets)))
@@ -484,7 +484,7 @@ def cache_tokens(model: STAR, dataset: ActionDataset, epochs, device, amp_dtype,
     for epoch in epochs:
         for start in range(0, len(dataset), batch_size):
             clips, batch_targets = collate([dataset[(i, epoch)] for i in range(start, min(start + batch_size, len(dataset)))])
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with autocast(device, amp_dtype):
                 tokens.append(model.encode(clips.to(device)).float())
             targets += [{"labels": t["labels"].to(device), "boxes": t["boxes"].to(device)} for t in batch_targets]
     return torch.cat(tokens), targets
@@ -561,7 +561,7 @@ def evaluate_tokens(model: STAR, criterion, tokens, targets, class_names, thresh
     """:func:`evaluate` on cached validation tokens (the same numbers: the trunk's part is the same, and the
     decoder runs under the same autocast ``amp_dtype`` as there)."""
     model.eval()
-    with torch.autocast(tokens.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    with autocast(tokens.device, amp_dtype):
         outputs = model.decode(tokens)
     xyxy = [{"labels": t["labels"].cpu(), "boxes": box_convert(t["boxes"].cpu(), "cxcywh", "xyxy")} for t in targets]
     result = metrics.evaluate(metrics.outputs_to_predictions(outputs), xyxy, class_names, threshold)
@@ -618,6 +618,10 @@ def train(args) -> dict:
     preprocessing = {"num_frames": args.num_frames, "img_size": args.img_size,
                      "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     common = {"raw_class_ids": list(class_map.raw_ids), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    def write_best(result, epoch, **extra):   # the weights validated (the average, if any), self-describing
+        save_checkpoint(make_checkpoint(evaluated, model_args, class_map.names, preprocessing, epoch=epoch, metrics=result,
+                                        **extra, **common), best_path)
+
     for epoch in range(start_epoch, args.epochs):
         start = time.time()
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"]}
@@ -638,8 +642,7 @@ def train(args) -> dict:
             # and the later one has trained longer at a lower learning rate (README, "Training from scratch")
             new_best = bool(result) and (result["score"] >= best or not best_path.exists())
             if new_best or (not val_records and epoch + 1 == args.epochs):
-                save_checkpoint(make_checkpoint(evaluated, model_args, class_map.names, preprocessing, epoch=epoch,
-                                                metrics=result, **common), best_path)
+                write_best(result, epoch)
             if new_best:
                 best = result["score"]
                 log.info("new best model (score %.4f) -> %s", best, best_path)
@@ -658,8 +661,7 @@ def train(args) -> dict:
             last_step = step == args.decoder_steps
             if (result and result["score"] >= best) or (not val_records and last_step):
                 best = result.get("score", best)
-                save_checkpoint(make_checkpoint(evaluated, model_args, class_map.names, preprocessing, epoch=args.epochs - 1,
-                                                metrics=result, decoder_step=step, **common), best_path)
+                write_best(result, args.epochs - 1, decoder_step=step)
                 log.info("new best model (score %.4f, decoder step %d) -> %s", best, step, best_path)
         decoder_phase(evaluated, model_args, criterion, train_loader.dataset, val_loader.dataset, class_map.names, device,
                       amp_dtype, args, keep_if_best)

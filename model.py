@@ -392,18 +392,16 @@ def make_checkpoint(model: nn.Module, model_args: dict, class_names, preprocessi
 def save_checkpoint(obj: dict, path) -> None:
     """Write atomically: a temporary file in the same folder, then ``os.replace`` (never a half-written file)."""
     path = Path(path)
+    tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise CheckpointError(f"{path}: cannot write the checkpoint ({err.strerror or err})") from None
-    try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as err:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
         # a full disk surfaces as OSError, or as torch's RuntimeError from its zip writer: one line, the old file kept
         if isinstance(err, (OSError, RuntimeError)):
