@@ -670,6 +670,35 @@ def test_decoder_phase_retrains_the_decoder_side_on_the_trunk_and_keeps_its_best
         assert best["metrics"][key] == pytest.approx(full[key], rel=1e-4, abs=1e-5), key
 
 
+def test_decoder_phase_keeps_the_best_of_its_second_half_over_the_epochs_best(sample_data, tmp_path, tiny_net,
+                                                                              monkeypatch):
+    """Scores by evaluation: epochs 9, phase steps 1-5 (first half) 8, step 6 2, step 7 3, later 1: the phase's
+    step 7 is kept although the epochs and the first half scored higher."""
+    step_now = {"step": None}
+    real_fit = main.fit_decoder
+
+    def fit_tagging_steps(*args, on_eval, **kwargs):
+        def tagged(step, loss):
+            step_now["step"] = step
+            on_eval(step, loss)
+        real_fit(*args, on_eval=tagged, **kwargs)
+
+    def score(result):
+        step = step_now["step"]
+        if step is None:
+            return 9.0
+        return {6: 2.0, 7: 3.0}.get(step, 8.0 if step < 6 else 1.0)
+    monkeypatch.setattr(main, "fit_decoder", fit_tagging_steps)
+    monkeypatch.setattr(main.metrics, "best_score", score)
+    out = tmp_path / "phase_half"
+    assert run_main(sample_data, out, "--decoder_steps", "12") == 0
+    best = torch.load(out / "best_model.pth", map_location="cpu", weights_only=True)
+    assert best["decoder_step"] == 7 and best["metrics"]["score"] == 3.0
+    log = log_text(out)
+    assert "new best model (score 9.0000) ->" in log                       # the epochs' best was written first
+    assert re.findall(r"decoder step (\d+)\) ->", log) == ["6", "7"]
+
+
 def test_decoder_phase_is_the_from_scratch_default_only():
     def parse(extra):
         args = main.get_args_parser().parse_args(["--input_dir", "d", "--output_dir", "o", *extra])
