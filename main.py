@@ -664,13 +664,13 @@ def train(args) -> dict:
             # run measured the phase's decoder read unseen videos better than the jointly trained one, and its
             # boxes converge late under the cosine; on 9 validation videos a lucky early step otherwise won
             # (sample data seed 3: step 332 of 2000, unseen det-acc@0.5 0.56 against 0.72; README).
-            nonlocal best, phase_best
+            nonlocal phase_best
             if step < args.decoder_steps / 2:
                 return
             if (result and result["score"] >= phase_best) or (not val_records and step == args.decoder_steps):
-                best = phase_best = result.get("score", best)
+                phase_best = result.get("score", phase_best)
                 write_best(result, args.epochs - 1, decoder_step=step)
-                log.info("new best model (score %.4f, decoder step %d) -> %s", best, step, best_path)
+                log.info("new best model (score %.4f, decoder step %d) -> %s", phase_best, step, best_path)
         decoder_phase(evaluated, model_args, criterion, train_loader.dataset, val_loader.dataset, class_map.names, device,
                       amp_dtype, args, keep_if_best)
     if world > 1:
