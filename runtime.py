@@ -1,13 +1,34 @@
-"""Where and in which precision to run: shared by main.py, test.py and the benchmarks."""
+"""What every CLI shares at run time: device and precision, distributed set-up, logging, one-line errors,
+numeric flag checks (main.py, test.py, export.py, stream.py, app.py and the benchmarks)."""
 from __future__ import annotations
 
+import argparse
 import contextlib
+import logging
+import math
+import os
+import re
+import sys
 
 import torch
+from tqdm import tqdm
 
 
 class UsageError(Exception):
     """A problem with the command line or its inputs; printed as one line, exit code 2."""
+
+
+def one_line(err: BaseException, path=None, limit: int = 300) -> str:
+    """The first line of an error, for a one-line message; with ``path``, the file name prefix is dropped
+    (the caller names the file) and so are ``[Errno N]`` tags."""
+    lines = str(err).strip().splitlines()
+    text = lines[0] if lines else type(err).__name__
+    if path is not None:
+        path = os.fspath(path)
+        if text.startswith(path + ": "):
+            text = text[len(path) + 2:]
+        text = text.replace(f": '{path}'", "").replace(f" '{path}'", "")
+    return re.sub(r"\[Errno -?\d+\] ", "", text)[:limit]
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
@@ -67,3 +88,94 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def number(kind=int, minimum: float = 0, strict: bool = False):
+    """An argparse ``type``: a finite ``kind`` (int or float) at least ``minimum`` (above it when ``strict``)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be {'above' if strict else 'at least'} {minimum:g}, got {text}")
+        return value
+    return parse
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Console logging that does not break a progress bar."""
+
+    def emit(self, record):
+        try:
+            tqdm.write(self.format(record), file=sys.stdout)
+        except (OSError, ValueError):
+            self.handleError(record)
+
+
+def setup_logging(log_path=None, rank: int = 0) -> None:
+    """Console (INFO on rank 0, WARNING elsewhere) plus the log file (rank 0), on the root logger so that the
+    warnings of video.py and dataset.py land in the same places; ``star.*`` logs INFO. Calling it again
+    replaces the handlers it added before (and only those)."""
+    close_logging()
+    root = logging.getLogger()
+    if root.level == logging.NOTSET or root.level > logging.WARNING:
+        root.setLevel(logging.WARNING)
+    logging.getLogger("star").setLevel(logging.INFO)
+    console = _TqdmHandler()
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    console.setFormatter(logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(message)s"))
+    handlers = [console]
+    if log_path is not None and rank == 0:
+        handler = logging.FileHandler(log_path, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%dT%H:%M:%S"))
+        handlers.append(handler)
+    for h in handlers:
+        h._star = True
+        root.addHandler(h)
+
+
+def close_logging() -> None:
+    """Remove and close the handlers of :func:`setup_logging` (the log file is complete)."""
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if getattr(h, "_star", False)]:
+        root.removeHandler(h)
+        h.close()
+
+
+def logging_is_set_up() -> bool:
+    return any(getattr(h, "_star", False) for h in logging.getLogger().handlers)
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def init_distributed(device_name: str = "auto") -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)``; under torchrun starts the process group (nccl on CUDA, gloo on
+    the CPU) and selects this rank's GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    import torch.distributed as dist
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def gather(obj, world: int) -> list:
+    """Every rank's ``obj`` (in rank order) on every rank; ``[obj]`` when not distributed."""
+    if world <= 1:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out

@@ -73,7 +73,7 @@ def machine_info(device: str = "cpu") -> dict:
     """What the figures were measured on."""
     import torch
     flags = cpu_flags()
-    simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in flags]
     info = {"CPU": cpu_model(), "cores (os.cpu_count)": os.cpu_count(), "torch threads": torch.get_num_threads(),
             "SIMD": ", ".join(simd) or "unknown", "bf16 native": "yes" if native_bf16() else "no (emulated)",
             "torch": torch.__version__, "python": platform.python_version(),
@@ -340,6 +340,6 @@ def num(value: float) -> str:
 
 
 def one_line(err: BaseException) -> str:
-    """An exception as one short line, for a table cell."""
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"[:160]
+    """An exception as one short line with its type, for a table cell."""
+    import runtime
+    return f"{type(err).__name__}: {runtime.one_line(err, limit=140)}"

@@ -1,26 +1,26 @@
-"""Inference CLI (test.py): CSV schema, failures, annotated videos, windows, evaluation,
+"""Inference (inference.py and its CLI test.py): CSV schema, failures, annotated videos, windows, evaluation,
 published checkpoints, precision. A tiny-input STAR (4 frames, 64x64) keeps it fast on a CPU."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 
 import av
 import numpy as np
 import pytest
 import torch
 
+import inference
 import metrics
 import model as star_model
+import runtime
 from conftest import ROOT, write_video
 
-# test.py shares its name with the standard library's `test` package: load it by path.
-_spec = importlib.util.spec_from_file_location("star_test_cli", ROOT / "test.py")
-cli_mod = importlib.util.module_from_spec(_spec)
-sys.modules["star_test_cli"] = cli_mod   # dataclasses and DataLoader workers look it up there
-_spec.loader.exec_module(cli_mod)
+# test.py shares its name with the standard library's `test` package; the repository root is first on the
+# path (conftest), so `import test` is ours: checked here so that a stdlib import can never pass silently.
+import test as test_cli  # noqa: E402
+
+assert test_cli.__file__ == str(ROOT / "test.py"), test_cli.__file__
 
 FIELDS = ["video_name", "pred_class", "score", "x1", "y1", "x2", "y2", "start_sec", "end_sec"]
 TINY_PREP = {"num_frames": 4, "img_size": 64, "mean": list(star_model.IMAGENET_MEAN),
@@ -65,7 +65,7 @@ def _frames(n, w=64, h=48, seed=0):
 def _run(tmp_path, inputs, ckpt, *extra):
     out = tmp_path / "out" / "predictions.csv"
     argv = ["--input_dir", str(inputs), "--output_file", str(out), "--model_path", str(ckpt), *extra]
-    rc = cli_mod.cli(argv)
+    rc = test_cli.cli(argv)
     rows = list(csv.DictReader(out.open())) if out.exists() else None
     return rc, out, rows
 
@@ -123,7 +123,7 @@ def test_threshold_rule_matches_softmax_over_all_logits(checkpoints):
     pred = metrics.outputs_to_predictions(out)[0]
     probs = out["pred_logits"][0].softmax(-1)[:, :-1].max(-1).values
     threshold = float(probs.median())
-    dets = cli_mod.detections_from_prediction(pred, info["class_names"], threshold, 0.0, 1.0)
+    dets = inference.detections_from_prediction(pred, info["class_names"], threshold, 0.0, 1.0)
     assert len(dets) == int((probs >= threshold).sum())
     assert [d.score for d in dets] == sorted((d.score for d in dets), reverse=True)
 
@@ -187,7 +187,7 @@ def test_annotated_video_keeps_frames_size_and_rate(tmp_path, checkpoints):
 
 
 def test_annotated_names_do_not_collide():
-    paths = cli_mod.annotated_paths(["a.mp4", "a.avi", "b.MKV", "sub/a.mp4"], "/x")
+    paths = inference.annotated_paths(["a.mp4", "a.avi", "b.MKV", "sub/a.mp4"], "/x")
     assert [p.as_posix() for p in paths] == ["/x/a_mp4.mp4", "/x/a_avi.mp4", "/x/b.mp4", "/x/sub/a.mp4"]
 
 
@@ -195,21 +195,21 @@ def test_list_videos_any_case_sorted_hidden_skipped(tmp_path):
     for name in ("b.MP4", "a.mov", "c.Mkv", "d.avi", ".hidden.mp4", "e.txt", "sub/f.mp4"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
-    flat = [p.name for p in cli_mod.list_videos(tmp_path)]
+    flat = [p.name for p in inference.list_videos(tmp_path)]
     assert flat == ["a.mov", "b.MP4", "c.Mkv", "d.avi"]
-    deep = cli_mod.video_names(cli_mod.list_videos(tmp_path, recursive=True), tmp_path)
+    deep = inference.video_names(inference.list_videos(tmp_path, recursive=True), tmp_path)
     assert deep == ["a.mov", "b.MP4", "c.Mkv", "d.avi", "sub/f.mp4"]
     one = tmp_path / "a.mov"
-    assert cli_mod.list_videos(one) == [one]
-    with pytest.raises(cli_mod.UsageError):
-        cli_mod.list_videos(tmp_path / "absent")
+    assert inference.list_videos(one) == [one]
+    with pytest.raises(runtime.UsageError):
+        inference.list_videos(tmp_path / "absent")
 
 
 # --------------------------------------------------------------------------- windows
 
 
 def _det(cls, score, box, start, end):
-    return cli_mod.Detection(cls, ["fight", "collapse"][cls], score, tuple(box), start, end)
+    return inference.Detection(cls, ["fight", "collapse"][cls], score, tuple(box), start, end)
 
 
 def test_join_windows_hand_made():
@@ -224,7 +224,7 @@ def test_join_windows_hand_made():
         _det(1, 0.5, box_a, 1.0, 3.0),       # other class: its own span
         _det(0, 0.4, box_a, 7.0, 9.0),       # same box but after a gap: its own span
     ]
-    joined = cli_mod.join_windows(dets, iou_threshold=0.3)
+    joined = inference.join_windows(dets, iou_threshold=0.3)
     assert len(joined) == 4
     first = joined[0]
     assert (first.class_id, first.start_sec, first.end_sec, first.score) == (0, 0.0, 5.0, 0.9)
@@ -232,11 +232,11 @@ def test_join_windows_hand_made():
     spans = sorted((d.class_id, d.start_sec, d.end_sec, d.score) for d in joined[1:])
     assert spans == [(0, 1.0, 3.0, 0.8), (0, 7.0, 9.0, 0.4), (1, 1.0, 3.0, 0.5)]
     # Two detections of one window never join each other; a gap is bridged only when allowed.
-    same_window = cli_mod.join_windows([_det(0, 0.9, box_a, 0, 2), _det(0, 0.8, box_a, 0, 2)])
+    same_window = inference.join_windows([_det(0, 0.9, box_a, 0, 2), _det(0, 0.8, box_a, 0, 2)])
     assert len(same_window) == 2
-    bridged = cli_mod.join_windows([_det(0, 0.9, box_a, 0, 2), _det(0, 0.8, box_a, 3, 5)], max_gap_sec=1.0)
+    bridged = inference.join_windows([_det(0, 0.9, box_a, 0, 2), _det(0, 0.8, box_a, 3, 5)], max_gap_sec=1.0)
     assert [(d.start_sec, d.end_sec) for d in bridged] == [(0, 5)]
-    assert cli_mod.join_windows([]) == []
+    assert inference.join_windows([]) == []
 
 
 def test_window_mode_spans(tmp_path, checkpoints):
@@ -269,12 +269,12 @@ def test_evaluation_on_hand_made_case(tmp_path):
     def result(name, score, label, box):
         q = {"scores": torch.tensor([score, 0.1]), "labels": torch.tensor([label, 0]),
              "boxes": torch.tensor([box, [0.0, 0.0, 0.1, 0.1]])}
-        return cli_mod.VideoResult(0, name, str(data / name), info, [], [q], score)
+        return inference.VideoResult(0, name, str(data / name), info, [], [q], score)
 
     results = [result("pos.mp4", 0.9, 1, [0.1, 0.1, 0.5, 0.5]),   # exact GT box (10/100, 5/50, ...)
                result("neg.mp4", 0.2, 0, [0.2, 0.2, 0.3, 0.3])]    # below threshold: no_object
     out = tmp_path / "predictions.csv"
-    figures = cli_mod.evaluate_predictions(results, data, ["fight", "collapse"], [3, 7], 0.5, out)
+    figures = inference.evaluate_predictions(results, data, ["fight", "collapse"], [3, 7], 0.5, out)
     assert figures["video_acc"] == 1.0 and figures["det_acc_50"] == 1.0
     assert figures["mean_iou"] == pytest.approx(1.0, abs=1e-5)
     assert figures["ap50"]["collapse"] == pytest.approx(1.0) and figures["ap50"]["fight"] is None
@@ -301,15 +301,15 @@ def test_published_raw_state_dict_runs(tmp_path):
 
 def test_device_and_precision_settings():
     cpu = torch.device("cpu")
-    assert cli_mod.resolve_device("cpu") == cpu
-    assert cli_mod.autocast_settings(cpu, "fp32")[0] is None
-    dtype, _ = cli_mod.autocast_settings(cpu, "auto")
-    assert dtype == (torch.bfloat16 if cli_mod.cpu_has_native_bf16() else None)
-    assert cli_mod.autocast_settings(cpu, "bf16")[0] == torch.bfloat16
-    assert cli_mod.autocast_settings(torch.device("cuda"), "auto")[0] == torch.float16
+    assert runtime.resolve_device("cpu") == cpu
+    assert runtime.autocast_settings(cpu, "fp32")[0] is None
+    dtype, _ = runtime.autocast_settings(cpu, "auto")
+    assert dtype == (torch.bfloat16 if runtime.cpu_has_native_bf16() else None)
+    assert runtime.autocast_settings(cpu, "bf16")[0] == torch.bfloat16
+    assert runtime.autocast_settings(torch.device("cuda"), "auto")[0] == torch.float16
     if not torch.cuda.is_available():
-        with pytest.raises(cli_mod.UsageError):
-            cli_mod.resolve_device("cuda")
+        with pytest.raises(runtime.UsageError):
+            runtime.resolve_device("cuda")
 
 
 def test_bf16_agrees_with_fp32(tmp_path):
@@ -322,7 +322,7 @@ def test_bf16_agrees_with_fp32(tmp_path):
     for net in (_tiny_model(1), _tiny_model(None)):
         with torch.inference_mode():
             ref = metrics.outputs_to_predictions(net(x))[0]
-            with cli_mod.autocast(cpu, torch.bfloat16):
+            with runtime.autocast(cpu, torch.bfloat16):
                 low = metrics.outputs_to_predictions(net(x))[0]
         decided = (ref["scores"] - 0.5).abs() > 0.05   # classes compared where the decision is not a tie
         assert torch.equal(ref["labels"][decided], low["labels"][decided])

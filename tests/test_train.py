@@ -29,8 +29,11 @@ import torch
 from torch import nn
 
 import dataset
+import engine
 import main
+import recipes
 import runtime
+import losses as losses_module
 import model as star_model
 from tools.make_sample_data import make_sample_dataset
 
@@ -88,7 +91,7 @@ def sample_data(tmp_path_factory) -> Path:
 
 
 def run_main(input_dir, output_dir, *extra) -> int:
-    """main.main in-process; the root logger (main.setup_logging replaces its handlers) is restored."""
+    """main.main in-process; the root logger (runtime.setup_logging adds its handlers) is restored."""
     args = main.get_args_parser().parse_args(
         ["--input_dir", str(input_dir), "--output_dir", str(output_dir), *TINY_ARGS, *extra])
     root = logging.getLogger()
@@ -126,7 +129,7 @@ def reference_run(tmp_path_factory, sample_data) -> Path:
 
 
 def epoch_of(function, args, kwargs) -> int:
-    """The ``epoch`` argument of a call to ``main.train_one_epoch``."""
+    """The ``epoch`` argument of a call to ``engine.train_one_epoch``."""
     return inspect.signature(function).bind(*args, **kwargs).arguments["epoch"]
 
 
@@ -145,7 +148,7 @@ def test_end_to_end_writes_every_output(reference_run, sample_data, tiny_net):
 
     rows = read_rows(out / "training_results.csv")
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    assert list(rows[0]) == main.EPOCH_FIELDS
+    assert list(rows[0]) == engine.EPOCH_FIELDS
     for row in rows:
         assert math.isfinite(float(row["train_loss"])) and math.isfinite(float(row["val_loss"]))
         assert row["skipped_steps"] == "0" and row["score"] != ""
@@ -195,18 +198,18 @@ def test_cuda_amp_end_to_end(sample_data, tmp_path, tiny_net):
 def test_resume_continues_and_reproduces_the_uninterrupted_run(reference_run, sample_data, tmp_path, tiny_net,
                                                                monkeypatch):
     out = tmp_path / "resumed"
-    original = main.train_one_epoch
+    original = engine.train_one_epoch
 
     def interrupted(*args, **kwargs):
         if epoch_of(original, args, kwargs) >= 1:     # positional `epoch`: stop before the 2nd epoch trains
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(main, "train_one_epoch", interrupted)
+    monkeypatch.setattr(engine, "train_one_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_main(sample_data, out, *EMA_ARGS)
     assert [r["epoch"] for r in read_rows(out / "training_results.csv")] == ["1"]
-    monkeypatch.setattr(main, "train_one_epoch", original)
+    monkeypatch.setattr(engine, "train_one_epoch", original)
 
     assert run_main(sample_data, out, "--resume", *EMA_ARGS) == 0
     assert "resumed from" in log_text(out) and "continuing at epoch 2" in log_text(out)
@@ -269,7 +272,7 @@ def test_nan_loss_stops_with_exit_2_and_keeps_the_last_checkpoint(sample_data, t
                                                                   caplog):
     """Diverged weights: the model's outputs become NaN in epoch 2 (so the loss would be NaN)."""
     out = tmp_path / "nan"
-    original = main.train_one_epoch
+    original = engine.train_one_epoch
     saved = {}
 
     def nan_in_second_epoch(model, *args, **kwargs):
@@ -280,7 +283,7 @@ def test_nan_loss_stops_with_exit_2_and_keeps_the_last_checkpoint(sample_data, t
                                                                          else v for k, v in outputs.items()})
         return original(model, *args, **kwargs)
 
-    monkeypatch.setattr(main, "train_one_epoch", nan_in_second_epoch)
+    monkeypatch.setattr(engine, "train_one_epoch", nan_in_second_epoch)
     assert run_main(sample_data, out) == 2
     log = log_text(out)
     assert "epoch 2: the loss became nan" in log
@@ -297,7 +300,7 @@ def test_an_epoch_whose_every_step_had_non_finite_gradients_stops_with_exit_2(sa
     """A finite loss with NaN gradients (as bf16 gave on a native-bf16 CPU): each step is skipped; an epoch in
     which all were skipped learnt nothing, and the run stops there instead of going on unchanged."""
     out = tmp_path / "nangrad"
-    original = main.train_one_epoch
+    original = engine.train_one_epoch
     saved = {}
 
     def nan_gradients_in_second_epoch(model, *args, **kwargs):
@@ -306,7 +309,7 @@ def test_an_epoch_whose_every_step_had_non_finite_gradients_stops_with_exit_2(sa
             next(model.head.parameters()).register_hook(lambda grad: grad * float("nan"))
         return original(model, *args, **kwargs)
 
-    monkeypatch.setattr(main, "train_one_epoch", nan_gradients_in_second_epoch)
+    monkeypatch.setattr(engine, "train_one_epoch", nan_gradients_in_second_epoch)
     assert run_main(sample_data, out) == 2
     log = log_text(out)
     assert "epoch 2: all 3 steps had a non-finite gradient norm and were skipped" in log, log
@@ -317,14 +320,14 @@ def test_an_epoch_whose_every_step_had_non_finite_gradients_stops_with_exit_2(sa
 
 def test_nan_loss_from_the_criterion_stops_with_exit_2(sample_data, tmp_path, tiny_net, monkeypatch):
     out = tmp_path / "nanloss"
-    original = main.train_one_epoch
+    original = engine.train_one_epoch
 
     def nan_total(model, criterion, *args, **kwargs):
         real_total = criterion.total
         monkeypatch.setattr(criterion, "total", lambda losses: real_total(losses) * float("nan"))
         return original(model, criterion, *args, **kwargs)
 
-    monkeypatch.setattr(main, "train_one_epoch", nan_total)
+    monkeypatch.setattr(engine, "train_one_epoch", nan_total)
     assert run_main(sample_data, out, "--epochs", "1") == 2
     assert "epoch 1: the loss became nan" in log_text(out)
     assert not (out / "checkpoint.pth").exists() and not (out / "training_results.csv").exists()
@@ -334,7 +337,7 @@ def test_non_finite_gradient_skips_the_step(sample_data, tmp_path, tiny_net, mon
     """A finite loss with an inf gradient (first step only): that step is skipped and counted,
     the weights stay finite, and training goes on."""
     out = tmp_path / "infgrad"
-    original = main.train_one_epoch
+    original = engine.train_one_epoch
     calls = {"n": 0}
 
     def inf_grad_once(grad):
@@ -346,7 +349,7 @@ def test_non_finite_gradient_skips_the_step(sample_data, tmp_path, tiny_net, mon
             model.queries.weight.register_hook(inf_grad_once)
         return original(model, *args, **kwargs)
 
-    monkeypatch.setattr(main, "train_one_epoch", with_hook)
+    monkeypatch.setattr(engine, "train_one_epoch", with_hook)
     assert run_main(sample_data, out, "--epochs", "1") == 0
     row, = read_rows(out / "training_results.csv")
     assert int(row["skipped_steps"]) == 1
@@ -411,7 +414,7 @@ def test_init_from_checkpoint_with_other_classes(sample_data, tmp_path, tiny_net
     assert run_main(sample_data, out, "--epochs", "1", "--init_from", str(source)) == 0
     log = log_text(out)
     assert f"class layer {star_model.CLASS_LAYER} re-initialised (5 classes there, 3 here)" in log
-    assert f"lr {main.PUBLISHED_RECIPE['lr']:g} (trunk" in log                          # fine-tuning default
+    assert f"lr {recipes.PUBLISHED_RECIPE['lr']:g} (trunk" in log                          # fine-tuning default
     net, info = star_model.load_checkpoint(out / "best_model.pth")
     assert net.num_classes == 3 and len(info["class_names"]) == 3
 
@@ -428,13 +431,13 @@ def test_init_from_unusable_file_returns_2(sample_data, tmp_path, tiny_net):
 def test_recipe_defaults_depend_on_the_trunk_and_flags_win():
     parse = main.get_args_parser().parse_args
     scratch = parse(["--input_dir", "d", "--output_dir", "o", "--pretrained", "none", "--lr", "3e-4"])
-    main.apply_recipe(scratch)
+    recipes.apply_recipe(scratch)
     assert scratch.lr == 3e-4                                          # an explicit flag wins
-    assert all(getattr(scratch, k) == v for k, v in main.SCRATCH_RECIPE.items() if k != "lr")
+    assert all(getattr(scratch, k) == v for k, v in recipes.SCRATCH_RECIPE.items() if k != "lr")
     for extra in ([], ["--init_from", "x.pth"], ["--pretrained", "none", "--backbone_weights", "w.pth"]):
         args = parse(["--input_dir", "d", "--output_dir", "o", *extra])
-        main.apply_recipe(args)
-        assert all(getattr(args, k) == v for k, v in main.PUBLISHED_RECIPE.items()), extra
+        recipes.apply_recipe(args)
+        assert all(getattr(args, k) == v for k, v in recipes.PUBLISHED_RECIPE.items()), extra
 
 
 def _remember_initial_stem(monkeypatch) -> dict:
@@ -476,7 +479,7 @@ def test_a_frozen_stem_is_not_reprojected_by_the_motion_constraint(sample_data, 
 def test_the_from_scratch_recipe_freezes_stem_and_layer1(reference_run):
     """The reference run is from scratch: it ran with the recipe's --freeze_trunk 2 and its checkpoint says so
     (what freezing does: test_freeze_trunk_keeps_the_first_stages_and_trains_the_rest)."""
-    assert main.SCRATCH_RECIPE["freeze_trunk"] == 2 and main.PUBLISHED_RECIPE["freeze_trunk"] == 0
+    assert recipes.SCRATCH_RECIPE["freeze_trunk"] == 2 and recipes.PUBLISHED_RECIPE["freeze_trunk"] == 0
     ckpt = torch.load(reference_run / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert ckpt["args"]["freeze_trunk"] == 2 and "frozen trunk stages 2," in log_text(reference_run)
 
@@ -491,22 +494,22 @@ def test_resume_with_another_freeze_trunk_says_what_to_do(reference_run, sample_
 def test_class_loss_and_no_object_weights_reach_the_criterion_and_the_matcher(sample_data, tiny_net):
     dataset_args = main.get_args_parser().parse_args(["--input_dir", str(sample_data), "--output_dir", "o", *TINY_ARGS])
     class_map = dataset.load_dataset(sample_data)[1]
-    for extra, expected in (([], main.SCRATCH_RECIPE["ce_loss_coef"]), (["--ce_loss_coef", "3"], 3.0)):
+    for extra, expected in (([], recipes.SCRATCH_RECIPE["ce_loss_coef"]), (["--ce_loss_coef", "3"], 3.0)):
         args = main.get_args_parser().parse_args(["--input_dir", str(sample_data), "--output_dir", "o", *TINY_ARGS, *extra])
-        main.apply_recipe(args)
+        recipes.apply_recipe(args)
         criterion = main.build_training_state(args, class_map, torch.device("cpu"), 1)[1]
         assert criterion.weight_dict["loss_ce"] == criterion.weight_dict["loss_ce_0"] == expected
         assert criterion.matcher.cost_class == expected
         assert criterion.weight_dict["loss_bbox"] == 5.0 and criterion.weight_dict["loss_giou"] == 2.0
-    assert dataset_args.ce_loss_coef is None and main.PUBLISHED_RECIPE["ce_loss_coef"] == 2.0   # the published weight
+    assert dataset_args.ce_loss_coef is None and recipes.PUBLISHED_RECIPE["ce_loss_coef"] == 2.0   # the published weight
     args = main.get_args_parser().parse_args(["--input_dir", str(sample_data), "--output_dir", "o", *TINY_ARGS,
                                               "--set_cost_class", "1"])
-    main.apply_recipe(args)
+    recipes.apply_recipe(args)
     criterion = main.build_training_state(args, class_map, torch.device("cpu"), 1)[1]
-    assert criterion.matcher.cost_class == 1.0 and criterion.weight_dict["loss_ce"] == main.SCRATCH_RECIPE["ce_loss_coef"]
+    assert criterion.matcher.cost_class == 1.0 and criterion.weight_dict["loss_ce"] == recipes.SCRATCH_RECIPE["ce_loss_coef"]
     for extra, expected in (([], 0.1), (["--eos_coef", "0.3"], 0.3)):     # 0.1: the published no-object weight
         args = main.get_args_parser().parse_args(["--input_dir", str(sample_data), "--output_dir", "o", *TINY_ARGS, *extra])
-        main.apply_recipe(args)
+        recipes.apply_recipe(args)
         criterion = main.build_training_state(args, class_map, torch.device("cpu"), 1)[1]
         assert criterion.class_weight.tolist() == pytest.approx([1.0] * len(class_map) + [expected])
 
@@ -515,7 +518,7 @@ def test_dropout_flag_reaches_every_dropout_and_the_model_args(sample_data, tiny
     class_map = dataset.load_dataset(sample_data)[1]
     for extra, expected in (([], 0.1), (["--dropout", "0.3"], 0.3)):      # 0.1: the published network's
         args = main.get_args_parser().parse_args(["--input_dir", str(sample_data), "--output_dir", "o", *TINY_ARGS, *extra])
-        main.apply_recipe(args)
+        recipes.apply_recipe(args)
         model, *_, model_args = main.build_training_state(args, class_map, torch.device("cpu"), 1)
         assert model_args["dropout"] == expected                 # stored in the checkpoint's model arguments
         rates = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
@@ -527,7 +530,7 @@ def test_parameter_groups_split_trunk_from_the_rest_once():
     net = star_model.STAR(num_classes=2, **{k: v for k, v in tiny_model_args(2).items() if k != "num_classes"})
     args = main.get_args_parser().parse_args(["--input_dir", "d", "--output_dir", "o", "--lr", "1e-4",
                                               "--lr_backbone", "5e-4"])
-    trunk, rest = main.parameter_groups(net, args)
+    trunk, rest = engine.parameter_groups(net, args)
     assert (trunk["lr"], rest["lr"]) == (5e-4, 1e-4)
     ids = [id(p) for p in trunk["params"] + rest["params"]]
     assert len(ids) == len(set(ids)) == len(list(net.parameters()))
@@ -540,7 +543,7 @@ def test_freeze_trunk_keeps_the_first_stages_and_trains_the_rest(sample_data, ti
     records, class_map, _ = dataset.load_dataset(sample_data)
     args = main.get_args_parser().parse_args(["--input_dir", str(sample_data), "--output_dir", "o", *TINY_ARGS,
                                               "--freeze_trunk", "2", "--motion_constraint"])
-    main.apply_recipe(args)
+    recipes.apply_recipe(args)
     model, criterion, optimizer, _, scaler, *_ = main.build_training_state(args, class_map, torch.device("cpu"), 1)
     stem, layer1 = list(model.backbone.stem)[:2]
     frozen = [p for stage in (stem, layer1) for p in stage.parameters()]
@@ -553,7 +556,7 @@ def test_freeze_trunk_keeps_the_first_stages_and_trains_the_rest(sample_data, ti
     targets = [{k: v for k, v in t.items() if k != "video"} for t in targets]
     model.train()
     loss = criterion.total(criterion(model(clips), targets))
-    assert main.optimizer_step(loss, model.parameters(), optimizer, scaler, 0.5)
+    assert engine.optimizer_step(loss, model.parameters(), optimizer, scaler, 0.5)
     after = model.state_dict()
     for name in before:
         changed = not torch.equal(before[name], after[name])
@@ -571,7 +574,7 @@ def test_schedule_warms_up_then_follows_the_cosine_to_min_lr():
                                               "--warmup_epochs", "2", "--min_lr", "1e-6"])
     bases = (5e-4, 2e-4)
     optimizer = torch.optim.AdamW([{"params": [nn.Parameter(torch.zeros(1))], "lr": lr} for lr in bases])
-    scheduler = main.make_scheduler(optimizer, args)
+    scheduler = engine.make_scheduler(optimizer, args)
     seen = []
     for _ in range(args.epochs):
         seen.append([g["lr"] for g in optimizer.param_groups])
@@ -589,7 +592,7 @@ def test_weight_average_follows_the_ema_formula_with_its_ramp():
     """make_ema: after n earlier updates the average moves by 1 - min(decay, (1 + n) / (10 + n)) towards
     the weights; integer buffers (BatchNorm's step count) are copied, not averaged."""
     net = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
-    ema = main.make_ema(net, 0.9)
+    ema = engine.make_ema(net, 0.9)
     expected = {k: v.clone() for k, v in net.state_dict().items()}
     ema.update_parameters(net)                                            # first update: a copy
     for n in range(1, 40):
@@ -604,9 +607,9 @@ def test_weight_average_follows_the_ema_formula_with_its_ramp():
             expected[k] = v.clone() if not v.is_floating_point() else keep * expected[k] + (1 - keep) * v
     for k, v in ema.module.state_dict().items():
         torch.testing.assert_close(v, expected[k], msg=k)
-    assert main.make_ema(net, 0.0) is None
-    with pytest.raises(main.UsageError):
-        main.make_ema(net, 1.0)
+    assert engine.make_ema(net, 0.0) is None
+    with pytest.raises(runtime.UsageError):
+        engine.make_ema(net, 1.0)
 
 
 def test_best_model_holds_the_weight_average_and_the_checkpoint_both(reference_run):
@@ -625,7 +628,7 @@ def test_best_model_holds_the_weight_average_and_the_checkpoint_both(reference_r
 def test_without_weight_average_the_checkpoints_hold_the_training_weights(sample_data, tmp_path, tiny_net):
     for trunk in ("none", "kinetics400"):                                                # opt-in (README)
         args = main.get_args_parser().parse_args(["--input_dir", "d", "--output_dir", "o", "--pretrained", trunk])
-        main.apply_recipe(args)
+        recipes.apply_recipe(args)
         assert args.ema_decay == 0.0
     out = tmp_path / "plain"
     assert run_main(sample_data, out, "--epochs", "1") == 0
@@ -638,7 +641,7 @@ def test_without_weight_average_the_checkpoints_hold_the_training_weights(sample
 
 
 def test_a_tie_in_the_validation_score_goes_to_the_later_epoch(sample_data, tmp_path, tiny_net, monkeypatch):
-    monkeypatch.setattr(main.metrics, "best_score", lambda result: 0.5)
+    monkeypatch.setattr(engine.metrics, "best_score", lambda result: 0.5)
     out = tmp_path / "ties"
     assert run_main(sample_data, out) == 0
     best = torch.load(out / "best_model.pth", map_location="cpu", weights_only=True)
@@ -648,7 +651,7 @@ def test_a_tie_in_the_validation_score_goes_to_the_later_epoch(sample_data, tmp_
 @pytest.mark.parametrize("native_bf16", [False, True], ids=["fp32", "bf16-autocast"])
 def test_decoder_phase_retrains_the_decoder_side_on_the_trunk_and_keeps_its_best(sample_data, tmp_path, tiny_net,
                                                                                  monkeypatch, native_bf16):
-    monkeypatch.setattr(main.metrics, "best_score", lambda result: 0.5)  # all tie: the last evaluation is kept
+    monkeypatch.setattr(engine.metrics, "best_score", lambda result: 0.5)  # all tie: the last evaluation is kept
     # a CPU with native bf16 trains and evaluates under bf16 autocast: the phase must score as the final report does
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native_bf16)
     out = tmp_path / "phase"
@@ -675,7 +678,7 @@ def test_decoder_phase_keeps_the_best_of_its_second_half_over_the_epochs_best(sa
     """Scores by evaluation: epochs 9, phase steps 1-5 (first half) 8, step 6 2, step 7 3, later 1: the phase's
     step 7 is kept although the epochs and the first half scored higher."""
     step_now = {"step": None}
-    real_fit = main.fit_decoder
+    real_fit = engine.fit_decoder
 
     def fit_tagging_steps(*args, on_eval, **kwargs):
         def tagged(step, loss):
@@ -688,8 +691,8 @@ def test_decoder_phase_keeps_the_best_of_its_second_half_over_the_epochs_best(sa
         if step is None:
             return 9.0
         return {6: 2.0, 7: 3.0}.get(step, 8.0 if step < 6 else 1.0)
-    monkeypatch.setattr(main, "fit_decoder", fit_tagging_steps)
-    monkeypatch.setattr(main.metrics, "best_score", score)
+    monkeypatch.setattr(engine, "fit_decoder", fit_tagging_steps)
+    monkeypatch.setattr(engine.metrics, "best_score", score)
     out = tmp_path / "phase_half"
     assert run_main(sample_data, out, "--decoder_steps", "12") == 0
     best = torch.load(out / "best_model.pth", map_location="cpu", weights_only=True)
@@ -702,9 +705,9 @@ def test_decoder_phase_keeps_the_best_of_its_second_half_over_the_epochs_best(sa
 def test_decoder_phase_is_the_from_scratch_default_only():
     def parse(extra):
         args = main.get_args_parser().parse_args(["--input_dir", "d", "--output_dir", "o", *extra])
-        main.apply_recipe(args)
+        recipes.apply_recipe(args)
         return args.decoder_steps
-    assert parse(["--pretrained", "none"]) == main.SCRATCH_RECIPE["decoder_steps"] > 0
+    assert parse(["--pretrained", "none"]) == recipes.SCRATCH_RECIPE["decoder_steps"] > 0
     assert parse([]) == parse(["--pretrained", "none", "--init_from", "x.pth"]) == 0
     assert parse(["--decoder_steps", "50"]) == 50
 
@@ -721,3 +724,145 @@ def test_decoder_probe_trains_the_decoder_side_on_cached_tokens(reference_run, s
     assert lines[0].startswith(f"cached tokens: train ({2 * len(split['train'])}, ")
     assert sum(line.startswith("step ") for line in lines) == 6
     assert "; val video_acc " in lines[-1] and "; unseen video_acc " in lines[-1] and "det_acc_50" in lines[-1]
+
+
+# ----------------------------------------------------------------------------- 8. bf16 gradient check
+
+class Bf16WeightGradientBug(torch.autograd.Function):
+    """Identity forward; under bf16 a NaN gradient backward, as oneDNN's AMX kernel gives the trunk's conv weights."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.bf16 = x.dtype == torch.bfloat16
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan") if ctx.bf16 else grad
+
+
+class BuggyUnderBf16(nn.Module):
+    def forward(self, x):
+        return Bf16WeightGradientBug.apply(x)
+
+
+def tiny_r2plus1d_18_with_bf16_bug(weights=None, **kwargs) -> nn.Module:
+    trunk = tiny_r2plus1d_18(weights, **kwargs)
+    trunk.layer2.append(BuggyUnderBf16())      # after layer2's conv: its weight gradient is NaN under bf16
+    return trunk
+
+
+@pytest.fixture
+def bf16_cpu_with_bug(monkeypatch, tiny_net):
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(star_model, "r2plus1d_18", tiny_r2plus1d_18_with_bf16_bug)
+
+
+def test_auto_precision_falls_back_to_fp32_when_a_bf16_step_gives_non_finite_gradients(sample_data, tmp_path,
+                                                                                       bf16_cpu_with_bug):
+    out = tmp_path / "fallback"
+    assert run_main(sample_data, out, "--epochs", "1") == 0
+    log = log_text(out)
+    assert "bf16 autocast (auto: this CPU has native bf16)" in log
+    assert log.count("precision: fp32, not bf16: a bf16 training step on the first batch gave non-finite "
+                     "gradients") == 1 and "tools/check_bf16.py" in log
+    assert "autocast None;" in log
+    row, = read_rows(out / "training_results.csv")
+    assert row["skipped_steps"] == "0" and math.isfinite(float(row["train_loss"]))
+
+
+def test_explicit_bf16_with_non_finite_gradients_says_how_to_fall_back(sample_data, tmp_path, bf16_cpu_with_bug):
+    out = tmp_path / "forced"
+    assert run_main(sample_data, out, "--epochs", "1", "--precision", "bf16") == 2
+    errors = [line for line in log_text(out).splitlines() if "error: " in line]
+    assert len(errors) == 1 and "--precision bf16:" in errors[0] and "train with --precision fp32" in errors[0]
+    assert not (out / "checkpoint.pth").exists()
+
+
+def test_auto_precision_keeps_bf16_where_its_gradients_are_finite(sample_data, tmp_path, tiny_net, monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    out = tmp_path / "kept"
+    assert run_main(sample_data, out, "--epochs", "1") == 0
+    log = log_text(out)
+    assert "precision check: a bf16 training step on the first batch gives finite gradients" in log
+    assert "autocast torch.bfloat16;" in log
+    assert run_main(sample_data, tmp_path / "fp32", "--epochs", "1", "--no_amp") == 0    # the old flag: fp32, no check
+    assert "precision check" not in log_text(tmp_path / "fp32") and "autocast None;" in log_text(tmp_path / "fp32")
+
+
+def test_the_bf16_check_leaves_the_model_and_the_random_streams_as_they_were(sample_data, tiny_net):
+    records, class_map, _ = dataset.load_dataset(sample_data)
+    net = star_model.STAR(**tiny_model_args(len(class_map))).train()
+    criterion = losses_module.build_criterion(len(class_map), 2)
+    clips, targets = dataset.collate([dataset.ActionDataset(records, 4, 64)[i] for i in range(2)])
+    targets = [{k: v for k, v in t.items() if k != "video"} for t in targets]
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    rng = torch.get_rng_state()
+    assert engine.bf16_gradients_finite(net, criterion, clips, targets, torch.device("cpu")) == []
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+    assert all(p.grad is None for p in net.parameters())
+    buggy = star_model.STAR(**tiny_model_args(len(class_map)))
+    buggy.backbone.stem[2].append(BuggyUnderBf16())
+    bad = engine.bf16_gradients_finite(buggy, criterion, clips, targets, torch.device("cpu"))
+    assert bad and all(name.startswith("backbone.") for name in bad)
+
+
+def _cpu_has_amx() -> bool:
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check and check())
+
+
+@pytest.mark.skipif(not _cpu_has_amx(), reason="needs a CPU with AMX (the oneDNN bf16 bug is in its AMX kernel)")
+def test_on_an_amx_cpu_the_real_check_chooses_fp32_for_the_recommended_shapes():
+    """The real network at the recommended 8x112, batch 4, stem and layer1 frozen (torch 2.14.1: NaN there)."""
+    torch.manual_seed(0)
+    net = star_model.STAR(num_classes=3)
+    star_model.freeze_trunk_stages(net, 2)
+    criterion = losses_module.build_criterion(3, 4)
+    clips = torch.randn(4, 8, 3, 112, 112)
+    targets = [{"labels": torch.tensor([i % 3]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.4]])} for i in range(4)]
+    bad = engine.bf16_gradients_finite(net, criterion, clips, targets, torch.device("cpu"))
+    assert bad, "bf16 gradients were finite: the oneDNN AMX bug may be fixed in this torch; the check keeps bf16 then"
+
+
+# ----------------------------------------------------------------------------- 9. outputs survive
+
+def test_resume_drops_result_rows_past_the_checkpoint(reference_run, sample_data, tmp_path, tiny_net):
+    """A kill between an epoch's row in training_results.csv and its checkpoint.pth: the row is not kept twice."""
+    out = tmp_path / "killed"
+    shutil.copytree(reference_run, out)
+    rows = read_rows(out / "training_results.csv")
+    with open(out / "training_results.csv", "a", newline="") as f:   # epoch 3's row, without its checkpoint
+        csv.DictWriter(f, fieldnames=list(rows[0])).writerow({**rows[-1], "epoch": "3"})
+    assert run_main(sample_data, out, "--epochs", "3", "--resume", *EMA_ARGS) == 0
+    assert [r["epoch"] for r in read_rows(out / "training_results.csv")] == ["1", "2", "3"]
+    assert "dropped 1 row(s) past the checkpoint's epoch 2" in log_text(out)
+
+
+def test_without_matplotlib_a_finished_run_keeps_its_outputs_and_warns_once(sample_data, tmp_path, tiny_net,
+                                                                             monkeypatch):
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)      # `import matplotlib` raises ImportError
+    out = tmp_path / "noplots"
+    assert run_main(sample_data, out, "--epochs", "1") == 0
+    for name in ("best_model.pth", "checkpoint.pth", "training_results.csv", "test_predictions.csv", "val_metrics.json"):
+        assert (out / name).is_file(), name
+    log = log_text(out)
+    assert log.count("plots skipped:") == 2 and "Traceback" not in log       # the history plots and the confusion matrix
+
+
+def test_check_bf16_tool_reports_the_one_conv_repro(capsys):
+    """tools/check_bf16.py: its exit code says what it printed; with oneDNN off the gradients are finite anywhere."""
+    from tools import check_bf16
+    parse = check_bf16.get_args_parser().parse_args
+    rc = check_bf16.main(parse(["--out_channels", "224", "230"]))
+    text = capsys.readouterr().out
+    assert rc == (1 if "NON-FINITE weight grad" in text else 0)
+    assert ("reproduced: bf16 training is not safe" in text) == (rc == 1) and "C=230:" in text
+    assert (rc == 1) == _cpu_has_amx()              # the bug is in the AMX kernel (torch 2.14.1)
+    try:
+        assert check_bf16.main(parse(["--out_channels", "230", "--no_mkldnn"])) == 0
+    finally:
+        torch.backends.mkldnn.enabled = True

@@ -7,7 +7,7 @@
 Runs the trunk of a STAR checkpoint once over the training clips (``--augmentations`` augmented
 copies of each, the run's split.json) and the validation (and unseen) videos, keeps the trunk
 tokens, then trains a fresh decoder side (token projection, position table, queries, decoder,
-heads) on them alone, with main.py's from-scratch recipe or the flags given, and prints the
+heads) on them alone, with the from-scratch recipe (recipes.py) or the flags given, and prints the
 top-query metrics every ``--steps / 12`` steps. A step costs ~0.1 s on 2 CPU cores instead of the
 whole network's seconds, so decoder-side recipes (learning rate, loss weights, queries, steps)
 can be compared in a minute each. It measures the decoder alone: the trunk stays as trained.
@@ -24,7 +24,8 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-import main as training  # noqa: E402  (repository root on the path so the tool runs from anywhere)
+import engine  # noqa: E402  (repository root on the path so the tool runs from anywhere)
+from recipes import SCRATCH_RECIPE  # noqa: E402
 from dataset import ActionDataset, load_dataset  # noqa: E402
 from losses import PUBLISHED_WEIGHTS, build_criterion  # noqa: E402
 from model import STAR, init_position_table, load_checkpoint  # noqa: E402
@@ -38,8 +39,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--augmentations", type=int, default=10, help="augmented copies of each training clip")
     p.add_argument("--steps", type=int, default=300, help="decoder-side training steps")
     p.add_argument("--batch_size", type=int, default=4, help="clips per step")
-    p.add_argument("--lr", type=float, default=training.SCRATCH_RECIPE["lr"], help="AdamW learning rate")
-    p.add_argument("--ce_loss_coef", type=float, default=training.SCRATCH_RECIPE["ce_loss_coef"], help="class loss weight")
+    p.add_argument("--lr", type=float, default=SCRATCH_RECIPE["lr"], help="AdamW learning rate")
+    p.add_argument("--ce_loss_coef", type=float, default=SCRATCH_RECIPE["ce_loss_coef"], help="class loss weight")
     p.add_argument("--bbox_loss_coef", type=float, default=PUBLISHED_WEIGHTS["loss_bbox"], help="L1 box loss weight")
     p.add_argument("--giou_loss_coef", type=float, default=PUBLISHED_WEIGHTS["loss_giou"], help="GIoU loss weight")
     p.add_argument("--eos_coef", type=float, default=0.1, help="no-object class weight")
@@ -52,7 +53,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def cache_tokens(model: STAR, records, num_frames: int, img_size: int, copies: int, augment: bool):
     """Backbone tokens of the eval-mode ``model`` ``(N, tokens, D)`` and targets (cxcywh): ``copies`` passes."""
     clips = ActionDataset(records, num_frames, img_size, augment=augment)
-    return training.cache_tokens(model, clips, range(copies), torch.device("cpu"), None)
+    return engine.cache_tokens(model, clips, range(copies), torch.device("cpu"), None)
 
 
 def main(args) -> int:
@@ -79,11 +80,11 @@ def main(args) -> int:
     start = time.perf_counter()
 
     def report(step, _loss):
-        figures = {k: training.evaluate_tokens(model, criterion, *v, names, 0.5) for k, v in sets.items()}
+        figures = {k: engine.evaluate_tokens(model, criterion, *v, names, 0.5) for k, v in sets.items()}
         print(f"step {step}: " + "; ".join(f"{k} " + " ".join(f"{m} {f[m]:.2f}" for m in ("video_acc", "det_acc_50", "mean_iou"))
                                            for k, f in figures.items()) + f" ({time.perf_counter() - start:.0f} s)",
               flush=True)
-    training.fit_decoder(model, params, criterion, *sets["train"], steps=args.steps, lr=args.lr, weight_decay=1e-4,
+    engine.fit_decoder(model, params, criterion, *sets["train"], steps=args.steps, lr=args.lr, weight_decay=1e-4,
                          batch_size=args.batch_size, grad_clip=0.5, seed=args.seed, device=torch.device("cpu"),
                          on_eval=report)
     return 0

@@ -1,0 +1,387 @@
+"""The training loops (DETR's engine.py): one epoch, the optimizer step with its non-finite guard, evaluation,
+the bf16 gradient check, the rule that keeps the best model, and the decoder phase. main.py is the CLI around them.
+
+Boxes: targets carry ``boxes`` (N, 4) cxcywh normalised; metrics take xyxy normalised.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.optim.swa_utils import AveragedModel
+from torchvision.ops import box_convert
+from tqdm import tqdm
+
+import metrics
+from dataset import ActionDataset, collate
+from model import STAR, init_motion_stem, init_position_table, motion_stem_conv, prepare_for_inference, token_grid
+from runtime import UsageError, autocast
+
+log = logging.getLogger("star")
+
+EPOCH_FIELDS = ["epoch", "lr", "seconds", "train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou",
+                "train_loss_video", "train_class_error", "train_matched_iou", "skipped_steps", "val_loss", "video_acc", "det_acc_50",
+                "mean_iou", "map50", "map50_95", "score"]
+
+
+# ----------------------------------------------------------------------------- training state
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """RNG states as plain lists/tensors (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_ema(model: STAR, decay: float) -> AveragedModel | None:
+    """An exponential moving average of ``model``'s weights and buffers (BatchNorm statistics), or None
+    when ``decay`` is 0. The decay ramps up as ``min(decay, (1 + n) / (10 + n))`` over the first updates
+    (n = updates so far), so the average does not drag the random init along for hundreds of steps.
+
+    An option (``--ema_decay``): averaged weights are the usual cure for validation that swings from epoch
+    to epoch, but from scratch on the sample data the cosine schedule already ends on steady weights and
+    the average scored the same as the raw weights (docs/EXPERIMENTS.md, "Weight average (--ema_decay)")."""
+    if not 0.0 <= decay < 1.0:
+        raise UsageError(f"--ema_decay must be in [0, 1), got {decay}")
+    if decay == 0.0:
+        return None
+
+    def ema_update(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        if not averaged.is_floating_point():      # BatchNorm's num_batches_tracked: keep the current count
+            return current
+        n = float(num_averaged)
+        return torch.lerp(averaged, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+    return AveragedModel(model, avg_fn=ema_update, use_buffers=True)
+
+
+def parameter_groups(model, args) -> list[dict]:
+    """The R(2+1)D trunk at ``lr_backbone``, everything else (projection, decoder, queries, heads) at ``lr``;
+    frozen parameters (``--freeze_trunk``) in neither."""
+    trunk, rest = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (trunk if name.startswith("backbone.stem.") else rest).append(param)
+    return [{"params": trunk, "lr": args.lr_backbone}, {"params": rest, "lr": args.lr}]
+
+
+def make_scheduler(optimizer, args):
+    """Per epoch: linear warm-up over ``warmup_epochs``, then cosine from each group's lr to ``min_lr``."""
+    warmup, total = args.warmup_epochs, max(args.epochs, 1)
+
+    def factor(base_lr):
+        floor = min(args.min_lr / base_lr, 1.0) if base_lr > 0 else 0.0
+
+        def at(epoch):
+            if epoch < warmup:
+                return (epoch + 1) / (warmup + 1)
+            progress = (epoch - warmup) / max(total - warmup, 1)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return at
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor(g["lr"]) for g in optimizer.param_groups])
+
+
+# ----------------------------------------------------------------------------- one epoch
+
+def train_one_epoch(model, criterion, loader, optimizer, scaler, device, amp_dtype, args, epoch, world, ema=None) -> dict:
+    """One pass over the training batches; ``ema``, if given, follows the weights after each step. Returns
+    mean loss terms and the count of skipped steps."""
+    model.train()
+    net = getattr(model, "module", model)
+    loader.batch_sampler.set_epoch(epoch)   # EpochTaggedBatches: the epoch travels with the indices to the workers
+    sums, counts, skipped = {}, {}, 0
+    constrain_stem = args.motion_constraint and motion_stem_conv(net).weight.requires_grad   # frozen: left as it is
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=dist.is_initialized() and dist.get_rank() != 0,
+               leave=False, dynamic_ncols=True)
+    for clips, targets in bar:
+        clips = clips.to(device, non_blocking=True)
+        targets = [{k: v.to(device) for k, v in t.items() if k != "video"} for t in targets]
+        with autocast(device, amp_dtype):
+            outputs = model(clips)
+        losses, loss = checked_losses(criterion, outputs, targets, device, world, epoch)
+        skipped += not optimizer_step(loss, net.parameters(), optimizer, scaler, args.grad_clip)
+        if constrain_stem:
+            init_motion_stem(net)
+        if ema is not None:
+            ema.update_parameters(net)
+        for k, v in [*losses.items(), ("loss", loss)]:
+            value = float(v.detach())
+            if not k[-1].isdigit() and math.isfinite(value):   # main terms only (aux terms are in the total);
+                sums[k] = sums.get(k, 0.0) + value               # matched_iou is NaN for a batch without boxes
+                counts[k] = counts.get(k, 0) + 1
+        bar.set_postfix(loss=f"{sums['loss'] / counts['loss']:.3f}")
+    if skipped and skipped == len(loader) and not scaler.is_enabled():
+        # a GradScaler skips steps while it backs off (fp16); without one, no step applied means nothing learnt
+        # (seen on a CPU with native bf16: every bf16 step of bench/bench_training.py had a non-finite gradient)
+        raise FloatingPointError(f"epoch {epoch + 1}: all {skipped} steps had a non-finite gradient norm and were skipped "
+                                 f"({amp_dtype or 'fp32'}): the weights did not change")
+    stats = {f"train_{k}": v / counts[k] for k, v in sums.items()}
+    stats["skipped_steps"] = skipped
+    return stats
+
+
+def checked_losses(criterion, outputs, targets, device, world, epoch) -> tuple[dict, torch.Tensor]:
+    """The criterion's terms and weighted total; a non-finite output or loss stops the run (FloatingPointError)."""
+    if not all(torch.isfinite(outputs[k]).all() for k in ("pred_logits", "pred_boxes")):   # NaN crashes the matcher
+        raise FloatingPointError(f"epoch {epoch + 1}: the loss became nan (non-finite model outputs)")
+    losses = criterion(outputs, targets, num_boxes=global_num_boxes(targets, device, world))
+    loss = criterion.total(losses)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"epoch {epoch + 1}: the loss became {loss.item()} "
+                                 f"({', '.join(f'{k}={v.item():.3g}' for k, v in losses.items())})")
+    return losses, loss
+
+
+def optimizer_step(loss, parameters, optimizer, scaler, grad_clip: float) -> bool:
+    """Backward, unscale, clip, step; returns False when the step was skipped for a non-finite gradient norm."""
+    parameters = list(parameters)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip or float("inf"))
+    finite = bool(torch.isfinite(grad_norm))
+    if finite:
+        scaler.step(optimizer)
+    elif not scaler.is_enabled():   # a finite loss can still give inf/NaN gradients under low precision: never apply them
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        scaler.step(optimizer)      # GradScaler sees the inf and skips the step itself
+    scaler.update()
+    return finite
+
+
+def global_num_boxes(targets, device, world) -> float:
+    """Target boxes in the whole (distributed) batch, for DETR's box-loss normalisation."""
+    n = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+    if world > 1:
+        dist.all_reduce(n)
+        n /= world
+    return float(n.clamp(min=1))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def inference_copy(model: STAR) -> STAR:
+    """An eval-mode copy with BatchNorm folded and channels_last_3d, as test.py runs it: the same outputs
+    (fp32 rounding), ~1.5x faster on the CPU at 8x112. ``model`` itself is left as it is."""
+    return prepare_for_inference(copy.deepcopy(model))
+
+
+@torch.no_grad()
+def evaluate(model, criterion, loader, device, amp_dtype, class_names, threshold) -> tuple[dict, list, list, list]:
+    """Validation loss and metrics of ``model`` as test.py runs it (:func:`inference_copy`); also returns
+    predictions, targets (xyxy) and video names."""
+    model = inference_copy(model)
+    preds, targets_xyxy, names, loss_sum, batches = [], [], [], 0.0, 0
+    for clips, targets in loader:
+        with autocast(device, amp_dtype):
+            outputs = model(clips.to(device))
+        device_targets = [{k: v.to(device) for k, v in t.items() if k != "video"} for t in targets]
+        loss_sum += float(criterion.total(criterion(outputs, device_targets)))
+        batches += 1
+        preds += metrics.outputs_to_predictions(outputs)
+        for t in targets:
+            targets_xyxy.append({"labels": t["labels"], "boxes": box_convert(t["boxes"], "cxcywh", "xyxy")})
+            names.append(t["video"])
+    result = metrics.evaluate(preds, targets_xyxy, class_names, threshold) if preds else {}
+    result["val_loss"] = loss_sum / max(batches, 1)
+    return result, preds, targets_xyxy, names
+
+
+# ----------------------------------------------------------------------------- the best model
+
+class KeepBest:
+    """Which evaluation becomes best_model.pth: ``write(result, **extra)`` saves it.
+
+    Epochs: the best validation score, a tie going to the later epoch (on a small validation split many epochs
+    tie, and the later one trained longer at a lower rate); without validation videos, the last epoch.
+    Decoder phase: only its second half competes, and its best replaces the epochs' best (the phase's decoder
+    read unseen videos better in every run measured; docs/EXPERIMENTS.md, "Second-half rule")."""
+
+    def __init__(self, write: Callable[..., None], has_validation: bool, best: float = -math.inf, path=""):
+        self.write, self.has_validation, self.best, self.path = write, has_validation, best, path
+        self.phase_best = -math.inf
+
+    def after_epoch(self, result: dict, epoch: int, last: bool, exists: bool) -> bool:
+        """``exists``: a best model is already on disk. Returns True when ``result`` is the new best."""
+        new_best = bool(result) and (result["score"] >= self.best or not exists)
+        if new_best or (not self.has_validation and last):
+            self.write(result, epoch)
+        if new_best:
+            self.best = result["score"]
+            log.info("new best model (score %.4f) -> %s", self.best, self.path)
+        return new_best
+
+    def after_decoder_step(self, step: int, steps: int, result: dict, epoch: int) -> bool:
+        if step < steps / 2:
+            return False
+        if (result and result["score"] >= self.phase_best) or (not self.has_validation and step == steps):
+            self.phase_best = result.get("score", self.phase_best)
+            self.write(result, epoch, decoder_step=step)
+            log.info("new best model (score %.4f, decoder step %d) -> %s", self.phase_best, step, self.path)
+            return True
+        return False
+
+
+# ----------------------------------------------------------------------------- precision
+
+def bf16_gradients_finite(model: torch.nn.Module, criterion, clips: torch.Tensor, targets: list[dict],
+                          device: torch.device) -> list[str]:
+    """One training step's forward and backward of a copy of ``model`` under bf16 autocast on a real batch
+    ``clips`` (B, T, 3, S, S); returns the names of the parameters whose gradient is not finite (empty: bf16 is
+    safe here). ``model``, its BatchNorm statistics and the RNG streams are left as they were.
+
+    Why: on CPUs with AMX, oneDNN (torch 2.14.1) returns NaN weight gradients for some Conv3d shapes of the
+    trunk under bf16 while the forward is fine (tools/check_bf16.py reproduces it with one conv)."""
+    probe = copy.deepcopy(getattr(model, "module", model)).train()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with autocast(device, torch.bfloat16):
+            outputs = probe(clips.to(device))
+        losses = criterion(outputs, targets)
+        criterion.total(losses).backward()
+    return [name for name, p in probe.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+
+
+def checked_training_dtype(amp_dtype, precision: str, model, criterion, loader, device):
+    """The autocast dtype to train with: bf16 only when :func:`bf16_gradients_finite` on the first training batch
+    says so; ``auto`` falls back to fp32 with one log line, an explicit ``bf16`` is a UsageError saying how."""
+    if amp_dtype != torch.bfloat16:
+        return amp_dtype
+    indices = next(iter(loader.batch_sampler))
+    clips, targets = collate([loader.dataset[i] for i in indices])
+    targets = [{k: v.to(device) for k, v in t.items() if k != "video"} for t in targets]
+    bad = bf16_gradients_finite(model, criterion, clips, targets, device)
+    if not bad:
+        log.info("precision check: a bf16 training step on the first batch gives finite gradients")
+        return amp_dtype
+    reason = (f"a bf16 training step on the first batch gave non-finite gradients in {len(bad)} parameter(s), "
+              f"first {bad[0]} (a known oneDNN bf16 bug on some CPUs: python tools/check_bf16.py)")
+    if precision == "bf16":
+        raise UsageError(f"--precision bf16: {reason}; train with --precision fp32 (or auto)")
+    log.warning("precision: fp32, not bf16: %s", reason)
+    return None
+
+
+# ----------------------------------------------------------------------------- decoder phase
+
+@torch.no_grad()
+def cache_tokens(model: STAR, dataset: ActionDataset, epochs, device, amp_dtype, batch_size: int = 8):
+    """Trunk tokens ``(N, tokens, D)`` of ``model`` run as :func:`evaluate` runs it (in the dtype it gives them to
+    the decoder there, so that :func:`evaluate_tokens` computes what :func:`evaluate` does), for every clip of
+    ``dataset`` as augmented at each of ``epochs`` (one pass each), and the targets (``labels``, ``boxes`` cxcywh)."""
+    model = inference_copy(model)
+    tokens, targets = [], []
+    for epoch in epochs:
+        for start in range(0, len(dataset), batch_size):
+            clips, batch_targets = collate([dataset[(i, epoch)] for i in range(start, min(start + batch_size, len(dataset)))])
+            with autocast(device, amp_dtype):
+                tokens.append(model.encode(clips.to(device)))   # as produced: bf16 under bf16 autocast
+            targets += [{"labels": t["labels"].to(device), "boxes": t["boxes"].to(device)} for t in batch_targets]
+    return torch.cat(tokens), targets
+
+
+def reset_decoder_side(model: STAR, model_args: dict, args) -> list[torch.nn.Parameter]:
+    """Re-initialise position table, queries, decoder and heads as a new model has them (and the sine
+    position table with ``--position_init``); returns their parameters."""
+    fresh = STAR(**model_args)
+    if args.position_init:
+        init_position_table(fresh, token_grid(fresh, args.num_frames, args.img_size))
+    parts = ("pos_embedding", "queries", "decoder", "head")
+    for part in parts:
+        getattr(model, part).load_state_dict(getattr(fresh, part).state_dict())
+    return [p for part in parts for p in getattr(model, part).parameters()]
+
+
+def decoder_phase(model: STAR, model_args, criterion, train_set, val_set, class_names, device, amp_dtype, args,
+                  on_validation):
+    """Train a fresh decoder side on cached trunk tokens (``--decoder_steps``); calls
+    ``on_validation(step, result)`` with the validation metrics every steps/12 and at the last step.
+
+    Why: from scratch a short run's trunk tells the classes apart before its decoder learns to read it, and a
+    decoder step on cached tokens costs a fraction of a whole step (docs/EXPERIMENTS.md, "Decoder phase")."""
+    start = time.time()
+    train_tokens, train_targets = cache_tokens(model, train_set, range(args.epochs, args.epochs + args.decoder_copies),
+                                               device, amp_dtype)
+    # validation batches as evaluate's loader makes them: under bf16 another batch size rounds differently
+    val_tokens, val_targets = cache_tokens(model, val_set, [0], device, amp_dtype, args.batch_size)
+    log.info("decoder phase: trunk tokens of %d training clips (%d copies) and %d validation videos cached in %.0f s",
+             len(train_set), args.decoder_copies, len(val_set), time.time() - start)
+    torch.manual_seed(args.seed)
+    params = reset_decoder_side(model, model_args, args)
+
+    def validate(step, loss):
+        result = evaluate_tokens(model, criterion, val_tokens, val_targets, class_names, args.score_threshold,
+                                 amp_dtype, args.batch_size) if len(val_set) else {}
+        log.info("decoder step %d/%d: train_loss=%.4g, %s", step, args.decoder_steps, loss,
+                 ", ".join(f"{k}={result[k]:.4g}" for k in EPOCH_FIELDS if isinstance(result.get(k), float)))
+        on_validation(step, result)
+    fit_decoder(model, params, criterion, train_tokens, train_targets, steps=args.decoder_steps, lr=args.lr,
+                weight_decay=args.weight_decay, batch_size=args.batch_size, grad_clip=args.grad_clip, seed=args.seed,
+                device=device, on_eval=validate, epoch=args.epochs - 1)
+
+
+def fit_decoder(model: STAR, params, criterion, tokens, targets, *, steps: int, lr: float, weight_decay: float,
+                batch_size: int, grad_clip: float, seed: int, device, on_eval, epoch: int = 0,
+                evaluations: int = 12) -> None:
+    """``steps`` AdamW steps of ``params`` (the decoder side) on random batches of cached trunk ``tokens``
+    ``(N, tokens, D)`` and their ``targets``: a 20-step linear warm-up, then cosine to 0. Calls
+    ``on_eval(step, train_loss)`` every steps/``evaluations`` and at the last step (the model may be left in
+    eval mode).
+    A non-finite loss raises FloatingPointError naming ``epoch`` (0-based) as the training loop's does."""
+    # fused: the optimizer was a third of a decoder step on the CPU (9 M parameters, the position table included)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    no_scaler = torch.amp.GradScaler(device.type, enabled=False)
+    generator = torch.Generator().manual_seed(seed)
+    warmup, eval_every = min(20, steps), max(steps // evaluations, 1)
+    for step in range(1, steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, step / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        model.train()
+        picks = torch.randint(0, len(tokens), (batch_size,), generator=generator).tolist()
+        outputs = model.decode(model.backbone.dropout(tokens[picks].float()))    # the token dropout of training
+        _, loss = checked_losses(criterion, outputs, [targets[i] for i in picks], device, 1, epoch)
+        optimizer_step(loss, params, optimizer, no_scaler, grad_clip)
+        if step % eval_every == 0 or step == steps:
+            on_eval(step, loss.item())
+
+
+@torch.no_grad()
+def evaluate_tokens(model: STAR, criterion, tokens, targets, class_names, threshold, amp_dtype=None,
+                    batch_size: int | None = None) -> dict:
+    """:func:`evaluate` on cached validation tokens (the same numbers: the trunk's part is the same, and the
+    decoder runs under the same autocast ``amp_dtype`` on batches of the same ``batch_size`` as there)."""
+    model.eval()
+    batch_size = batch_size or len(tokens)
+    with autocast(tokens.device, amp_dtype):
+        parts = [model.decode(tokens[i:i + batch_size]) for i in range(0, len(tokens), batch_size)]
+    outputs = {k: torch.cat([part[k] for part in parts]) for k in ("pred_logits", "pred_boxes")}
+    xyxy = [{"labels": t["labels"].cpu(), "boxes": box_convert(t["boxes"].cpu(), "cxcywh", "xyxy")} for t in targets]
+    result = metrics.evaluate(metrics.outputs_to_predictions(outputs), xyxy, class_names, threshold)
+    result["val_loss"] = float(criterion.total(criterion(outputs, targets)))
+    result["score"] = metrics.best_score(result)
+    return result

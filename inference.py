@@ -1,0 +1,539 @@
+"""STAR's prediction pipeline, shared by test.py (a folder of videos), stream.py and app.py.
+
+Pipeline: the checkpoint is loaded once; decoding and preprocessing run in background processes (a
+``DataLoader`` over a :class:`ClipStream`) while the network runs batches under ``torch.inference_mode``
+(fp16 autocast on CUDA, bf16 on CPUs with native bf16); annotated videos are written by a background
+thread in a second sequential pass over each input once its predictions are known, so no whole video is
+ever held in memory. A video that cannot be read is an item with an error, never an exception.
+
+A query is a detection when its best foreground probability (softmax over all C+1 logits) is at least the
+score threshold (the published rule). Without windows each video is one clip of T uniformly sampled frames
+(the published behaviour); with ``window_sec`` windows every ``stride_sec`` are predicted separately and
+detections of one class with overlapping boxes in overlapping or consecutive windows are joined into one
+time span (:func:`join_windows`).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import csv
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import time
+from typing import Iterable, Iterator, Sequence
+
+import av
+import numpy as np
+import torch
+from torchvision.ops import box_iou
+from tqdm import tqdm
+
+import metrics
+import model as star_model
+import video
+from files import atomic_write, write_text
+from runtime import UsageError, autocast, one_line
+
+log = logging.getLogger("star.inference")
+
+NO_OBJECT = metrics.NO_OBJECT_NAME
+CSV_FIELDS = ("video_name", "pred_class", "score", "x1", "y1", "x2", "y2", "start_sec", "end_sec")
+JOIN_IOU = 0.3            # boxes of consecutive windows "overlap" when their IoU is at least this
+# What a decoding worker may meet in an odd file besides VideoError (PyAV/FFmpeg, numpy, cv2).
+DECODE_ERRORS = (video.VideoError, av.error.FFmpegError, OSError, ValueError, EOFError, MemoryError, RuntimeError)
+
+
+def release_free_memory() -> None:
+    """Give memory freed by the C allocator back to the system (glibc only; a no-op elsewhere)."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def list_videos(input_path, recursive: bool = False, exclude=None) -> list[pathlib.Path]:
+    """The videos to predict, in sorted order: ``input_path`` itself when it is a file, else the
+    files in it (and its sub-folders with ``recursive``) whose suffix is a video extension in any
+    letter case. Hidden files and folders and anything under ``exclude`` are left out."""
+    root = pathlib.Path(input_path)
+    if root.is_file():
+        return [root]
+    if not root.exists():
+        raise UsageError(f"--input_dir {root}: no such file or folder")
+    if not root.is_dir():
+        raise UsageError(f"--input_dir {root}: not a folder or a video file")
+    excluded = pathlib.Path(exclude).resolve() if exclude else None
+    pattern = root.rglob("*") if recursive else root.iterdir()
+    found = []
+    try:
+        for path in pattern:
+            rel = path.relative_to(root)
+            if any(part.startswith(".") for part in rel.parts) or not video.is_video_file(path.name):
+                continue
+            if excluded is not None and (path.resolve() == excluded or excluded in path.resolve().parents):
+                continue
+            if path.is_file():
+                found.append(path)
+    except PermissionError as err:
+        raise UsageError(f"--input_dir {root}: cannot be read ({err.strerror})") from None
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def video_names(videos: Sequence[pathlib.Path], input_path) -> list[str]:
+    """CSV names: the path relative to the input folder (the file name when flat)."""
+    root = pathlib.Path(input_path)
+    if root.is_file():
+        return [videos[0].name] if videos else []
+    return [v.relative_to(root).as_posix() for v in videos]
+
+
+def annotated_paths(names: Sequence[str], annotated_dir) -> list[pathlib.Path]:
+    """``<annotated_dir>/<relative folder>/<stem>.mp4``; when two inputs share a stem (``a.mp4``,
+    ``a.avi``) both keep their extension in the name (``a_mp4.mp4``, ``a_avi.mp4``)."""
+    base = pathlib.Path(annotated_dir)
+    stems = [pathlib.PurePosixPath(n).with_suffix("").as_posix().lower() for n in names]
+    out = []
+    for name, stem in zip(names, stems):
+        p = pathlib.PurePosixPath(name)
+        file = p.stem if stems.count(stem) == 1 else f"{p.stem}_{p.suffix.lstrip('.')}"
+        out.append(base.joinpath(*p.parent.parts, file + ".mp4"))
+    return out
+
+
+# --------------------------------------------------------------------------- clip stream
+
+
+@dataclasses.dataclass
+class ClipItem:
+    """One unit travelling from a decoding worker to the network.
+
+    ``clip`` (T, 3, S, S) float32 for a clip; None for the end-of-video marker or a failure.
+    ``error``: one-line reason when the video failed. ``done``: the video has no more items.
+    """
+
+    index: int
+    clip: torch.Tensor | None = None
+    start_sec: float = 0.0
+    end_sec: float = 0.0
+    info: video.VideoInfo | None = None
+    error: str | None = None
+    done: bool = False
+    carried: bool = False   # the clip was moved into the batch tensor by collate_items
+
+    @property
+    def has_clip(self) -> bool:
+        return self.clip is not None or self.carried
+
+
+class ClipStream(torch.utils.data.IterableDataset):
+    """Clips of a list of videos, decoded sequentially; each DataLoader worker takes every
+    ``num_workers``-th video. Failures are items (``error`` set), never exceptions, so one bad
+    file is reported and the others go on."""
+
+    def __init__(self, videos: Sequence, num_frames: int, img_size, mean, std,
+                 window_sec: float | None = None, stride_sec: float | None = None):
+        self.videos = [os.fspath(v) for v in videos]
+        self.num_frames, self.img_size = int(num_frames), img_size
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.window_sec, self.stride_sec = window_sec, stride_sec
+
+    def __iter__(self) -> Iterator[ClipItem]:
+        worker = torch.utils.data.get_worker_info()
+        wid, nworkers = (worker.id, worker.num_workers) if worker else (0, 1)
+        for index in range(wid, len(self.videos), nworkers):
+            yield from self.clips(index)
+
+    def clips(self, index: int) -> Iterator[ClipItem]:
+        path = self.videos[index]
+        try:
+            if self.window_sec is None:
+                frames, info = video.sample_clip(path, self.num_frames)
+                yield ClipItem(index, self._prep(frames), 0.0, info.duration_sec, info, done=True)
+                return
+            info = video.probe_video(path)
+            if info.num_frames == 0:
+                raise video.VideoError(f"{path}: zero frames")
+            for frames, start, end in video.iter_windows(path, self.num_frames, self.window_sec,
+                                                         self.stride_sec, info=info):
+                yield ClipItem(index, self._prep(frames), start, end, info)
+            yield ClipItem(index, None, info=info, done=True)
+        except DECODE_ERRORS as err:
+            yield ClipItem(index, error=one_line(err, path), done=True)
+
+    def _prep(self, frames) -> torch.Tensor:
+        return video.preprocess(frames, self.img_size, self.mean, self.std)
+
+
+@dataclasses.dataclass
+class Batch:
+    clips: torch.Tensor | None     # (B, T, 3, S, S) of the items that carry a clip, in order
+    items: list                    # every ClipItem of the batch, clips removed
+
+
+def collate_items(items: list) -> Batch:
+    clips = [it.clip for it in items if it.clip is not None]
+    for it in items:   # the tensors travel once, stacked in `clips`
+        it.carried, it.clip = it.clip is not None, None
+    return Batch(torch.stack(clips) if clips else None, items)
+
+
+def _worker_init(_worker_id: int) -> None:
+    """Decoding workers: one thread each for OpenCV and torch (the network needs the cores)."""
+    import cv2
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def make_loader(stream: ClipStream, batch_size: int, workers: int, pin_memory: bool = False):
+    kwargs = {}
+    if workers > 0:
+        kwargs = {"prefetch_factor": 2, "worker_init_fn": _worker_init, "persistent_workers": False}
+    return torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=workers,
+                                       collate_fn=collate_items, pin_memory=pin_memory, **kwargs)
+
+
+# --------------------------------------------------------------------------- detections
+
+
+@dataclasses.dataclass
+class Detection:
+    """One detection: class, score, normalised xyxy box and the time span it covers."""
+
+    class_id: int
+    class_name: str
+    score: float
+    box: tuple
+    start_sec: float
+    end_sec: float
+
+
+def detections_from_prediction(pred: dict, class_names: Sequence[str], threshold: float,
+                               start_sec: float, end_sec: float) -> list[Detection]:
+    """The published rule (``metrics.detections``) as ``Detection`` objects for a time span, best first."""
+    return [Detection(label, class_names[label], score, tuple(box), float(start_sec), float(end_sec))
+            for label, score, box in metrics.detections(pred, threshold)]
+
+
+def join_windows(detections: Iterable[Detection], iou_threshold: float = JOIN_IOU,
+                 max_gap_sec: float = 0.0) -> list[Detection]:
+    """Join detections of one class across windows into time spans.
+
+    Windows are taken in start order; a detection joins a span of its class when its window
+    starts after the span's latest window, no later than ``max_gap_sec`` after the span ends
+    (overlapping or consecutive windows), and its box has IoU >= ``iou_threshold`` with the
+    span's latest box (the best such span; each span takes at most one detection per window,
+    the highest scoring first). A joined span has the earliest start, the latest end, the mean
+    box and the highest score. Returns the spans sorted by start, then score (highest first).
+    """
+    eps = 1e-6
+    by_window: dict[tuple, list[Detection]] = {}
+    for d in detections:
+        by_window.setdefault((d.start_sec, d.end_sec), []).append(d)
+    spans: list[dict] = []
+    for (start, _), dets in sorted(by_window.items()):
+        taken: set[int] = set()
+        for d in sorted(dets, key=lambda x: -x.score):
+            best, best_iou = None, iou_threshold
+            for k, s in enumerate(spans):
+                if (k in taken or s["class_id"] != d.class_id or s["last_start"] >= start - eps
+                        or start > s["end"] + max_gap_sec + eps):
+                    continue
+                iou = float(box_iou(torch.tensor([s["last_box"]]), torch.tensor([d.box]))[0, 0])
+                if iou >= best_iou:
+                    best, best_iou = k, iou
+            if best is None:
+                spans.append({"class_id": d.class_id, "name": d.class_name, "start": d.start_sec, "end": d.end_sec,
+                              "boxes": [d.box], "score": d.score, "last_box": d.box, "last_start": start})
+                taken.add(len(spans) - 1)
+                continue
+            s = spans[best]
+            s["end"], s["score"] = max(s["end"], d.end_sec), max(s["score"], d.score)
+            s["boxes"].append(d.box)
+            s["last_box"], s["last_start"] = d.box, start
+            taken.add(best)
+    joined = [Detection(s["class_id"], s["name"], s["score"], tuple(float(v) for v in np.mean(s["boxes"], axis=0)),
+                        s["start"], s["end"]) for s in spans]
+    return sorted(joined, key=lambda d: (d.start_sec, -d.score))
+
+
+@dataclasses.dataclass
+class VideoResult:
+    """What is known about one input video once all its clips went through the network."""
+
+    index: int
+    name: str
+    path: str
+    info: video.VideoInfo | None = None
+    detections: list = dataclasses.field(default_factory=list)
+    queries: list = dataclasses.field(default_factory=list)   # per clip prediction dicts (evaluation)
+    best_score: float = 0.0
+    clips: int = 0
+    error: str | None = None
+
+
+def csv_rows(result: VideoResult) -> list[dict]:
+    """The CSV rows of one predicted video; a ``no_object`` row (empty box, best score seen,
+    the whole video's span) when nothing passed the threshold."""
+    if not result.detections:
+        duration = result.info.duration_sec if result.info else 0.0
+        return [{"video_name": result.name, "pred_class": NO_OBJECT, "score": f"{result.best_score:.4f}",
+                 "x1": "", "y1": "", "x2": "", "y2": "", "start_sec": "0.000", "end_sec": f"{duration:.3f}"}]
+    return [{"video_name": result.name, "pred_class": d.class_name, "score": f"{d.score:.4f}",
+             **{k: f"{min(max(v, 0.0), 1.0):.4f}" for k, v in zip(("x1", "y1", "x2", "y2"), d.box)},
+             "start_sec": f"{d.start_sec:.3f}", "end_sec": f"{d.end_sec:.3f}"} for d in result.detections]
+
+
+def write_predictions(rows: Iterable[dict], path) -> None:
+    """Write a predictions CSV (``CSV_FIELDS``, rows from :func:`csv_rows`) atomically."""
+    with atomic_write(path, newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# --------------------------------------------------------------------------- annotation
+
+
+def annotate_video(src, dst, detections: Sequence[Detection], info: video.VideoInfo) -> int:
+    """Write ``dst`` (H.264 MP4): every frame of ``src`` at its size and rate, each detection's box
+    drawn on the frames of its time span. One sequential pass; returns the frames written."""
+    dst = pathlib.Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    eps = 1e-9
+    spans = [(d.start_sec - eps, d.end_sec - eps, (d.class_name, d.score, d.box)) for d in detections]
+    count = 0
+    try:
+        writer = None
+        for i, frame in enumerate(video.iter_frames(src)):
+            if writer is None:   # the decoded size wins over the container's
+                writer = video.H264Writer(dst, frame.shape[1], frame.shape[0], info.fps)
+            t = i / info.fps
+            shown = [det for start, end, det in spans if start <= t < end]
+            writer.write(video.draw_detections(frame, shown) if shown else frame)
+            count += 1
+        if writer is None:
+            raise video.VideoError(f"{src}: zero frames")
+        writer.close()
+    except BaseException:
+        with contextlib.suppress(OSError):
+            dst.unlink()
+        raise
+    return count
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def model_index_of_dataset_classes(class_map, model_names: Sequence[str], raw_ids=None) -> list[int]:
+    """For each dataset class (contiguous id), the model's class id. By the checkpoint's raw ids when
+    it stores them, else by name, else by position when the counts match; UsageError otherwise."""
+    if raw_ids:
+        lookup = {int(r): i for i, r in enumerate(raw_ids)}
+        if all(int(r) in lookup for r in class_map.raw_ids):
+            return [lookup[int(r)] for r in class_map.raw_ids]
+    if all(n in model_names for n in class_map.names):
+        return [list(model_names).index(n) for n in class_map.names]
+    if len(class_map) == len(model_names):
+        log.warning("--labels: dataset classes %s matched to the model's %s by position",
+                    class_map.names, list(model_names))
+        return list(range(len(class_map)))
+    raise UsageError(f"--labels: the dataset's classes {class_map.names} do not match the model's "
+                     f"{list(model_names)}")
+
+
+def video_level_prediction(queries: Sequence[dict]) -> dict:
+    """All queries of all clips of a video as one prediction (one clip = the published case)."""
+    return {k: torch.cat([q[k] for q in queries]) for k in ("scores", "labels", "boxes")}
+
+
+def load_labels(labels_dir, model_names, raw_ids=None) -> tuple[list, list[int]]:
+    """The dataset's records and, per dataset class, the model's class id (checked before inference)."""
+    import dataset
+    try:
+        records, class_map, problems = dataset.load_dataset(labels_dir)
+    except dataset.DatasetError as err:
+        raise UsageError(f"--labels {labels_dir}: {one_line(err)}") from None
+    if problems:
+        log.warning("--labels: %d problem(s) in the dataset:\n%s", len(problems), dataset.format_problems(problems))
+    return records, model_index_of_dataset_classes(class_map, model_names, raw_ids)
+
+
+def evaluate_predictions(results: Sequence[VideoResult], labels_dir, model_names, raw_ids, threshold,
+                         output_file, labels=None) -> dict | None:
+    """Score the predicted videos that the dataset labels; print and save the report
+    (``<output stem>_metrics.json`` and ``.txt`` beside the output file)."""
+    records, to_model = labels or load_labels(labels_dir, model_names, raw_ids)
+    by_path = {os.path.realpath(r.path): r for r in records}
+    preds, targets = [], []
+    for res in results:
+        record = by_path.get(os.path.realpath(res.path))
+        if record is None or res.error or not res.queries:
+            continue
+        preds.append(video_level_prediction(res.queries))
+        targets.append({"labels": torch.tensor([to_model[c] for c in record.labels], dtype=torch.int64),
+                        "boxes": torch.as_tensor(record.boxes, dtype=torch.float32).reshape(-1, 4)})
+    if not preds:
+        log.error("--labels: none of the predicted videos is in %s; nothing to score", labels_dir)
+        return None
+    unlabelled = sum(1 for r in results if not r.error) - len(preds)
+    result = metrics.evaluate(preds, targets, list(model_names), threshold)
+    report = metrics.format_report(result, list(model_names))
+    log.info("evaluation against %s (%d video(s) scored, %d predicted video(s) not in the dataset):\n%s",
+             labels_dir, len(preds), unlabelled, report)
+    out = pathlib.Path(output_file)
+    json_path, text_path = out.with_name(out.stem + "_metrics.json"), out.with_name(out.stem + "_metrics.txt")
+    write_text(json_path, json.dumps(result, indent=2, default=_json_default) + "\n")
+    write_text(text_path, report + "\n")
+    log.info("evaluation saved to %s and %s", json_path, text_path)
+    return result
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclasses.dataclass
+class Settings:
+    """How videos are cut and predicted: the knobs test.py, stream.py and app.py share."""
+
+    score_threshold: float = 0.5
+    window_sec: float | None = None     # None: the whole video is one clip (the published behaviour)
+    stride_sec: float | None = None     # None: = window_sec
+    annotate: bool = True
+    batch_size: int = 1
+    workers: int = 1
+
+    def __post_init__(self):
+        if self.stride_sec is not None and self.window_sec is None:
+            raise UsageError("--stride_sec needs --window_sec")
+        if self.window_sec is not None and self.stride_sec is None:
+            self.stride_sec = self.window_sec
+        if not 0.0 <= self.score_threshold <= 1.0:
+            raise UsageError(f"--score_threshold must be in [0, 1], got {self.score_threshold}")
+
+    @property
+    def mode(self) -> str:
+        if self.window_sec:
+            return f"windows of {self.window_sec:g} s every {self.stride_sec:g} s"
+        return "whole video = one clip"
+
+
+def predict(model, loader, results: list[VideoResult], class_names, threshold: float, device, dtype,
+            on_video_done, progress) -> int:
+    """Run the network over the clip stream; fills ``results``; returns the number of clips."""
+    clips_done = 0
+    local = {r.index: r for r in results}
+    for batch in loader:
+        preds = []
+        if batch.clips is not None:
+            x = batch.clips.to(device, non_blocking=True)
+            with torch.inference_mode(), autocast(device, dtype):
+                preds = metrics.outputs_to_predictions(model(x))
+            clips_done += len(preds)
+        pred_iter = iter(preds)
+        for item in batch.items:
+            res = local[item.index]
+            res.info = item.info or res.info
+            if item.error:
+                res.error = item.error
+            elif item.has_clip:
+                pred = next(pred_iter)
+                res.clips += 1
+                res.queries.append(pred)
+                res.best_score = max(res.best_score, float(pred["scores"].max()) if pred["scores"].numel() else 0.0)
+                res.detections += detections_from_prediction(pred, class_names, threshold,
+                                                             item.start_sec, item.end_sec)
+            if item.done:
+                on_video_done(res)
+                progress.update(1)
+    return clips_done
+
+
+def load_model(model_path, device, class_names=None):
+    """Load the checkpoint once, prepare it for inference (BN folding, channels_last_3d) and free the
+    loaded dict. Returns ``(model, info, raw_ids)``."""
+    t0 = time.perf_counter()
+    net, info = star_model.load_checkpoint(model_path, device=device, class_names=class_names)
+    raw_ids = (info.pop("checkpoint", None) or {}).get("raw_class_ids")   # drop the loaded dict (optimizer...)
+    star_model.prepare_for_inference(net)
+    release_free_memory()
+    log.info("model %s (%s, classes %s, %d frames x %s px) loaded in %.1f s on %s",
+             model_path, info["source"], ", ".join(info["class_names"]), info["num_frames"], info["img_size"],
+             time.perf_counter() - t0, device)
+    return net, info, raw_ids
+
+
+class Annotator:
+    """Writes annotated videos in a background thread, one at a time, once a video's detections are known."""
+
+    def __init__(self, enabled: bool, targets: dict):
+        self.enabled, self.targets, self.futures = enabled, targets, {}
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="annotate")
+
+    def submit(self, res: VideoResult) -> None:
+        target = self.targets[res.path]
+        if os.path.realpath(target) == os.path.realpath(res.path):
+            log.warning("%s: not annotated: the annotated file would overwrite the input", res.name)
+            return
+        self.futures[res.name] = (res.path, self.pool.submit(annotate_video, res.path, target, res.detections,
+                                                             res.info))
+
+    def wait(self) -> tuple[int, list[str]]:
+        """Wait for all; returns ``(count written, failures as 'name: reason')``."""
+        done, failures = 0, []
+        for name, (path, future) in self.futures.items():
+            try:
+                future.result()
+                done += 1
+            except DECODE_ERRORS as err:
+                failures.append(f"{name}: {one_line(err, path)}")
+                log.warning("annotation FAILED %s", failures[-1])
+        self.pool.shutdown()
+        return done, failures
+
+
+def run_videos(model, info, paths, names, targets, settings: Settings, device, dtype, rank: int = 0):
+    """Predict (and annotate, to ``targets``) videos. Returns ``(results, clips, annotated, annotation failures)``."""
+    stream = ClipStream(paths, info["num_frames"], info["img_size"], info["mean"], info["std"],
+                        settings.window_sec, settings.stride_sec)
+    results = [VideoResult(k, name, os.fspath(p)) for k, (name, p) in enumerate(zip(names, paths))]
+    annotator = Annotator(settings.annotate, {os.fspath(p): t for p, t in zip(paths, targets)})
+
+    def on_video_done(res: VideoResult) -> None:
+        if res.error:
+            log.warning("FAILED %s: %s", res.name, res.error)
+            res.queries = []
+            return
+        if settings.window_sec:
+            gap = max(0.0, settings.stride_sec - settings.window_sec)
+            res.detections = join_windows(res.detections, JOIN_IOU, max_gap_sec=gap)
+        if settings.annotate:
+            annotator.submit(res)
+
+    progress = tqdm(total=len(paths), desc="videos", unit="video", disable=rank != 0, dynamic_ncols=True)
+    loader = make_loader(stream, settings.batch_size, settings.workers, pin_memory=device.type == "cuda")
+    try:
+        clips = predict(model, loader, results, info["class_names"], settings.score_threshold, device, dtype,
+                        on_video_done, progress)
+    except RuntimeError as err:   # a decoding worker died (e.g. a crash inside FFmpeg)
+        log.error("inference stopped: %s", one_line(err))
+        clips = sum(r.clips for r in results)
+    finally:
+        progress.close()
+    annotated, failures = annotator.wait()
+    for res in results:
+        if res.error is None and res.info is None:
+            res.error = "not processed (inference stopped)"
+    return results, clips, annotated, failures
+
+
