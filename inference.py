@@ -428,6 +428,13 @@ class Settings:
         return "whole video = one clip"
 
 
+def predict_clips(model, clips: torch.Tensor, device, dtype=None) -> list[dict]:
+    """The network on preprocessed clips ``(B, T, 3, S, S)``: per clip ``{"scores": (Q,), "labels": (Q,),
+    "boxes": (Q, 4) normalised xyxy}`` (:func:`metrics.outputs_to_predictions`)."""
+    with torch.inference_mode(), autocast(device, dtype):
+        return metrics.outputs_to_predictions(model(clips.to(device, non_blocking=True)))
+
+
 def predict(model, loader, results: list[VideoResult], class_names, threshold: float, device, dtype,
             on_video_done, progress) -> int:
     """Run the network over the clip stream; fills ``results``; returns the number of clips."""
@@ -436,9 +443,7 @@ def predict(model, loader, results: list[VideoResult], class_names, threshold: f
     for batch in loader:
         preds = []
         if batch.clips is not None:
-            x = batch.clips.to(device, non_blocking=True)
-            with torch.inference_mode(), autocast(device, dtype):
-                preds = metrics.outputs_to_predictions(model(x))
+            preds = predict_clips(model, batch.clips, device, dtype)
             clips_done += len(preds)
         pred_iter = iter(preds)
         for item in batch.items:
