@@ -262,30 +262,6 @@ def plot(function, *args) -> None:
         log.warning("plots skipped: %s (pip install matplotlib)", err)
 
 
-def plot_history(results_csv: Path, output_dir: Path) -> None:
-    """losses.png and metrics.png from training_results.csv."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    table = pd.read_csv(results_csv)
-    for name, columns in (("losses", ["train_loss", "val_loss"]),
-                          ("metrics", ["video_acc", "det_acc_50", "mean_iou", "map50", "map50_95"])):
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for column in columns:
-            rows = table[["epoch", column]].dropna()
-            if len(rows):
-                ax.plot(rows["epoch"], rows[column], marker="o", label=column)
-        ax.set_xlabel("epoch")
-        ax.set_title(name)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(output_dir / f"{name}.png", dpi=100)
-        plt.close(fig)
-
-
 # ----------------------------------------------------------------------------- the run
 
 def train(args) -> dict:
@@ -364,7 +340,7 @@ def train(args) -> dict:
         dist.barrier()
     final = {}
     if rank == 0:
-        plot(plot_history, results_csv, output_dir)
+        plot(metrics.plot_training_history, results_csv, output_dir)
         if val_records and best_path.exists():
             final = final_report(model_args, best_path, val_loader, criterion, device, amp_dtype, class_map.names, args, output_dir)
     if world > 1:

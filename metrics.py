@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
 from collections import defaultdict
 from typing import Iterable, Sequence
 
@@ -367,6 +368,30 @@ def _full_names(class_names: Sequence[str], size: int) -> list[str]:
     if len(names) != size:
         raise ValueError(f"{len(class_names)} class names for a {size}x{size} confusion matrix")
     return names
+
+
+def plot_training_history(results_csv, output_dir) -> None:
+    """losses.png and metrics.png in ``output_dir`` from main.py's training_results.csv."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg   # as plot_confusion_matrix: no pyplot state
+    from matplotlib.figure import Figure
+    import pandas as pd
+
+    table = pd.read_csv(results_csv)
+    for name, columns in (("losses", ["train_loss", "val_loss"]),
+                          ("metrics", ["video_acc", "det_acc_50", "mean_iou", "map50", "map50_95"])):
+        fig = Figure(figsize=(7, 4))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
+        for column in columns:
+            rows = table[["epoch", column]].dropna()
+            if len(rows):
+                ax.plot(rows["epoch"], rows[column], marker="o", label=column)
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(pathlib.Path(output_dir) / f"{name}.png", dpi=100)
 
 
 def plot_confusion_matrix(cm, class_names: Sequence[str], path, title: str = "Confusion matrix") -> None:

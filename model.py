@@ -9,17 +9,17 @@ import logging
 import math
 import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torchvision.models.video import R2Plus1D_18_Weights, r2plus1d_18
 
+from files import atomic_write
+from video import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported: the checkpoint's preprocessing)
+
 log = logging.getLogger("star")
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # What the published raw state_dict was trained with; it does not store any of it.
 PUBLISHED_CLASS_NAMES = ("fight", "collapse")
 PUBLISHED_PREPROCESSING = {"num_frames": 16, "img_size": 224, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
@@ -213,7 +213,7 @@ def init_motion_stem(model: STAR) -> None:
 
     Such a kernel ignores what stays the same from frame to frame and answers only to change, so
     from its first step the trunk sees the actor's motion rather than the look of the scene, which
-    a few dozen videos otherwise teach it to memorise (README, "Training from scratch"). Without the
+    a few dozen videos otherwise teach it to memorise (docs/EXPERIMENTS.md, "Motion init and motion constraint"). Without the
     constraint training is free to move the kernels afterwards."""
     temporal = motion_stem_conv(model)
     with torch.no_grad():
@@ -223,8 +223,8 @@ def init_motion_stem(model: STAR) -> None:
 def freeze_trunk_stages(model: STAR, num_stages: int) -> None:
     """Keep the first ``num_stages`` of the trunk's five stages (stem, layer1..layer4) at their weights.
 
-    Why: the backward pass through the early, high-resolution stages is most of a CPU step (8x112,
-    batch 4: 1.7x the samples/s with stem and layer1 frozen, README "Benchmarks"). Their BatchNorm
+    Why: the backward pass through the early, high-resolution stages is most of a CPU step (bench/README.md
+    has the figures). Their BatchNorm
     statistics still follow the data in training."""
     for stage in list(model.backbone.stem)[:num_stages]:
         for param in stage.parameters():
@@ -390,24 +390,14 @@ def make_checkpoint(model: nn.Module, model_args: dict, class_names, preprocessi
 
 
 def save_checkpoint(obj: dict, path) -> None:
-    """Write atomically: a temporary file in the same folder, then ``os.replace`` (never a half-written file)."""
-    path = Path(path)
-    tmp = None
+    """Write atomically (:func:`files.atomic_write`, flushed to the disk): never a half-written file."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path, "wb", fsync=True) as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
+    except (OSError, RuntimeError) as err:
         # a full disk surfaces as OSError, or as torch's RuntimeError from its zip writer: one line, the old file kept
-        if isinstance(err, (OSError, RuntimeError)):
-            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
-            raise CheckpointError(f"{path}: cannot write the checkpoint ({reason}); the previous file is unchanged") from None
-        raise
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({reason}); the previous file is unchanged") from None
 
 
 def count_parameters(model: nn.Module) -> int:
