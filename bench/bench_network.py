@@ -40,20 +40,13 @@ def default_variants(device: str) -> list[common.Variant]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the network runs")
-    p.add_argument("--frames", type=int, default=16, help="frames per clip (T)")
-    p.add_argument("--size", type=int, default=224, help="frame size (S x S)")
-    p.add_argument("--batch_size", type=int, default=1, help="clips per forward pass for variants without ':B'")
-    p.add_argument("--variants", nargs="+", type=common.parse_variant, default=None,
-                   help="what to measure, each dtype[+option...][:batch]; dtypes fp32 bf16 fp16, options cl "
-                        "(channels_last_3d), fold (BatchNorm folded), compile (torch.compile); "
-                        f"default on cpu: {DEFAULT_VARIANTS['cpu']}; on a cpu with native bf16: "
-                        f"{DEFAULT_VARIANTS['cpu-native-bf16']}; on cuda: {DEFAULT_VARIANTS['cuda']}")
-    p.add_argument("--warmup", type=int, default=1,
-                   help="untimed forward passes before timing (at least 1: the first call, timed apart)")
-    p.add_argument("--repeats", type=int, default=3, help="timed forward passes; the median is reported")
+    p = common.network_parser(
+        __doc__, "forward pass", "forward passes", frames=16, size=224, batch_size=1,
+        variants_help="what to measure, each dtype[+option...][:batch]; dtypes fp32 bf16 fp16, options cl "
+                      "(channels_last_3d), fold (BatchNorm folded), compile (torch.compile); "
+                      f"default on cpu: {DEFAULT_VARIANTS['cpu']}; on a cpu with native bf16: "
+                      f"{DEFAULT_VARIANTS['cpu-native-bf16']}; on cuda: {DEFAULT_VARIANTS['cuda']} "
+                      "(the first forward pass is timed apart; warm-up at least 1)")
     p.add_argument("--matmul_size", type=int, default=None,
                    help="n of the n x n matmul that measures the peaks (default: 2048 on cpu, 8192 on cuda)")
     p.add_argument("--model_path", default=None,

@@ -40,8 +40,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--gop", type=int, default=None,
                    help="frames between keyframes (libx264 'g'); default: the encoder's own (250 for libx264)")
     p.add_argument("--frames", type=int, default=16, help="frames sampled uniformly (T)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs of each method before timing")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs of each method; the median is reported")
+    common.add_timing_args(p, "runs of each method", warmup=1, repeats=3)
     p.add_argument("--work_dir", default="/tmp/star_bench_sampling", help="where the generated video is cached")
     p.add_argument("--video", default=None, help="measure this video instead of a generated one (no index check)")
     p.add_argument("--quick", action="store_true", help="a smoke test: 4 s of 360p, 1 timed run")

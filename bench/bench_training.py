@@ -24,17 +24,10 @@ DEFAULT_VARIANTS = {"cpu": "fp32 bf16", "cuda": "fp32 fp16 fp16+cl"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to train")
-    p.add_argument("--frames", type=int, default=8, help="frames per clip (T)")
-    p.add_argument("--size", type=int, default=112, help="frame size (S x S)")
-    p.add_argument("--batch_size", type=int, default=4, help="clips per step for variants without ':B'")
-    p.add_argument("--variants", nargs="+", type=common.parse_variant, default=None,
-                   help="what to measure, each dtype[+cl][:batch] (dtypes fp32 bf16 fp16; cl = channels_last_3d); "
-                        f"default on cpu: {DEFAULT_VARIANTS['cpu']}; on cuda: {DEFAULT_VARIANTS['cuda']}")
-    p.add_argument("--warmup", type=int, default=1, help="untimed train steps before timing")
-    p.add_argument("--repeats", type=int, default=3, help="timed train steps; the median is reported")
+    p = common.network_parser(
+        __doc__, "train step", "train steps", frames=8, size=112, batch_size=4,
+        variants_help="what to measure, each dtype[+cl][:batch] (dtypes fp32 bf16 fp16; cl = channels_last_3d); "
+                      f"default on cpu: {DEFAULT_VARIANTS['cpu']}; on cuda: {DEFAULT_VARIANTS['cuda']}")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     p.add_argument("--grad_clip", type=float, default=0.5, help="max gradient norm, as main.py (0 = none)")
     p.add_argument("--num_classes", type=int, default=2, help="foreground classes")

@@ -343,3 +343,26 @@ def one_line(err: BaseException) -> str:
     """An exception as one short line with its type, for a table cell."""
     import runtime
     return f"{type(err).__name__}: {runtime.one_line(err, limit=140)}"
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_timing_args(p, what: str, warmup: int = 1, repeats: int = 3) -> None:
+    """``--warmup`` and ``--repeats`` of ``what`` (e.g. "forward passes"): the flags every benchmark has."""
+    p.add_argument("--warmup", type=int, default=warmup, help=f"untimed {what} before timing")
+    p.add_argument("--repeats", type=int, default=repeats, help=f"timed {what}; the median is reported")
+
+
+def network_parser(doc: str, what: str, whats: str, frames: int, size: int, batch_size: int, variants_help: str):
+    """The parser of the network benchmarks (bench_network, bench_training): device, clip size, batch, variants
+    (``dtype[+option...][:batch]``) and timing of ``whats`` (the plural of ``what``)."""
+    import argparse
+    p = argparse.ArgumentParser(description=doc.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the network runs")
+    p.add_argument("--frames", type=int, default=frames, help="frames per clip (T)")
+    p.add_argument("--size", type=int, default=size, help="frame size (S x S)")
+    p.add_argument("--batch_size", type=int, default=batch_size, help=f"clips per {what} for variants without ':B'")
+    p.add_argument("--variants", nargs="+", type=parse_variant, default=None, help=variants_help)
+    add_timing_args(p, whats)
+    return p

@@ -58,8 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work_dir", default="/tmp/star_bench", help="where the job's videos and outputs go")
     parser.add_argument("--videos", type=int, default=8, help="number of videos")
     parser.add_argument("--frames", type=int, default=150, help="frames per video (640x360, 25 fps)")
-    parser.add_argument("--warmup", type=int, default=0, help="untimed runs of the job before the timed ones")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs of the job; the median is reported")
+    common.add_timing_args(parser, "runs of the job", warmup=0, repeats=1)
     parser.add_argument("extra", nargs="*", help="extra test.py flags (after --)")
     return parser
 
