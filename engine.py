@@ -28,7 +28,7 @@ log = logging.getLogger("star")
 
 EPOCH_FIELDS = ["epoch", "lr", "seconds", "train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou",
                 "train_loss_video", "train_class_error", "train_matched_iou", "skipped_steps", "val_loss", "video_acc", "det_acc_50",
-                "mean_iou", "map50", "map50_95", "score"]
+                "mean_iou", "map50", "map50_95", *metrics.TUBE_FIELDS, "score"]
 
 
 # ----------------------------------------------------------------------------- training state
@@ -195,8 +195,11 @@ def inference_copy(model: STAR) -> STAR:
 @torch.no_grad()
 def evaluate(model, criterion, loader, device, amp_dtype, class_names, threshold) -> tuple[dict, list, list, list]:
     """Validation loss and metrics of ``model`` as test.py runs it (:func:`inference_copy`); also returns
-    predictions, targets (xyxy) and video names."""
+    predictions, targets (xyxy) and video names. Per-frame records (``record.tracks``) add frame-mAP@0.5 and
+    video-mAP@0.2/0.5 of the validation windows (:class:`metrics.TubeScorer`)."""
     model = inference_copy(model)
+    records = loader.dataset.records
+    tubes = metrics.TubeScorer(len(class_names)) if any(r.per_frame for r in records) else None
     preds, targets_xyxy, names, loss_sum, batches = [], [], [], 0.0, 0
     for clips, targets in loader:
         with autocast(device, amp_dtype):
@@ -204,11 +207,16 @@ def evaluate(model, criterion, loader, device, amp_dtype, class_names, threshold
         device_targets = [{k: v.to(device) for k, v in t.items() if k != "video"} for t in targets]
         loss_sum += float(criterion.total(criterion(outputs, device_targets)))
         batches += 1
-        preds += metrics.outputs_to_predictions(outputs)
-        for t in targets:
+        for pred, t in zip(metrics.outputs_to_predictions(outputs), targets):
+            if tubes is not None:
+                record = records[len(preds)]
+                tubes.add_clip_predictions(t["video"], t["frame_indices"], pred, record.width, record.height)
+                tubes.add_clip_truth(t["video"], t, record.width, record.height)
+            preds.append(pred)
             targets_xyxy.append({"labels": t["labels"], "boxes": box_convert(t["boxes"], "cxcywh", "xyxy")})
             names.append(t["video"])
     result = metrics.evaluate(preds, targets_xyxy, class_names, threshold) if preds else {}
+    result.update(tubes.result() if tubes is not None else {})
     result["val_loss"] = loss_sum / max(batches, 1)
     return result, preds, targets_xyxy, names
 

@@ -20,6 +20,7 @@ import csv
 import dataclasses
 import json
 import logging
+import math
 import os
 import pathlib
 import time
@@ -271,6 +272,7 @@ class VideoResult:
     info: video.VideoInfo | None = None
     detections: list = dataclasses.field(default_factory=list)
     queries: list = dataclasses.field(default_factory=list)   # per clip prediction dicts (evaluation)
+    spans: list = dataclasses.field(default_factory=list)     # per clip (start_sec, end_sec), as queries
     best_score: float = 0.0
     clips: int = 0
     error: str | None = None
@@ -382,6 +384,8 @@ def evaluate_predictions(results: Sequence[VideoResult], labels_dir, model_names
         return None
     unlabelled = sum(1 for r in results if not r.error) - len(preds)
     result = metrics.evaluate(preds, targets, list(model_names), threshold)
+    if any(r.per_frame for r in records):
+        result.update(score_tubes(results, by_path, to_model, len(model_names)))
     report = metrics.format_report(result, list(model_names))
     log.info("evaluation against %s (%d video(s) scored, %d predicted video(s) not in the dataset):\n%s",
              labels_dir, len(preds), unlabelled, report)
@@ -391,6 +395,32 @@ def evaluate_predictions(results: Sequence[VideoResult], labels_dir, model_names
     write_text(text_path, report + "\n")
     log.info("evaluation saved to %s and %s", json_path, text_path)
     return result
+
+
+def span_frames(start_sec: float, end_sec: float, info: video.VideoInfo) -> np.ndarray:
+    """The video frames whose time ``frame / fps`` lies in ``[start_sec, end_sec)``."""
+    first = max(0, math.ceil(start_sec * info.fps - 1e-6))
+    last = min(info.num_frames, math.ceil(end_sec * info.fps - 1e-6))
+    return np.arange(first, last, dtype=np.int64)
+
+
+def score_tubes(results: Sequence[VideoResult], records_by_path: dict, to_model: Sequence[int], num_classes: int) -> dict:
+    """frame-mAP and video-mAP of whole videos against per-frame labels: every query of every clip stands at
+    each frame of its clip's span (clip mode: one box per clip); the labels' tracks, interpolated as in
+    training, are the ground truth."""
+    scorer = metrics.TubeScorer(num_classes)
+    for res in results:
+        record = records_by_path.get(os.path.realpath(res.path))
+        if record is None or res.error or not res.queries or not record.per_frame:
+            continue
+        for pred, (start, end) in zip(res.queries, res.spans):
+            scorer.add_clip_predictions(res.name, span_frames(start, end, res.info), pred, record.width, record.height)
+        for track in record.tracks:
+            frames, boxes, labels = track.dense()
+            for c in sorted({c for ids in labels for c in ids}):
+                acting = np.array([c in ids for ids in labels], bool)
+                scorer.add_truth(res.name, to_model[c], frames[acting], boxes[acting], record.width, record.height)
+    return scorer.result()
 
 
 def _json_default(value):
@@ -455,6 +485,7 @@ def predict(model, loader, results: list[VideoResult], class_names, threshold: f
                 pred = next(pred_iter)
                 res.clips += 1
                 res.queries.append(pred)
+                res.spans.append((item.start_sec, item.end_sec))
                 res.best_score = max(res.best_score, float(pred["scores"].max()) if pred["scores"].numel() else 0.0)
                 res.detections += detections_from_prediction(pred, class_names, threshold,
                                                              item.start_sec, item.end_sec)

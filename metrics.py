@@ -498,8 +498,12 @@ def format_report(result: dict, class_names: Sequence[str]) -> str:
         f"mean IoU       : {_fmt(result['mean_iou'])}",
         f"mAP@0.5        : {_fmt(result['map50'])}",
         f"mAP@[.5:.95]   : {_fmt(result['map50_95'])}",
-        "",
     ]
+    if "frame_map50" in result:   # per-frame labels (VOC all-point AP, as YOWOv2)
+        lines += [f"frame-mAP@0.5  : {_fmt(result['frame_map50'])}",
+                  f"video-mAP@0.2  : {_fmt(result['video_map20'])}",
+                  f"video-mAP@0.5  : {_fmt(result['video_map50'])}"]
+    lines.append("")
     names = _full_names(class_names, len(result["confusion_matrix"]))
     width = max(10, *(len(n) for n in names)) + 1
     lines.append(f"{'class':<{width}} {'AP50':>7} {'AP':>7} {'prec':>7} {'recall':>7} {'F1':>7} {'support':>8}")
@@ -801,3 +805,68 @@ def tubes_from_tracks(rows: Iterable[Sequence], max_gap: int | None = None) -> l
             filled = np.stack([np.interp(full, f, b[:, k]) for k in range(4)], axis=1)
             tubes.append(Tube(video, c, 1.0, full, filled))
     return tubes
+
+
+# ----------------------------------------------------------------------------- STAR's predictions as tubes
+
+TUBE_FIELDS = ("frame_map50", "video_map20", "video_map50")
+
+
+class TubeScorer:
+    """Collects clips (or whole videos) of predictions and per-frame ground truth, then scores them with
+    :func:`frame_map` and :func:`video_map`. Boxes come normalised xyxy and are scored in pixels.
+
+    A clip-mode prediction is one box per query for its whole span: it stands at every frame of the span
+    (a tube with a constant box), scored with the query's best foreground probability."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self.detections, self.ground_truth, self.pred_tubes, self.gt_tubes = [], [], [], []
+
+    def add_prediction(self, video: str, frames, class_id: int, score: float, box, width: int, height: int) -> None:
+        """One query (or joined detection) at ``frames`` (sorted ints) with one normalised ``box``."""
+        frames = np.unique(np.asarray(frames, dtype=np.int64))
+        if not len(frames):
+            return
+        pixels = np.asarray(box, dtype=np.float64) * [width, height, width, height]
+        self.detections += [(video, int(f), int(class_id), float(score), *pixels) for f in frames]
+        self.pred_tubes.append(Tube(video, int(class_id), float(score), frames, np.repeat(pixels[None], len(frames), 0)))
+
+    def add_clip_predictions(self, video: str, frames, pred: dict, width: int, height: int) -> None:
+        """Every query of a clip-mode prediction ``{"scores", "labels", "boxes" (Q, 4)}`` at the clip's ``frames``."""
+        for score, label, box in zip(pred["scores"].tolist(), pred["labels"].tolist(), pred["boxes"].tolist()):
+            self.add_prediction(video, frames, label, score, box, width, height)
+
+    def add_truth(self, video: str, class_id: int, frames, boxes, width: int, height: int) -> None:
+        """One actor doing ``class_id`` at ``frames`` (n,) with normalised xyxy ``boxes`` (n, 4); a gap in
+        ``frames`` starts a new tube."""
+        frames = np.asarray(frames, dtype=np.int64).reshape(-1)
+        pixels = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * [width, height, width, height]
+        self.ground_truth += [(video, int(f), int(class_id), *b) for f, b in zip(frames, pixels)]
+        cuts = np.nonzero(np.diff(frames) > 1)[0] + 1
+        for f, b in zip(np.split(frames, cuts), np.split(pixels, cuts)):
+            if len(f):
+                self.gt_tubes.append(Tube(video, int(class_id), 1.0, f, b))
+
+    def add_clip_truth(self, video: str, target: dict, width: int, height: int) -> None:
+        """The per-step ground truth of a clip target (``track_labels`` (M, T), ``track_boxes`` (M, T, 4)
+        cxcywh normalised, ``frame_indices`` (T,)) at the clip's sampled frames."""
+        frames = np.asarray(target["frame_indices"]).reshape(-1)
+        labels = np.asarray(target["track_labels"]).reshape(-1, len(frames))
+        boxes = box_convert(torch.as_tensor(target["track_boxes"]).reshape(-1, 4), "cxcywh", "xyxy")
+        boxes = boxes.numpy().reshape(len(labels), len(frames), 4)
+        for row_labels, row_boxes in zip(labels, boxes):
+            acting = row_labels >= 0
+            for c in np.unique(row_labels[acting]):
+                on = row_labels == c
+                self.ground_truth += [(video, int(f), int(c), *(b * [width, height, width, height]))
+                                      for f, b in zip(frames[on], row_boxes[on])]
+                self.gt_tubes.append(Tube(video, int(c), 1.0, frames[on], row_boxes[on] * [width, height, width, height]))
+
+    def result(self) -> dict:
+        """``frame_map50``, ``video_map20``, ``video_map50`` (VOC all-point AP, mean over classes with GT)."""
+        if not self.ground_truth:
+            return {}
+        return {"frame_map50": frame_map(self.detections, self.ground_truth, self.num_classes, 0.5)["map"],
+                "video_map20": video_map(self.pred_tubes, self.gt_tubes, self.num_classes, 0.2)["map"],
+                "video_map50": video_map(self.pred_tubes, self.gt_tubes, self.num_classes, 0.5)["map"]}

@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 import metrics
 from metrics import Tube
@@ -277,3 +278,44 @@ def test_tubes_from_tracks_splits_and_interpolates():
         ("v", 0, [0, 1, 2]), ("v", 0, [10]), ("v", 1, [0]), ("w", 0, [4])]
     assert tubes[0].boxes[1].tolist() == [1, 1, 11, 11] and tubes[0].score == 1.0
     assert [len(t.frames) for t in metrics.tubes_from_tracks(rows)] == [11, 1, 1]
+
+
+# ----------------------------------------------------------------------------- STAR's predictions as tubes
+
+def _clip_target(frames, labels, boxes_cxcywh):
+    return {"frame_indices": torch.tensor(frames), "track_labels": torch.tensor(labels),
+            "track_boxes": torch.tensor(boxes_cxcywh, dtype=torch.float32)}
+
+
+def test_tube_scorer_on_a_clip_prediction_constant_over_the_clip():
+    """One actor (class 1) at steps 1-3 of frames 0, 10, 20, 30 at (0.2-0.4, 0.2-0.4); a clip-mode query with that
+    box stands at all four frames: frame 0 (ranked first among equal scores) is a false positive, then three hits:
+    precision 3/4 at full recall, frame-mAP 0.75; its tube spans 0-30 against the truth's 10-30 (temporal IoU 0.75
+    x box IoU 1): a hit at 0.2 and 0.5; a query with a wrong box scores 0."""
+    box = [0.3, 0.3, 0.2, 0.2]
+    target = _clip_target([0, 10, 20, 30], [[-1, 1, 1, 1]], [[[0, 0, 0, 0], box, box, box]])
+    good = {"scores": torch.tensor([0.9]), "labels": torch.tensor([1]), "boxes": torch.tensor([[0.2, 0.2, 0.4, 0.4]])}
+    scorer = metrics.TubeScorer(2)
+    scorer.add_clip_predictions("v", target["frame_indices"], good, 100, 50)
+    scorer.add_clip_truth("v", target, 100, 50)
+    assert len(scorer.ground_truth) == 3 and len(scorer.gt_tubes) == 1
+    assert scorer.result() == pytest.approx({"frame_map50": 0.75, "video_map20": 1.0, "video_map50": 1.0})
+    bad = dict(good, boxes=torch.tensor([[0.6, 0.6, 0.9, 0.9]]))
+    scorer = metrics.TubeScorer(2)
+    scorer.add_clip_predictions("v", target["frame_indices"], bad, 100, 50)
+    scorer.add_clip_truth("v", target, 100, 50)
+    assert scorer.result() == pytest.approx({"frame_map50": 0.0, "video_map20": 0.0, "video_map50": 0.0})
+
+
+def test_tube_scorer_whole_video_truth_and_a_late_start():
+    """Truth frames 0-9 of class 0; a prediction over frames 5-14 with the same box and one score (ties keep the
+    frames' order): 5 hits then 5 misses, recall 0.5 at precision 1 -> VOC AP 0.5; tube temporal IoU 5/15 = 0.33:
+    a hit at 0.2 only."""
+    scorer = metrics.TubeScorer(1)
+    box = [0.1, 0.1, 0.5, 0.5]
+    scorer.add_truth("v", 0, np.arange(10), np.repeat([box], 10, 0), 64, 48)
+    scorer.add_prediction("v", np.arange(5, 15), 0, 0.8, box, 64, 48)
+    result = scorer.result()
+    assert result["frame_map50"] == pytest.approx(0.5)
+    assert (result["video_map20"], result["video_map50"]) == (1.0, 0.0)
+    assert metrics.TubeScorer(1).result() == {}                       # no ground truth: nothing to report
