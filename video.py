@@ -4,17 +4,25 @@ drawing detections and writing browser-playable H.264 MP4.
 Frames are RGB ``uint8`` numpy arrays of shape ``(H, W, 3)``; a clip is ``(T, H, W, 3)``.
 Boxes given to :func:`draw_detections` are normalised xyxy in ``[0, 1]``.
 
+A video is a file (any container PyAV reads) or a folder of numbered frames (``00001.jpg``,
+``00002.jpg``, ... as UCF101-24 and JHMDB are distributed): every function that takes a video
+path takes such a folder too (:func:`is_frame_folder`). Frame ``i`` of a folder is its ``i``-th
+image in numeric order; its rate is the ``fps`` argument (:data:`DEFAULT_FOLDER_FPS` when None).
+
 Everything decodes sequentially with PyAV (one pass, frame-threaded); nothing seeks per frame
-and no function holds a whole video in memory. Any failure of the underlying libraries is
-turned into :class:`VideoError`, a one-line message that names the file.
+and no function holds a whole video in memory (a folder's images are read only when wanted).
+Any failure of the underlying libraries is turned into :class:`VideoError`, a one-line message
+that names the file.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import fractions
+import functools
 import logging
 import os
+import re
 import zlib
 from typing import Iterator
 
@@ -23,9 +31,13 @@ import cv2
 import numpy as np
 import torch
 
+from runtime import one_line
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv")  # compare with the lower-cased suffix
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")  # frames of a frame folder, any letter case
+DEFAULT_FOLDER_FPS = 25.0  # a folder of frames says nothing about its rate (UCF101-24, JHMDB: 25)
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +67,93 @@ def is_video_file(path) -> bool:
     return os.fspath(path).lower().endswith(VIDEO_EXTENSIONS)
 
 
-def _reason(exc: BaseException) -> str:
-    """First line of an exception message, for one-line errors."""
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
+def is_frame_folder(path) -> bool:
+    """True for a folder holding at least one numbered image (``00001.jpg``, ``img_00001.png``...)."""
+    try:
+        return os.path.isdir(path) and bool(folder_frames(path))
+    except VideoError:
+        return False
+
+
+def is_video_input(path) -> bool:
+    """A video file (by its name) or a frame folder: what the video functions accept."""
+    return is_frame_folder(path) if os.path.isdir(path) else is_video_file(path)
+
+
+# stem = optional non-digit prefix + the frame number: 00001, img_00001, frame-12
+_NUMBERED = re.compile(r"^(\D*)(\d+)$")
+
+
+def folder_frames(path) -> tuple[str, ...]:
+    """Paths of a frame folder's images in frame order (by number). Raises VideoError (one line) for
+    a path that is not a folder or holds no numbered image.
+
+    Names are ``<prefix><number>.<jpg|jpeg|png|bmp>``. A folder with several prefixes (MMAction2's
+    ``img_*`` beside ``flow_x_*``) uses the largest group, RGB-looking names first on a tie."""
+    path = os.fspath(path)
+    try:
+        stamp = os.stat(path).st_mtime_ns
+    except OSError as exc:
+        raise VideoError(f"{path}: cannot read the folder ({exc.strerror or exc})") from None
+    return _list_folder(path, stamp)
+
+
+@functools.lru_cache(maxsize=256)
+def _list_folder(path: str, stamp: int) -> tuple[str, ...]:
+    """The listing behind :func:`folder_frames`, cached per folder modification time (training reads
+    a folder many times)."""
+    del stamp  # part of the cache key only: a changed folder is listed again
+    try:
+        names = os.listdir(path)
+    except OSError as exc:
+        raise VideoError(f"{path}: cannot read the folder ({exc.strerror or exc})") from None
+    groups: dict[tuple[str, str], list[tuple[int, str]]] = {}
+    for name in names:
+        stem, ext = os.path.splitext(name)
+        match = _NUMBERED.match(stem)
+        if match and ext.lower() in IMAGE_EXTENSIONS:
+            groups.setdefault((match.group(1), ext.lower()), []).append((int(match.group(2)), name))
+    if not groups:
+        raise VideoError(f"{path}: a folder without numbered images ({', '.join(IMAGE_EXTENSIONS)})")
+    key = max(groups, key=lambda k: (len(groups[k]), "flow" not in k[0].lower(), k[0] == "", k))
+    return tuple(os.path.join(path, name) for _, name in sorted(groups[key]))
+
+
+def _read_image(path) -> np.ndarray:
+    """One image file as (H, W, 3) uint8 RGB; an unreadable one -> VideoError naming it."""
+    try:
+        data = np.fromfile(path, np.uint8)  # imdecode: any path encoding, on any system
+    except OSError as exc:
+        raise VideoError(f"{path}: unreadable image ({exc.strerror or exc})") from None
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise VideoError(f"{path}: unreadable image (not a JPEG/PNG/BMP, or damaged)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+class _ImageFrame:
+    """One frame of a frame folder, read when converted (the interface of ``av.VideoFrame`` used here)."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def to_ndarray(self, format: str = "rgb24") -> np.ndarray:  # noqa: A002  (PyAV's argument name)
+        return _read_image(self.path)
+
+
+def _iter_folder_frames(path) -> Iterator[_ImageFrame]:
+    """The frames of a frame folder in order, unread until converted."""
+    for image in folder_frames(path):
+        yield _ImageFrame(image)
+
+
+def _iter_source_frames(path) -> Iterator:
+    """Frames of a video file (``av.VideoFrame``) or of a frame folder (:class:`_ImageFrame`), in order."""
+    if os.path.isdir(path):
+        return _iter_folder_frames(path)
+    return _iter_av_frames(path)
 
 
 @contextlib.contextmanager
@@ -72,7 +167,7 @@ def _open_video(path):
     try:
         container = av.open(path)
     except _AV_ERRORS as exc:
-        raise VideoError(f"{path}: not a readable video ({_reason(exc)})") from None
+        raise VideoError(f"{path}: not a readable video ({one_line(exc)})") from None
     try:
         if not container.streams.video:
             raise VideoError(f"{path}: no video stream")
@@ -107,9 +202,9 @@ def _iter_av_frames(path) -> Iterator[av.VideoFrame]:
             first_error = first_error or exc
             failures += 1
         if failures and not yielded:
-            raise VideoError(f"{path}: no decodable frame ({_reason(first_error)})")
+            raise VideoError(f"{path}: no decodable frame ({one_line(first_error)})")
         if failures:
-            log.debug("%s: %d packet(s) failed to decode (%s)", path, failures, _reason(first_error))
+            log.debug("%s: %d packet(s) failed to decode (%s)", path, failures, one_line(first_error))
 
 
 def _stream_fps(stream) -> float:
@@ -120,15 +215,19 @@ def _stream_fps(stream) -> float:
     return 25.0
 
 
-def probe_video(path, count_frames: bool = True) -> VideoInfo:
+def probe_video(path, count_frames: bool = True, fps: float | None = None) -> VideoInfo:
     """Size, exact frame count and rate of ``path``; decodes only the first frame.
 
     With ``count_frames`` (default) the frame count is the number of demuxed video packets
     (no decoding: fast, and right when the container's count is wrong or missing, e.g. AVI,
     MKV, variable frame rate). With ``count_frames=False`` the container's own count is
     trusted when it has one (header only, for quick validation of large datasets).
-    Width/height are those of the first decoded frame. Raises VideoError.
+    Width/height are those of the first decoded frame. A frame folder has one frame per
+    numbered image and the rate ``fps`` (None: DEFAULT_FOLDER_FPS); ``fps`` is ignored for
+    files, which carry their own. Raises VideoError.
     """
+    if os.path.isdir(path):
+        return _probe_folder(path, fps)
     with _open_video(path) as (container, stream):
         fps = _stream_fps(stream)
         width, height = stream.codec_context.width, stream.codec_context.height
@@ -150,12 +249,25 @@ def probe_video(path, count_frames: bool = True) -> VideoInfo:
         except _AV_ERRORS as exc:  # truncated mid-file: the packets so far are the video
             error = error or exc
         if packets and first is None:
-            reason = _reason(error) if error else "decoder produced nothing"
+            reason = one_line(error) if error else "decoder produced nothing"
             raise VideoError(f"{path}: no decodable frame ({reason})")
     if first is not None:
         width, height = first.width, first.height
     num_frames = header_count if (not count_frames and header_count) else packets
     return VideoInfo(width, height, num_frames, fps, num_frames / fps)
+
+
+def _probe_folder(path, fps: float | None) -> VideoInfo:
+    """:func:`probe_video` for a frame folder: the image count, the first image's size."""
+    fps = float(DEFAULT_FOLDER_FPS if fps is None else fps)
+    if not fps > 0:
+        raise ValueError(f"frame rate must be positive, got {fps}")
+    images = folder_frames(path)
+    try:
+        first = _read_image(images[0])
+    except VideoError as exc:
+        raise VideoError(f"{os.fspath(path)}: no decodable frame ({one_line(exc)})") from None
+    return VideoInfo(first.shape[1], first.shape[0], len(images), fps, len(images) / fps)
 
 
 def sample_indices(num_frames: int, T: int) -> np.ndarray:
@@ -176,7 +288,7 @@ def decode_frames(path, indices) -> tuple[np.ndarray, int]:
     wanted, last_needed = set(idx.tolist()), int(idx.max()) if idx.size else -1
     kept: dict[int, np.ndarray] = {}
     last_frame, decoded = None, 0
-    frames = _iter_av_frames(path)
+    frames = _iter_source_frames(path)
     try:
         for i, frame in enumerate(frames):
             decoded, last_frame = i + 1, frame
@@ -216,12 +328,13 @@ def read_frames(path, indices, info: VideoInfo | None = None) -> np.ndarray:
     return decode_frames(path, indices)[0]
 
 
-def sample_clip(path, num_frames: int) -> tuple[np.ndarray, VideoInfo]:
+def sample_clip(path, num_frames: int, fps: float | None = None) -> tuple[np.ndarray, VideoInfo]:
     """Uniformly sampled clip: frames ``(T, H, W, 3)`` uint8 at :func:`sample_indices`, and the probe.
 
     If decoding ends before the probed count (a lying container or undecodable packets),
-    the indices are re-derived from the true count, so frames stay uniform over the video."""
-    info = probe_video(path)
+    the indices are re-derived from the true count, so frames stay uniform over the video.
+    ``fps``: the rate of a frame folder (see :func:`probe_video`)."""
+    info = probe_video(path, fps=fps) if fps is not None else probe_video(path)
     if info.num_frames == 0:
         raise VideoError(f"{os.fspath(path)}: zero frames")
     idx = sample_indices(info.num_frames, num_frames)
@@ -234,7 +347,7 @@ def sample_clip(path, num_frames: int) -> tuple[np.ndarray, VideoInfo]:
 
 def iter_frames(path) -> Iterator[np.ndarray]:
     """Every frame of ``path`` in order, ``(H, W, 3)`` uint8 RGB, decoded sequentially."""
-    for frame in _iter_av_frames(path):
+    for frame in _iter_source_frames(path):
         yield frame.to_ndarray(format="rgb24")
 
 
@@ -245,8 +358,19 @@ def window_spans(num_frames: int, fps: float, window_sec: float, stride_sec: flo
     its neighbour more than the stride). A video shorter than a window is one span."""
     if window_sec <= 0 or stride_sec <= 0:
         raise ValueError("window_sec and stride_sec must be positive")
-    win = max(1, int(round(window_sec * fps)))
-    stride = max(1, int(round(stride_sec * fps)))
+    return window_spans_frames(num_frames, seconds_to_frames(window_sec, fps), seconds_to_frames(stride_sec, fps))
+
+
+def seconds_to_frames(seconds: float, fps: float) -> int:
+    """A duration as a whole number of frames (at least 1): how windows given in seconds are cut."""
+    return max(1, int(round(seconds * fps)))
+
+
+def window_spans_frames(num_frames: int, win: int, stride: int) -> list[tuple[int, int]]:
+    """:func:`window_spans` with the window and stride in frames: spans ``[start, end)`` every
+    ``stride`` frames, the last one ending at the last frame; one span for a short video."""
+    if win < 1 or stride < 1:
+        raise ValueError("window and stride must be at least one frame")
     if num_frames <= win:
         return [(0, num_frames)] if num_frames > 0 else []
     starts = list(range(0, num_frames - win + 1, stride))
@@ -256,20 +380,21 @@ def window_spans(num_frames: int, fps: float, window_sec: float, stride_sec: flo
 
 
 def iter_windows(path, num_frames: int, window_sec: float, stride_sec: float,
-                 info: VideoInfo | None = None) -> Iterator[tuple[np.ndarray, float, float]]:
+                 info: VideoInfo | None = None, fps: float | None = None) -> Iterator[tuple[np.ndarray, float, float]]:
     """Yield ``(frames (T, H, W, 3) uint8, start_sec, end_sec)`` for sliding windows.
 
     T frames are sampled uniformly inside each window (:func:`sample_indices` over the
     window's frames). One sequential pass; only the windows still being filled hold frames,
     so memory is bounded by (window / stride) clips. Times use the frame clock i / fps.
+    ``fps``: the rate of a frame folder when ``info`` is not given (see :func:`probe_video`).
     """
-    info = info or probe_video(path)
+    info = info or (probe_video(path, fps=fps) if fps is not None else probe_video(path))
     fps = info.fps
     spans = window_spans(info.num_frames, fps, window_sec, stride_sec)
     plans = [(s, e, s + sample_indices(e - s, num_frames)) for s, e in spans]
     active: list[tuple[int, int, np.ndarray, list]] = []
     nxt, last = 0, None
-    frames = _iter_av_frames(path)
+    frames = _iter_source_frames(path)
     try:
         for i, frame in enumerate(frames):
             while nxt < len(plans) and plans[nxt][0] <= i:
@@ -378,7 +503,7 @@ class VideoWriter:
         try:
             self._container = av.open(self.path, "w", options=container_options)
         except _AV_ERRORS as exc:
-            raise VideoError(f"{self.path}: cannot write video ({_reason(exc)})") from None
+            raise VideoError(f"{self.path}: cannot write video ({one_line(exc)})") from None
         try:
             self._stream = self._container.add_stream(codec, rate=rate)
             self._stream.width, self._stream.height = even(self.width), even(self.height)
@@ -386,7 +511,7 @@ class VideoWriter:
             self._stream.options = dict(options or {})
         except _AV_ERRORS as exc:
             self._container.close()
-            raise VideoError(f"{self.path}: cannot write {codec} video ({_reason(exc)})") from None
+            raise VideoError(f"{self.path}: cannot write {codec} video ({one_line(exc)})") from None
         self._count = 0
 
     def write(self, frame: np.ndarray) -> None:

@@ -413,3 +413,22 @@ def test_sample_data_is_valid_deterministic_and_labelled(tmp_path):
                 ys, xs = np.nonzero((sat > 120) & (frame.max(axis=-1) > 170))
                 x1, y1, x2, y2 = r.boxes[0] * [r.width, r.height, r.width, r.height]
                 assert xs.min() >= x1 - 1 and xs.max() <= x2 and ys.min() >= y1 - 1 and ys.max() <= y2
+
+
+def test_odd_boxes_are_used_and_listed_as_warnings(tmp_path):
+    """Swapped corners (an x y w h box, often) and a box mostly outside the frame are used as
+    before (sorted, clipped) and listed as warnings with file and line; a box a little over the
+    border (an actor at the edge) is not listed."""
+    root = tmp_path / "data"
+    root.mkdir()
+    write_video(root / "a.mp4", numbered_frames(10, 64, 48))
+    _write_dataset(root, [("a.mp4", "a.txt")], {"a.txt": "0 40 30 10 12\n0 -2 0 20 20\n1 50 30 130 90\n"})
+    records, _, problems = dataset.load_dataset(root)
+    assert np.allclose(records[0].boxes, [[10 / 64, 12 / 48, 40 / 64, 30 / 48], [0, 0, 20 / 64, 20 / 48],
+                                          [50 / 64, 30 / 48, 1, 1]])
+    assert [(p.file, p.line, p.severity) for p in problems] == [("a.txt", 1, "warning"), ("a.txt", 3, "warning")]
+    assert "swapped corners" in problems[0].message and "x y w h" in problems[0].message
+    assert "outside the 64x48 frame" in problems[1].message
+    table = dataset.format_problems(problems)
+    assert "severity" in table.splitlines()[1] and "0 skipped, 2 warning(s)" in table
+    assert all(line.split()[2] == "warning" for line in table.splitlines()[3:])

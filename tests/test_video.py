@@ -218,3 +218,64 @@ def test_real_footage(media_dir):
     assert frames.shape == (8, 576, 768, 3) and frames.std() > 10
     first = video.read_frames(media_dir / "sports2d_demo.mp4", [0, 2])  # VP9, stops early
     assert first.shape == (2, 994, 1768, 3) and first.std() > 10
+
+
+# ---------------------------------------------------------------- frame folders (UCF101-24 / JHMDB layout)
+
+
+def write_frame_folder(folder, frames, ext=".png", name="{:05d}"):
+    """Numbered images 00001.png ... (1-based, as UCF101-24 and JHMDB name them)."""
+    import cv2
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, frame in enumerate(frames, start=1):
+        cv2.imwrite(str(folder / (name.format(i) + ext)), np.ascontiguousarray(frame[..., ::-1]))
+    return folder
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg"])
+def test_frame_folder_reads_like_a_video_file(tmp_path, ext):
+    folder = write_frame_folder(tmp_path / "v_Basketball_g01_c01", numbered_frames(37), ext)
+    (folder / "notes.txt").write_text("not a frame\n")
+    assert video.is_frame_folder(folder) and video.is_video_input(folder) and not video.is_frame_folder(tmp_path / "x")
+    info = video.probe_video(folder)
+    assert (info.width, info.height, info.num_frames, info.fps) == (64, 48, 37, video.DEFAULT_FOLDER_FPS)
+    assert video.probe_video(folder, fps=10).duration_sec == pytest.approx(3.7)
+    frames, info2 = video.sample_clip(folder, 8)
+    assert frames.shape == (8, 48, 64, 3) and numbers(frames) == video.sample_indices(37, 8).tolist()
+    assert numbers(video.read_frames(folder, [36, 0, 5, 5])) == [36, 0, 5, 5]
+    assert numbers(video.iter_frames(folder)) == list(range(37))
+    spans = video.window_spans(37, 10.0, 1.2, 1.0)
+    out = list(video.iter_windows(folder, 4, 1.2, 1.0, fps=10))
+    assert [numbers(f) for f, _, _ in out] == [(s + video.sample_indices(e - s, 4)).tolist() for s, e in spans]
+    assert [t for _, a, b in out for t in (a, b)] == pytest.approx([t / 10 for span in spans for t in span])
+
+
+def test_frame_folder_names_sort_by_number_and_prefer_rgb(tmp_path):
+    folder = write_frame_folder(tmp_path / "plain", numbered_frames(12), name="{}")   # 1.png ... 12.png
+    assert [p.rsplit("/", 1)[1] for p in video.folder_frames(folder)][:3] == ["1.png", "2.png", "3.png"]
+    assert numbers(video.iter_frames(folder)) == list(range(12))
+    mixed = write_frame_folder(tmp_path / "mm", numbered_frames(6), ".jpg", name="img_{:05d}")
+    write_frame_folder(mixed, np.zeros((6, 48, 64, 3), np.uint8), ".jpg", name="flow_x_{:05d}")  # MMAction2 rawframes
+    assert all("/img_" in p for p in video.folder_frames(mixed))
+
+
+def test_bad_frame_folders_are_one_line_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "words").mkdir()
+    (tmp_path / "words" / "cover.jpg").write_bytes(b"x")
+    broken = write_frame_folder(tmp_path / "broken", numbered_frames(5))
+    (broken / "00003.png").write_bytes(b"not a png")
+    first = write_frame_folder(tmp_path / "first", numbered_frames(3))
+    (first / "00001.png").write_bytes(b"")
+    for folder, text in ((empty, "without numbered images"), (tmp_path / "words", "without numbered images")):
+        with pytest.raises(video.VideoError, match=text) as err:
+            video.probe_video(folder)
+        assert str(folder) in str(err.value) and "\n" not in str(err.value)
+        assert not video.is_frame_folder(folder)
+    assert video.probe_video(broken).num_frames == 5    # the probe reads the first image only
+    with pytest.raises(video.VideoError, match="00003.png: unreadable image"):
+        video.read_frames(broken, [0, 2])
+    assert numbers(video.read_frames(broken, [0, 1, 4])) == [0, 1, 4]   # images are read only when wanted
+    with pytest.raises(video.VideoError, match="no decodable frame"):
+        video.probe_video(first)

@@ -2,6 +2,7 @@
 """Make a small synthetic action dataset in exactly the training layout.
 
     python tools/make_sample_data.py --output_dir sample_data [--num_videos 48 --seed 0]
+    python tools/make_sample_data.py --output_dir sample_tubes --per_frame   # per-frame labels
 
 Each video shows one or two bright textured "actors" (ellipses) on a mildly noisy, dim
 background. The actions differ only in how the actor moves, so a single frame cannot
@@ -16,6 +17,15 @@ label lines, possibly different classes). The label of an actor is the pixel xyx
 the region where it acts: the union of its extent over the whole video. Containers are
 mixed: mostly H.264 .mp4, some MJPEG and MPEG-4 .avi, an upper-case .MOV and a .mkv.
 Everything is a function of --seed (video i uses the generator seeded with (seed, i)).
+
+With --per_frame the videos are longer (150 frames, 6 s at 25 fps, by default) and the labels are
+per-frame tubes (``<frame> <track_id> <class_id> <x1> <y1> <x2> <y2>``): every actor drifts
+slowly across the frame for the whole video and performs its action for part of it (35-65 %),
+starting and ending at rest; label lines exist only while it acts, each its box in that frame.
+Two-actor videos overlap their acting spans (same or different actions). Negatives hold idle
+drifting actors. One video in twelve is a folder of numbered JPEG frames (``00001.jpg``...), as
+UCF101-24 and JHMDB are distributed. --label_step N writes every N-th acting frame only (sparse
+keyframes, as AVA; the dataset interpolates). The default output is unchanged by this option.
 """
 from __future__ import annotations
 
@@ -32,11 +42,26 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import video  # noqa: E402  (repository root on the path so the tool runs from anywhere)
 
 ACTIONS = ("jump", "walk", "wave", "circle")
+
+
+def _x264_cpu_cap() -> dict:
+    """x264 options that keep it off its AVX-512 code, on CPUs that have AVX-512 (Linux) only.
+
+    There its AVX-512 code made 5 of 8 encodes of the same frames differ (one thread, a Xeon with
+    AVX512-BF16/AMX), so the same seed gave other pixels each run; capped at AVX2 every run gives
+    the same pixels (those of x264 on an AVX2 CPU). Elsewhere nothing changes."""
+    try:
+        flags = pathlib.Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return {}
+    return {"x264-params": "asm=AVX2"} if " avx512f" in flags else {}
+
+
 # index % 12 -> (suffix, codec, pixel format, encoder options); H.264 MP4 most of the time
 # One x264 thread: on a 16-core host the same seed gave different H.264 pixels in 5 of 10 x264 videos
 # (the MJPEG/MPEG-4 ones were equal), so the "same pixels for the same seed" promise needs it; these
 # videos are tiny, a thread costs nothing here.
-_X264 = {"crf": "18", "preset": "veryfast", "threads": "1"}
+_X264 = {"crf": "18", "preset": "veryfast", "threads": "1", **_x264_cpu_cap()}
 _CONTAINERS = {3: (".avi", "mjpeg", "yuvj420p", {"b": "1500000"}),  # default MJPEG/MPEG-4 rates blur
                7: (".avi", "mpeg4", "yuv420p", {"b": "1500000"}),
                10: (".MOV", "libx264", "yuv420p", _X264),
@@ -159,17 +184,162 @@ def _make_video(path, plan, class_names, num_frames, width, height, fps, rng, co
     return lines, n
 
 
-def make_sample_dataset(output_dir, num_videos: int = 48, num_frames: int = 80, width: int = 160,
+# Per-frame sample data (--per_frame): longer videos, actors acting for part of them.
+PER_FRAME_NUM_FRAMES = 150        # 6 s at 25 fps: a 1-2 s training window is a fraction of it
+ACT_SHARE = (0.35, 0.65)          # share of the video an actor acts
+CYCLE_FRAMES = (28.0, 40.0)       # one motion cycle: a 32-frame window shows about one
+DRIFT_SHARE = (0.25, 0.45)        # how far an actor drifts across its region over the video
+FOLDER_EVERY, FOLDER_AT = 12, 5   # video i with i % 12 == 5 is a folder of numbered JPEG frames
+_FOLDER = ("/", "jpeg", None, None)
+TUBE_HEADER = "# <frame> <track_id> <class_id> <x1> <y1> <x2> <y2>  (0-based frame, pixels; lines only while acting)\n"
+
+
+def _acting_offsets(action: str, length: int, region, size: float, rng: np.random.Generator):
+    """Offsets ``(dx, dy, ry)`` (length,) of an action performed over ``length`` frames: whole motion
+    cycles, so it starts and ends at rest (offset 0, radius ``size``) and the idle frames around fit."""
+    rw, rh = region[2] - region[0], region[3] - region[1]
+    cycles = max(1, int(round(length / rng.uniform(*CYCLE_FRAMES))))
+    phase = np.linspace(0, 2 * np.pi * cycles, length)
+    dx, dy, ry = np.zeros(length), np.zeros(length), np.full(length, size)
+    if action == "jump":
+        dy = -rng.uniform(0.22, 0.3) * rh * np.abs(np.sin(phase / 2))
+    elif action == "walk":
+        dx = rng.uniform(0.18, 0.25) * rw * np.sin(phase)
+    elif action == "wave":
+        ry = size * (1 + 0.45 * np.sin(phase))
+    elif action == "circle":
+        amp = rng.uniform(0.12, 0.16) * min(rw, rh)
+        dx, dy = amp * (np.cos(phase) - 1), amp * np.sin(phase)
+    elif action != "static":
+        raise ValueError(f"unknown action {action!r}")
+    return dx, dy, ry
+
+
+def _tube(action: str, n: int, span, region, size: float, rng: np.random.Generator):
+    """Per-frame ellipse ``(cx, cy, rx, ry)`` (n, 4) of an actor drifting across ``region`` for the
+    whole video and acting during frames ``span = (a, b)`` (at rest outside)."""
+    a, b = span
+    rw, rh = region[2] - region[0], region[3] - region[1]
+    dx, dy, ry = np.zeros(n), np.zeros(n), np.full(n, size)
+    dx[a:b], dy[a:b], ry[a:b] = _acting_offsets(action, b - a, region, size, rng)
+    rx = 0.7 * ry
+    drift = rng.choice([-1.0, 1.0]) * rng.uniform(*DRIFT_SHARE) * rw
+    width = (dx + rx).max() - (dx - rx).min()
+    drift = np.sign(drift) * max(0.0, min(abs(drift), rw - 4 - width))  # the whole path stays in the region
+    cx = dx + np.linspace(0, drift, n)
+    cy = dy + np.linspace(0, rng.uniform(-0.08, 0.08) * rh, n)
+    lo_x, hi_x, lo_y, hi_y = (cx - rx).min(), (cx + rx).max(), (cy - ry).min(), (cy + ry).max()
+    ox = rng.uniform(region[0] + 2 - lo_x, max(region[0] + 2 - lo_x, region[2] - 2 - hi_x))
+    oy = rng.uniform(region[1] + 2 - lo_y, max(region[1] + 2 - lo_y, region[3] - 2 - hi_y))
+    return np.stack([cx + ox, cy + oy, rx, ry], axis=1)
+
+
+def _acting_spans(count: int, n: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """Frames ``[a, b)`` each actor acts; a second actor's span overlaps the first's."""
+    spans = []
+    for k in range(count):
+        length = max(2, int(round(rng.uniform(*ACT_SHARE) * n)))
+        if k == 0:
+            a = int(rng.integers(0, n - length + 1))
+        else:
+            a0, b0 = spans[0]
+            a = int(np.clip(a0 + rng.uniform(-0.5, 0.5) * (b0 - a0), 0, n - length))
+        spans.append((a, a + length))
+    return spans
+
+
+def _tube_lines(track_id: int, class_id: int, track: np.ndarray, span, width: int, height: int,
+                step: int) -> list[str]:
+    """Per-frame label lines of one actor: every ``step``-th acting frame and the last one."""
+    a, b = span
+    frames = sorted(set(range(a, b, step)) | {b - 1})
+    return [f"{t} {track_id} {class_id} " + " ".join(str(v) for v in _box(track[t:t + 1], width, height))
+            for t in frames]
+
+
+class _FrameFolderWriter:
+    """Writes RGB frames as ``00001.jpg``, ``00002.jpg``... into a folder (UCF101-24's layout)."""
+
+    def __init__(self, path):
+        self.path, self.count = pathlib.Path(path), 0
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def write(self, frame: np.ndarray) -> None:
+        self.count += 1
+        cv2.imwrite(str(self.path / f"{self.count:05d}.jpg"), frame[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return None
+
+
+def _make_tube_video(path, plan, class_names, num_frames, width, height, fps, rng, container, step):
+    """Render one per-frame video (file or frame folder); returns its per-frame label lines."""
+    n = int(rng.integers(max(2, int(0.8 * num_frames)), num_frames + 1))
+    size = rng.uniform(0.12, 0.16) * height
+    regions = [(0, 0, width / 2, height), (width / 2, 0, width, height)] if len(plan) == 2 else [(0, 0, width, height)]
+    spans = _acting_spans(len(plan), n, rng)
+    actors = []
+    for action, region, span in zip(plan, regions, spans):
+        name = action if action == "static" else class_names[action]
+        actors.append((action, span, _tube(name, n, span, region, size, rng), _actor_colour(rng)))
+    background = _background(width, height, rng)
+    noise = rng.normal(0, 3, size=(4, height, width, 3)).astype(np.float32)
+    suffix, codec, pix_fmt, options = container
+    writer = (_FrameFolderWriter(path) if container is _FOLDER else
+              video.VideoWriter(path, width, height, fps, codec=codec, pix_fmt=pix_fmt, options=options))
+    with writer:
+        for t in range(n):
+            frame = np.clip(background + noise[rng.integers(0, 4)], 0, 255).astype(np.uint8)
+            for _, _, track, colours in actors:
+                _draw_actor(frame, track[t], colours)
+            writer.write(frame)
+    lines = []
+    for k, (action, span, track, _) in enumerate(actors):
+        if action != "static":
+            lines += _tube_lines(k + 1, action, track, span, width, height, step)
+    return lines, sum(action != "static" for action, *_ in actors)
+
+
+def _write_tube_videos(root, plans, class_names, num_frames, width, height, fps, seed, step):
+    """The per-frame dataset's videos and label files; returns (CSV rows, positives, two-actor, folders)."""
+    rows, positives, two_actor, folders = [], 0, 0, 0
+    for i, plan in enumerate(plans):
+        rng = np.random.default_rng([seed, i])
+        container = _FOLDER if i % FOLDER_EVERY == FOLDER_AT else _CONTAINERS.get(i % 12, _MP4)
+        video_name = f"video_{i:03d}" + ("" if container is _FOLDER else container[0])
+        lines, acting = _make_tube_video(root / video_name, plan, class_names, num_frames, width, height, fps,
+                                         rng, container, step)
+        folders += container is _FOLDER
+        label_name = ""
+        if lines:
+            label_name = f"video_{i:03d}.txt"
+            (root / label_name).write_text(TUBE_HEADER + "\n".join(lines) + "\n")
+            positives += 1
+            two_actor += acting == 2
+        rows.append((video_name, label_name))
+    return rows, positives, two_actor, folders
+
+
+def make_sample_dataset(output_dir, num_videos: int = 48, num_frames: int | None = None, width: int = 160,
                         height: int = 120, fps: float = 25, seed: int = 0, num_classes: int = 3,
                         classes=None, negative_fraction: float = 1 / 3,
-                        two_actor_fraction: float = 0.25) -> dict:
+                        two_actor_fraction: float = 0.25, per_frame: bool = False, label_step: int = 1) -> dict:
     """Write the dataset into ``output_dir``; returns a summary dict.
 
     ``classes`` (names from ACTIONS) overrides ``num_classes``. Raw class ids are 0..C-1 in
     the order of ``classes``; ``classes.txt`` names them. Video lengths vary between 80 % and
-    100 % of ``num_frames``. Summary keys: ``root``, ``csv``, ``class_names``, ``videos``,
-    ``positives``, ``negatives``, ``two_actor``.
+    100 % of ``num_frames`` (default 80; 150 with ``per_frame``). ``per_frame``: per-frame
+    tube labels (see the module docstring), every ``label_step``-th acting frame. Summary keys:
+    ``root``, ``csv``, ``class_names``, ``videos``, ``positives``, ``negatives``, ``two_actor``
+    (and ``frame_folders`` with ``per_frame``).
     """
+    if num_frames is None:
+        num_frames = PER_FRAME_NUM_FRAMES if per_frame else 80
+    if label_step < 1:
+        raise ValueError(f"label_step must be >= 1, got {label_step}")
     if not classes and not 1 <= num_classes <= len(ACTIONS):
         raise ValueError(f"num_classes must be 1 to {len(ACTIONS)} ({', '.join(ACTIONS)}), got {num_classes}")
     class_names = list(classes) if classes else list(ACTIONS[:num_classes])
@@ -180,8 +350,14 @@ def make_sample_dataset(output_dir, num_videos: int = 48, num_frames: int = 80, 
         raise ValueError("need width, height >= 32, num_videos >= 1 and num_frames >= 2")
     root = pathlib.Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
+    plans = _plan(num_videos, len(class_names), negative_fraction, two_actor_fraction, seed)
+    if per_frame:
+        rows, positives, two_actor, folders = _write_tube_videos(root, plans, class_names, num_frames, width, height,
+                                                                 fps, seed, label_step)
+        summary = _write_index(root, rows, class_names, positives, two_actor)
+        return {**summary, "frame_folders": folders}
     rows, positives, two_actor = [], 0, 0
-    for i, plan in enumerate(_plan(num_videos, len(class_names), negative_fraction, two_actor_fraction, seed)):
+    for i, plan in enumerate(plans):
         rng = np.random.default_rng([seed, i])
         container = _CONTAINERS.get(i % 12, _MP4)
         video_name = f"video_{i:03d}{container[0]}"
@@ -195,6 +371,11 @@ def make_sample_dataset(output_dir, num_videos: int = 48, num_frames: int = 80, 
             positives += 1
             two_actor += len(lines) == 2
         rows.append((video_name, label_name))
+    return _write_index(root, rows, class_names, positives, two_actor)
+
+
+def _write_index(root, rows, class_names, positives, two_actor) -> dict:
+    """Write the CSV and classes.txt; return the summary."""
     with (root / "action_challenge.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["video_file", "label_file"])
@@ -210,7 +391,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", default="sample_data", help="dataset folder to write (default: sample_data)")
     p.add_argument("--num_videos", type=int, default=48, help="number of videos (default 48)")
-    p.add_argument("--num_frames", type=int, default=80, help="frames of the longest video (lengths vary 80-100%%)")
+    p.add_argument("--num_frames", type=int, default=None,
+                   help="frames of the longest video (lengths vary 80-100%%; default 80, 150 with --per_frame)")
     p.add_argument("--width", type=int, default=160, help="frame width in pixels")
     p.add_argument("--height", type=int, default=120, help="frame height in pixels")
     p.add_argument("--fps", type=float, default=25, help="frame rate")
@@ -219,19 +401,24 @@ def main(argv=None) -> int:
     p.add_argument("--classes", default=None, help="comma-separated subset of the actions, overrides --num_classes")
     p.add_argument("--negative_fraction", type=float, default=1 / 3, help="share of videos without action")
     p.add_argument("--two_actor_fraction", type=float, default=0.25, help="share of positives with two actors")
+    p.add_argument("--per_frame", action="store_true",
+                   help="per-frame tube labels: actors drift across the frame and act for part of the video")
+    p.add_argument("--label_step", type=int, default=1,
+                   help="with --per_frame: label every N-th acting frame only (sparse keyframes; default 1)")
     args = p.parse_args(argv)
     start = time.perf_counter()
     try:
         summary = make_sample_dataset(
             args.output_dir, args.num_videos, args.num_frames, args.width, args.height, args.fps, args.seed,
             args.num_classes, args.classes.split(",") if args.classes else None,
-            args.negative_fraction, args.two_actor_fraction)
+            args.negative_fraction, args.two_actor_fraction, args.per_frame, args.label_step)
     except (ValueError, video.VideoError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {summary['videos']} videos ({summary['positives']} with action, {summary['two_actor']} "
           f"with two actors, {summary['negatives']} without) to {summary['root']} in "
-          f"{time.perf_counter() - start:.1f} s; classes: {', '.join(summary['class_names'])}")
+          f"{time.perf_counter() - start:.1f} s; classes: {', '.join(summary['class_names'])}"
+          + (f"; per-frame labels, {summary['frame_folders']} video(s) as frame folders" if args.per_frame else ""))
     return 0
 
 
