@@ -108,9 +108,10 @@ def make_scheduler(optimizer, args):
 
 # ----------------------------------------------------------------------------- one epoch
 
-def train_one_epoch(model, criterion, loader, optimizer, scaler, device, amp_dtype, args, epoch, world, ema=None) -> dict:
-    """One pass over the training batches; ``ema``, if given, follows the weights after each step. Returns
-    mean loss terms and the count of skipped steps."""
+def train_one_epoch(model, criterion, loader, optimizer, scaler, device, precision: "TrainingPrecision", args, epoch,
+                    world, ema=None) -> dict:
+    """One pass over the training batches under ``precision.dtype`` autocast; ``ema``, if given, follows the weights
+    after each step. Returns mean loss terms and the count of skipped steps."""
     model.train()
     net = getattr(model, "module", model)
     loader.batch_sampler.set_epoch(epoch)   # EpochTaggedBatches: the epoch travels with the indices to the workers
@@ -118,13 +119,20 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, device, amp_dty
     constrain_stem = args.motion_constraint and motion_stem_conv(net).weight.requires_grad   # frozen: left as it is
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=dist.is_initialized() and dist.get_rank() != 0,
                leave=False, dynamic_ncols=True)
+
+    def step(clips, targets):
+        with autocast(device, precision.dtype):
+            outputs = model(clips)
+        losses, loss = checked_losses(criterion, outputs, targets, device, world, epoch)
+        return losses, loss, optimizer_step(loss, net.parameters(), optimizer, scaler, args.grad_clip)
     for clips, targets in bar:
         clips = clips.to(device, non_blocking=True)
         targets = [{k: v.to(device) for k, v in t.items() if k != "video"} for t in targets]
-        with autocast(device, amp_dtype):
-            outputs = model(clips)
-        losses, loss = checked_losses(criterion, outputs, targets, device, world, epoch)
-        skipped += not optimizer_step(loss, net.parameters(), optimizer, scaler, args.grad_clip)
+        losses, loss, applied = step(clips, targets)
+        if not applied and precision.may_fall_back:   # the same batch again, in fp32: no step is lost
+            precision.fall_back(f"epoch {epoch + 1}: a bf16 step gave non-finite gradients")
+            losses, loss, applied = step(clips, targets)
+        skipped += not applied
         if constrain_stem:
             init_motion_stem(net)
         if ema is not None:
@@ -137,9 +145,8 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, device, amp_dty
         bar.set_postfix(loss=f"{sums['loss'] / counts['loss']:.3f}")
     if skipped and skipped == len(loader) and not scaler.is_enabled():
         # a GradScaler skips steps while it backs off (fp16); without one, no step applied means nothing learnt
-        # (seen on a CPU with native bf16: every bf16 step of bench/bench_training.py had a non-finite gradient)
         raise FloatingPointError(f"epoch {epoch + 1}: all {skipped} steps had a non-finite gradient norm and were skipped "
-                                 f"({amp_dtype or 'fp32'}): the weights did not change")
+                                 f"({precision.dtype or 'fp32'}): the weights did not change")
     stats = {f"train_{k}": v / counts[k] for k, v in sums.items()}
     stats["skipped_steps"] = skipped
     return stats
@@ -275,24 +282,42 @@ def bf16_gradients_finite(model: torch.nn.Module, criterion, clips: torch.Tensor
     return [name for name, p in probe.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
 
 
-def checked_training_dtype(amp_dtype, precision: str, model, criterion, loader, device):
-    """The autocast dtype to train with: bf16 only when :func:`bf16_gradients_finite` on the first training batch
-    says so; ``auto`` falls back to fp32 with one log line, an explicit ``bf16`` is a UsageError saying how."""
-    if amp_dtype != torch.bfloat16:
-        return amp_dtype
+class TrainingPrecision:
+    """The autocast dtype of a training run (None: fp32). Left to ``auto``, a bf16 run falls back to fp32 for good
+    at its first bf16 step with non-finite gradients (that step is redone in fp32): oneDNN's bf16 Conv3d weight
+    gradients are NaN for some shapes, and on some CPUs only now and then (docs/EXPERIMENTS.md, "Precision: bf16
+    on CPUs"); an explicit ``--precision bf16`` is kept, its bad steps skipped and counted."""
+
+    def __init__(self, dtype: torch.dtype | None, precision: str = "auto"):
+        self.dtype, self.auto = dtype, precision == "auto"
+
+    @property
+    def may_fall_back(self) -> bool:
+        return self.auto and self.dtype == torch.bfloat16
+
+    def fall_back(self, reason: str) -> None:
+        log.warning("precision: fp32 from now on, not bf16: %s (a known oneDNN bf16 bug on some CPUs: "
+                    "python tools/check_bf16.py)", reason)
+        self.dtype = None
+
+
+def check_bf16_first_batch(precision: TrainingPrecision, model, criterion, loader, device) -> None:
+    """Before the first epoch: a bf16 run checks :func:`bf16_gradients_finite` on its first training batch (the
+    run's real shapes); ``auto`` falls back to fp32 there, an explicit ``bf16`` is a UsageError saying how."""
+    if precision.dtype != torch.bfloat16:
+        return
     indices = next(iter(loader.batch_sampler))
     clips, targets = collate([loader.dataset[i] for i in indices])
     targets = [{k: v.to(device) for k, v in t.items() if k != "video"} for t in targets]
     bad = bf16_gradients_finite(model, criterion, clips, targets, device)
     if not bad:
         log.info("precision check: a bf16 training step on the first batch gives finite gradients")
-        return amp_dtype
+        return
     reason = (f"a bf16 training step on the first batch gave non-finite gradients in {len(bad)} parameter(s), "
-              f"first {bad[0]} (a known oneDNN bf16 bug on some CPUs: python tools/check_bf16.py)")
-    if precision == "bf16":
+              f"first {bad[0]}")
+    if not precision.auto:
         raise UsageError(f"--precision bf16: {reason}; train with --precision fp32 (or auto)")
-    log.warning("precision: fp32, not bf16: %s", reason)
-    return None
+    precision.fall_back(reason)
 
 
 # ----------------------------------------------------------------------------- decoder phase

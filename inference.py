@@ -58,11 +58,12 @@ def release_free_memory() -> None:
 
 
 def list_videos(input_path, recursive: bool = False, exclude=None) -> list[pathlib.Path]:
-    """The videos to predict, in sorted order: ``input_path`` itself when it is a file, else the
-    files in it (and its sub-folders with ``recursive``) whose suffix is a video extension in any
-    letter case. Hidden files and folders and anything under ``exclude`` are left out."""
+    """The videos to predict, in sorted order: ``input_path`` itself when it is a file or a folder of numbered
+    frames, else the files in it (and its sub-folders with ``recursive``) whose suffix is a video extension in
+    any letter case, and the folders of numbered frames. Hidden files and folders and anything under
+    ``exclude`` are left out."""
     root = pathlib.Path(input_path)
-    if root.is_file():
+    if root.is_file() or video.is_frame_folder(root):
         return [root]
     if not root.exists():
         raise UsageError(f"--input_dir {root}: no such file or folder")
@@ -74,11 +75,11 @@ def list_videos(input_path, recursive: bool = False, exclude=None) -> list[pathl
     try:
         for path in pattern:
             rel = path.relative_to(root)
-            if any(part.startswith(".") for part in rel.parts) or not video.is_video_file(path.name):
+            if any(part.startswith(".") for part in rel.parts):
                 continue
             if excluded is not None and (path.resolve() == excluded or excluded in path.resolve().parents):
                 continue
-            if path.is_file():
+            if (path.is_file() and video.is_video_file(path.name)) or video.is_frame_folder(path):
                 found.append(path)
     except PermissionError as err:
         raise UsageError(f"--input_dir {root}: cannot be read ({err.strerror})") from None
@@ -88,7 +89,7 @@ def list_videos(input_path, recursive: bool = False, exclude=None) -> list[pathl
 def video_names(videos: Sequence[pathlib.Path], input_path) -> list[str]:
     """CSV names: the path relative to the input folder (the file name when flat)."""
     root = pathlib.Path(input_path)
-    if root.is_file():
+    if root.is_file() or video.is_frame_folder(root):
         return [videos[0].name] if videos else []
     return [v.relative_to(root).as_posix() for v in videos]
 
@@ -137,8 +138,10 @@ class ClipStream(torch.utils.data.IterableDataset):
     file is reported and the others go on."""
 
     def __init__(self, videos: Sequence, num_frames: int, img_size, mean, std,
-                 window_sec: float | None = None, stride_sec: float | None = None):
+                 window_sec: float | None = None, stride_sec: float | None = None,
+                 folder_fps: float = video.DEFAULT_FOLDER_FPS):
         self.videos = [os.fspath(v) for v in videos]
+        self.folder_fps = folder_fps
         self.num_frames, self.img_size = int(num_frames), img_size
         self.mean, self.std = tuple(mean), tuple(std)
         self.window_sec, self.stride_sec = window_sec, stride_sec
@@ -153,14 +156,14 @@ class ClipStream(torch.utils.data.IterableDataset):
         path = self.videos[index]
         try:
             if self.window_sec is None:
-                frames, info = video.sample_clip(path, self.num_frames)
+                frames, info = video.sample_clip(path, self.num_frames, fps=self.folder_fps)
                 yield ClipItem(index, self._prep(frames), 0.0, info.duration_sec, info, done=True)
                 return
-            info = video.probe_video(path)
+            info = video.probe_video(path, fps=self.folder_fps)
             if info.num_frames == 0:
                 raise video.VideoError(f"{path}: zero frames")
             for frames, start, end in video.iter_windows(path, self.num_frames, self.window_sec,
-                                                         self.stride_sec, info=info):
+                                                         self.stride_sec, info=info, fps=self.folder_fps):
                 yield ClipItem(index, self._prep(frames), start, end, info)
             yield ClipItem(index, None, info=info, done=True)
         except DECODE_ERRORS as err:
@@ -353,11 +356,12 @@ def video_level_prediction(queries: Sequence[dict]) -> dict:
     return {k: torch.cat([q[k] for q in queries]) for k in ("scores", "labels", "boxes")}
 
 
-def load_labels(labels_dir, model_names, raw_ids=None) -> tuple[list, list[int]]:
+def load_labels(labels_dir, model_names, raw_ids=None, folder_fps: float = video.DEFAULT_FOLDER_FPS
+                ) -> tuple[list, list[int]]:
     """The dataset's records and, per dataset class, the model's class id (checked before inference)."""
     import dataset
     try:
-        records, class_map, problems = dataset.load_dataset(labels_dir)
+        records, class_map, problems = dataset.load_dataset(labels_dir, fps=folder_fps)
     except dataset.DatasetError as err:
         raise UsageError(f"--labels {labels_dir}: {one_line(err)}") from None
     if problems:
@@ -442,6 +446,7 @@ class Settings:
     annotate: bool = True
     batch_size: int = 1
     workers: int = 1
+    folder_fps: float = video.DEFAULT_FOLDER_FPS   # frame rate of folders of numbered frames
 
     def __post_init__(self):
         if self.stride_sec is not None and self.window_sec is None:
@@ -541,7 +546,7 @@ class Annotator:
 def run_videos(model, info, paths, names, targets, settings: Settings, device, dtype, rank: int = 0):
     """Predict (and annotate, to ``targets``) videos. Returns ``(results, clips, annotated, annotation failures)``."""
     stream = ClipStream(paths, info["num_frames"], info["img_size"], info["mean"], info["std"],
-                        settings.window_sec, settings.stride_sec)
+                        settings.window_sec, settings.stride_sec, settings.folder_fps)
     results = [VideoResult(k, name, os.fspath(p)) for k, (name, p) in enumerate(zip(names, paths))]
     annotator = Annotator(settings.annotate, {os.fspath(p): t for p, t in zip(paths, targets)})
 

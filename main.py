@@ -33,8 +33,8 @@ from model import (PRETRAINED_CHOICES, STAR, CheckpointError, build_model, count
                    init_motion_stem, init_position_table, load_for_finetuning, make_checkpoint, model_args_from,
                    save_checkpoint, token_grid)
 from recipes import DECODER_STEPS_PER_EPOCH, add_recipe_defaults_to_help, apply_recipe
-from runtime import UsageError, autocast_settings, init_distributed, resolve_device, setup_logging
-from video import IMAGENET_MEAN, IMAGENET_STD, VideoInfo
+from runtime import UsageError, autocast_settings, init_distributed, number, resolve_device, setup_logging
+from video import DEFAULT_FOLDER_FPS, IMAGENET_MEAN, IMAGENET_STD, VideoInfo
 
 log = logging.getLogger("star")
 
@@ -93,6 +93,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_queries", type=int, default=12, help="learned decoder queries (detections per clip)")
     p.add_argument("--dropout", type=float, default=0.1,
                    help="dropout of the trunk tokens, the decoder and the heads in training (0.1 = the published network's)")
+    p.add_argument("--window_sec", type=number(float, 0, strict=True), default=None,
+                   help="seconds a clip spans in videos with per-frame labels (training windows are drawn where actors "
+                        "act, validation takes the middle one; stored in the checkpoint, test.py cuts its windows so); "
+                        "default: the whole video")
+    p.add_argument("--negative_prob", type=float, default=0.2,
+                   help="share of training windows placed away from every labelled actor (per-frame labels)")
+    p.add_argument("--max_gap", type=number(int, 0), default=None,
+                   help="largest gap in frames between two labelled frames of a track that is interpolated "
+                        "(per-frame labels; default: one second of the video)")
+    p.add_argument("--fps", type=number(float, 0, strict=True), default=DEFAULT_FOLDER_FPS,
+                   help="frame rate of videos given as folders of numbered frames")
     p.add_argument("--val_split", type=float, default=0.2, help="fraction of videos held out for validation")
     p.add_argument("--eval_every", type=int, default=2, help="validate every N epochs (and after the last)")
     p.add_argument("--grad_clip", type=float, default=0.5, help="max gradient norm (0 = no clipping)")
@@ -120,9 +131,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def load_data(args, rank: int, output_dir: Path):
     """Validate the dataset, split it (split.json), return (train_records, val_records, class_map)."""
-    records, class_map, problems = load_dataset(args.input_dir, class_names=args.class_names)
+    records, class_map, problems = load_dataset(args.input_dir, class_names=args.class_names, max_gap=args.max_gap,
+                                                fps=args.fps)
     if problems and rank == 0:
-        log.warning("dataset problems (these rows are skipped):\n%s", format_problems(problems))
+        log.warning("dataset problems:\n%s", format_problems(problems))
     train, val, note = split_dataset(records, args.val_split, args.seed, output_dir / "split.json")
     if note:
         log.info("%s", note)
@@ -135,12 +147,12 @@ def load_data(args, rank: int, output_dir: Path):
 
 def make_loaders(args, train, val, rank: int, world: int):
     train_set = ActionDataset(train, args.num_frames, args.img_size, augment=not args.no_aug, seed=args.seed,
-                              still_prob=args.still_prob)
+                              still_prob=args.still_prob, window_sec=args.window_sec, negative_prob=args.negative_prob)
     sampler = EpochTaggedBatches(BalancedBatchSampler(train_set.has_action, args.batch_size, args.seed, world, rank))
     # workers live for the whole run (starting them cost ~2 s per epoch); the batches carry the epoch
     kwargs = {"num_workers": args.workers, "collate_fn": collate, "persistent_workers": args.workers > 0}
     train_loader = DataLoader(train_set, batch_sampler=sampler, **kwargs)
-    val_set = ActionDataset(val, args.num_frames, args.img_size, augment=False)
+    val_set = ActionDataset(val, args.num_frames, args.img_size, augment=False, window_sec=args.window_sec)
     val_loader = DataLoader(val_set, batch_size=args.batch_size, shuffle=False, **kwargs)
     return train_loader, val_loader
 
@@ -276,11 +288,12 @@ def train(args) -> dict:
     train_records, val_records, class_map = load_data(args, rank, output_dir)
     train_loader, val_loader = make_loaders(args, train_records, val_records, rank, world)
     model, criterion, optimizer, scheduler, scaler, amp_dtype, model_args = build_training_state(args, class_map, device, world)
-    amp_dtype = engine.checked_training_dtype(amp_dtype, args.precision, model, criterion, train_loader, device)
+    precision = engine.TrainingPrecision(amp_dtype, args.precision)
+    engine.check_bf16_first_batch(precision, model, criterion, train_loader, device)
     on_off = {True: "on", False: "off"}
     log.info("device %s, autocast %s; recipe %s: lr %g (trunk %g), warm-up %d epochs, still clips %g, loss weights "
              "class %g / L1 %g / GIoU %g / video %g, dropout %g, motion init %s, motion constraint %s, position init %s, "
-             "weight average %s, frozen trunk stages %d, decoder steps %d; %d steps per epoch", device, amp_dtype, recipe,
+             "weight average %s, frozen trunk stages %d, decoder steps %d; %d steps per epoch", device, precision.dtype, recipe,
              args.lr, args.lr_backbone, args.warmup_epochs, args.still_prob, args.ce_loss_coef, args.bbox_loss_coef,
              args.giou_loss_coef, args.video_loss_coef, args.dropout, on_off[args.motion_init],
              on_off[args.motion_constraint], on_off[args.position_init],
@@ -296,7 +309,7 @@ def train(args) -> dict:
     elif args.resume:
         log.info("--resume: no %s yet, starting from scratch", ckpt_path)
     preprocessing = {"num_frames": args.num_frames, "img_size": args.img_size,
-                     "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+                     "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "window_sec": args.window_sec}
     common = {"raw_class_ids": list(class_map.raw_ids), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
 
     def write_best(result, epoch, **extra):   # the weights validated (the average, if any), self-describing
@@ -307,12 +320,12 @@ def train(args) -> dict:
     for epoch in range(start_epoch, args.epochs):
         start = time.time()
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"]}
-        row.update(engine.train_one_epoch(model, criterion, train_loader, optimizer, scaler, device, amp_dtype, args,
+        row.update(engine.train_one_epoch(model, criterion, train_loader, optimizer, scaler, device, precision, args,
                                           epoch, world, ema))
         scheduler.step()
         result = {}
         if rank == 0 and val_records and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-            result, *_ = engine.evaluate(evaluated, criterion, val_loader, device, amp_dtype, class_map.names,
+            result, *_ = engine.evaluate(evaluated, criterion, val_loader, device, precision.dtype, class_map.names,
                                          args.score_threshold)
             result["score"] = metrics.best_score(result)
             row.update({k: v for k, v in result.items() if k in engine.EPOCH_FIELDS})
@@ -333,7 +346,7 @@ def train(args) -> dict:
             dist.barrier()
     if rank == 0 and args.decoder_steps > 0:
         engine.decoder_phase(evaluated, model_args, criterion, train_loader.dataset, val_loader.dataset, class_map.names,
-                             device, amp_dtype, args,
+                             device, precision.dtype, args,
                              lambda step, result: keeper.after_decoder_step(step, args.decoder_steps, result,
                                                                             args.epochs - 1))
     if world > 1:
@@ -342,7 +355,8 @@ def train(args) -> dict:
     if rank == 0:
         plot(metrics.plot_training_history, results_csv, output_dir)
         if val_records and best_path.exists():
-            final = final_report(model_args, best_path, val_loader, criterion, device, amp_dtype, class_map.names, args, output_dir)
+            final = final_report(model_args, best_path, val_loader, criterion, device, precision.dtype, class_map.names,
+                                 args, output_dir)
     if world > 1:
         dist.destroy_process_group()
     return final

@@ -57,12 +57,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--class_names", nargs="+", default=None,
                         help="class names, in class-id order (for a raw checkpoint that stores none)")
     parser.add_argument("--window_sec", type=number(float, 0, strict=True), default=None,
-                        help="long-video mode: predict windows of this many seconds (default: whole video = 1 clip)")
+                        help="long-video mode: predict windows of this many seconds (default: the checkpoint's "
+                             "training windows when it was trained on windows, else the whole video = 1 clip)")
     parser.add_argument("--stride_sec", type=number(float, 0, strict=True), default=None,
                         help="long-video mode: seconds between window starts (default: --window_sec)")
     parser.add_argument("--labels", default=None, metavar="DATASET_DIR",
                         help="dataset folder in the training layout: score the predictions against its labels")
     parser.add_argument("--recursive", action="store_true", help="also look for videos in sub-folders")
+    parser.add_argument("--fps", type=number(float, 0, strict=True), default=video.DEFAULT_FOLDER_FPS,
+                        help="frame rate of videos given as folders of numbered frames (00001.jpg, ...)")
     return parser
 
 
@@ -86,21 +89,23 @@ def main(args) -> int:
     out, log_path = prepare_output(args, rank)
     device = resolve_device(args.device, local_rank)
     dtype, precision_note = autocast_settings(device, args.precision)
-    settings = inference.Settings(
-        args.score_threshold, args.window_sec, args.stride_sec, annotate=not args.no_annotate,
-        batch_size=args.batch_size or (8 if device.type == "cuda" else 1),
-        workers=args.workers if args.workers is not None else (4 if device.type == "cuda" else 1))
     annotated_dir = pathlib.Path(args.annotated_dir) if args.annotated_dir else out.parent / "annotated_videos"
-
     videos = inference.list_videos(args.input_dir, args.recursive, exclude=None if args.no_annotate else annotated_dir)
     if not videos:
-        raise UsageError(f"--input_dir {args.input_dir}: no videos ({' '.join(video.VIDEO_EXTENSIONS)}, any case)")
+        raise UsageError(f"--input_dir {args.input_dir}: no videos ({' '.join(video.VIDEO_EXTENSIONS)}, any case, "
+                         "or folders of numbered frames)")
     names = inference.video_names(videos, args.input_dir)
     targets = inference.annotated_paths(names, annotated_dir)
     model, info, raw_ids = inference.load_model(args.model_path, device, args.class_names)
-    labels = inference.load_labels(args.labels, info["class_names"], raw_ids) if args.labels else None
-    log.info("%d video(s) from %s (%s), threshold %g; %s, batch %d, %d decoding worker(s)", len(videos),
-             args.input_dir, settings.mode, args.score_threshold, precision_note, settings.batch_size, settings.workers)
+    window_sec = args.window_sec or info.get("window_sec")   # cut as the checkpoint was trained, unless told
+    settings = inference.Settings(
+        args.score_threshold, window_sec, args.stride_sec, annotate=not args.no_annotate,
+        batch_size=args.batch_size or (8 if device.type == "cuda" else 1),
+        workers=args.workers if args.workers is not None else (4 if device.type == "cuda" else 1), folder_fps=args.fps)
+    labels = inference.load_labels(args.labels, info["class_names"], raw_ids, args.fps) if args.labels else None
+    log.info("%d video(s) from %s (%s%s), threshold %g; %s, batch %d, %d decoding worker(s)", len(videos),
+             args.input_dir, settings.mode, " as the checkpoint was trained" if window_sec and not args.window_sec else "",
+             args.score_threshold, precision_note, settings.batch_size, settings.workers)
 
     t_net = time.perf_counter()
     mine = list(range(rank, len(videos), world))

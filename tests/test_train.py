@@ -350,7 +350,8 @@ def test_non_finite_gradient_skips_the_step(sample_data, tmp_path, tiny_net, mon
         return original(model, *args, **kwargs)
 
     monkeypatch.setattr(engine, "train_one_epoch", with_hook)
-    assert run_main(sample_data, out, "--epochs", "1") == 0
+    # fp32: under auto bf16 a bad step is redone in fp32 instead (test_auto_precision_falls_back_at_the_first_bad...)
+    assert run_main(sample_data, out, "--epochs", "1", "--precision", "fp32") == 0
     row, = read_rows(out / "training_results.csv")
     assert int(row["skipped_steps"]) == 1
     assert math.isfinite(float(row["train_loss"]))
@@ -729,21 +730,28 @@ def test_decoder_probe_trains_the_decoder_side_on_cached_tokens(reference_run, s
 # ----------------------------------------------------------------------------- 8. bf16 gradient check
 
 class Bf16WeightGradientBug(torch.autograd.Function):
-    """Identity forward; under bf16 a NaN gradient backward, as oneDNN's AMX kernel gives the trunk's conv weights."""
+    """Identity forward; under bf16 a NaN gradient backward, as oneDNN's kernel gives the trunk's conv weights."""
 
     @staticmethod
-    def forward(ctx, x):
-        ctx.bf16 = x.dtype == torch.bfloat16
+    def forward(ctx, x, healthy_calls):
+        ctx.bf16 = x.dtype == torch.bfloat16 and healthy_calls < 0
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad * float("nan") if ctx.bf16 else grad
+        return (grad * float("nan") if ctx.bf16 else grad), None
 
 
 class BuggyUnderBf16(nn.Module):
+    """NaN gradients under bf16 from the ``healthy``-th call on (0: always; the real bug comes and goes)."""
+
+    def __init__(self, healthy: int = 0):
+        super().__init__()
+        self.healthy = healthy
+
     def forward(self, x):
-        return Bf16WeightGradientBug.apply(x)
+        self.healthy -= 1
+        return Bf16WeightGradientBug.apply(x, self.healthy)
 
 
 def tiny_r2plus1d_18_with_bf16_bug(weights=None, **kwargs) -> nn.Module:
@@ -764,11 +772,30 @@ def test_auto_precision_falls_back_to_fp32_when_a_bf16_step_gives_non_finite_gra
     assert run_main(sample_data, out, "--epochs", "1") == 0
     log = log_text(out)
     assert "bf16 autocast (auto: this CPU has native bf16)" in log
-    assert log.count("precision: fp32, not bf16: a bf16 training step on the first batch gave non-finite "
-                     "gradients") == 1 and "tools/check_bf16.py" in log
+    assert log.count("precision: fp32 from now on, not bf16: a bf16 training step on the first batch gave "
+                     "non-finite gradients") == 1 and "tools/check_bf16.py" in log
     assert "autocast None;" in log
     row, = read_rows(out / "training_results.csv")
     assert row["skipped_steps"] == "0" and math.isfinite(float(row["train_loss"]))
+
+
+def test_auto_precision_falls_back_at_the_first_bad_bf16_step_and_redoes_it_in_fp32(sample_data, tmp_path, tiny_net,
+                                                                                  monkeypatch):
+    """Seen on a Zen 4 CPU: the first-batch check was finite, every later bf16 step NaN (with loader workers)."""
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+
+    def trunk_healthy_for_the_check_and_one_step(weights=None, **kwargs):
+        trunk = tiny_r2plus1d_18(weights, **kwargs)
+        trunk.layer2.append(BuggyUnderBf16(healthy=2))
+        return trunk
+    monkeypatch.setattr(star_model, "r2plus1d_18", trunk_healthy_for_the_check_and_one_step)
+    out = tmp_path / "late"
+    assert run_main(sample_data, out, "--epochs", "2") == 0
+    log = log_text(out)
+    assert "precision check: a bf16 training step on the first batch gives finite gradients" in log
+    assert log.count("precision: fp32 from now on, not bf16: epoch 1: a bf16 step gave non-finite gradients") == 1
+    rows = read_rows(out / "training_results.csv")
+    assert [r["skipped_steps"] for r in rows] == ["0", "0"]           # the bad step was redone, nothing skipped
 
 
 def test_explicit_bf16_with_non_finite_gradients_says_how_to_fall_back(sample_data, tmp_path, bf16_cpu_with_bug):
