@@ -1,0 +1,353 @@
+"""app.py, the web demo: the prediction function without a server (video, table, timeline, CSV; bad inputs
+give one line and the next call works), the examples, the offline page set-up, and the page in a real
+headless Chromium driven by Playwright (skipped, with the reason, when either is missing).
+A tiny STAR checkpoint (4 frames, 64 px) whose every query says ``collapse`` keeps it fast on a CPU."""
+from __future__ import annotations
+
+import csv
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import av
+import numpy as np
+import pytest
+import torch
+
+import app
+import inference
+import model as star_model
+import video
+from conftest import ROOT, write_video
+
+FIELDS = list(inference.CSV_FIELDS)
+TINY_PREP = {"num_frames": 4, "img_size": 64, "mean": list(star_model.IMAGENET_MEAN),
+             "std": list(star_model.IMAGENET_STD)}
+BROWSER_BUDGET_SEC = 90
+
+
+def tiny_checkpoint(path, confident: bool) -> pathlib.Path:
+    """A tiny project checkpoint; ``confident``: its 12 queries all say class 1 (collapse) with probability ~1,
+    else random weights (scores ~0.3-0.5)."""
+    torch.manual_seed(0)
+    net = star_model.STAR(2).eval()
+    if confident:
+        with torch.no_grad():
+            bias = net.head.class_head[3].bias
+            bias.zero_()
+            bias[1] = 20.0
+    ck = star_model.make_checkpoint(net, star_model.model_args_from(2), ["fight", "collapse"], TINY_PREP,
+                                    raw_class_ids=[0, 1])
+    star_model.save_checkpoint(ck, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> pathlib.Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth", confident=True)
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    """The checkpoint loaded once, as app.py does (inference.load_model)."""
+    net, info, _ = inference.load_model(checkpoint, torch.device("cpu"))
+    return net, info
+
+
+def make_app(loaded, work_dir, **limits) -> app.DemoApp:
+    net, info = loaded
+    return app.DemoApp(net, info, torch.device("cpu"), None, work_dir, app.Limits(**limits))
+
+
+def clip(path, n=16, fps=8, w=64, h=48) -> pathlib.Path:
+    """A small H.264 clip with a bright square moving right."""
+    frames = np.full((n, h, w, 3), 40, np.uint8)
+    for i in range(n):
+        frames[i, 10:26, 2 * i:2 * i + 16] = 230
+    return write_video(path, frames, fps=fps)
+
+
+class Recorder:
+    """Stands in for gr.Progress: records ``(fraction, desc)``."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, fraction, desc=None):
+        self.calls.append((fraction, desc))
+
+
+# --------------------------------------------------------------------------- the prediction function
+
+
+def test_predict_gives_playable_video_table_timeline_and_csv(tmp_path, loaded):
+    src = clip(tmp_path / "walk.mp4", n=16, fps=8)
+    progress = Recorder()
+    out = make_app(loaded, tmp_path / "work").predict(str(src), 0.5, app.WHOLE, progress=progress)
+    assert out.ok, out.message
+    assert "\n" not in out.message and "collapse x12" in out.message and "Whole clip, 4 frames sampled" in out.message
+    with av.open(out.video) as container:   # H.264, every input frame, input size
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264"
+        assert sum(1 for _ in container.decode(stream)) == 16
+    assert (video.probe_video(out.video).width, video.probe_video(out.video).height) == (64, 48)
+    with open(out.files[0], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert pathlib.Path(out.files[0]).name == "predictions.csv" and list(rows[0]) == FIELDS
+    assert len(rows) == 12 and {r["pred_class"] for r in rows} == {"collapse"}
+    assert out.rows == [[r["pred_class"], r["score"], r["start_sec"], r["end_sec"],
+                         ", ".join(r[k] for k in ("x1", "y1", "x2", "y2"))] for r in rows]
+    assert rows[0]["video_name"] == "walk.mp4" and rows[0]["end_sec"] == "2.000"
+    labels = [line.get_label() for line in out.figure.axes[0].get_lines()]
+    assert labels == ["fight", "collapse", "threshold"]
+    fractions = [f for f, _ in progress.calls]
+    assert fractions == sorted(fractions) and fractions[-1] >= 0.95
+    assert any("annotating 16 frames" in (d or "") for _, d in progress.calls)
+    assert out.outputs() == (out.video, out.rows, out.figure, out.files, out.message)
+
+
+def test_windows_give_one_timeline_point_per_clip_and_per_clip_progress(tmp_path, loaded):
+    src = clip(tmp_path / "long.mp4", n=16, fps=8)   # 2 s: windows of 0.5 s = 4 clips
+    progress = Recorder()
+    out = make_app(loaded, tmp_path / "work").predict(str(src), 0.5, app.WINDOWS, 0.5, 0.5, progress)
+    assert out.ok, out.message
+    assert "Windows of 0.5 s every 0.5 s" in out.message
+    collapse = out.figure.axes[0].get_lines()[1]
+    assert list(collapse.get_xdata()) == [0.25, 0.75, 1.25, 1.75]
+    assert any(d == "predicted 4 of 4 clip(s)" for _, d in progress.calls)
+    assert {(r[2], r[3]) for r in out.rows} == {("0.000", "2.000")}   # joined across the 4 windows
+
+
+def test_a_long_video_is_cut_into_windows_automatically(tmp_path, loaded, monkeypatch):
+    monkeypatch.setattr(app, "AUTO_WINDOW_SEC", 1.0)
+    src = clip(tmp_path / "long.mp4", n=16, fps=8)
+    out = make_app(loaded, tmp_path / "work").predict(str(src), 0.5, app.WHOLE, 1.0, 0.5)
+    assert out.ok and "Longer than 1 s, so cut into windows of 1 s every 0.5 s" in out.message
+    assert len(out.figure.axes[0].get_lines()[1].get_xdata()) == 3
+
+
+def test_no_detection_gives_the_no_object_row(tmp_path):
+    net, info, _ = inference.load_model(tiny_checkpoint(tmp_path / "random.pth", confident=False), torch.device("cpu"))
+    src = clip(tmp_path / "a.mp4", n=8)
+    out = make_app((net, info), tmp_path / "work").predict(str(src), 0.9)
+    assert out.ok and out.message.startswith("No action with score >= 0.9 (best 0.")
+    assert [r[0] for r in out.rows] == ["no_object"] and out.rows[0][4] == ""
+
+
+def test_bad_inputs_give_one_line_and_the_next_call_works(tmp_path, loaded):
+    demo = make_app(loaded, tmp_path / "work", max_upload_mb=0.05, max_seconds=3)
+    text = tmp_path / "notes.mp4"
+    text.write_text("this is not a video\n" * 20)
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    long_clip = clip(tmp_path / "long.mp4", n=40, fps=8)   # 5 s > 3 s
+    big = tmp_path / "big.mp4"
+    big.write_bytes(bytes(60_000))
+    named_txt = tmp_path / "clip.txt"
+    named_txt.write_bytes(clip(tmp_path / "c.mp4", n=4).read_bytes())
+    cases = {None: "Upload a video or pick an example first", str(text): "notes.mp4: not a readable video",
+             str(empty): "empty.mp4: the file is empty (0 bytes)", str(long_clip): "long.mp4: 5 s long",
+             str(big): "big.mp4: 0 MB; this page takes videos up to 0.05 MB",
+             str(named_txt): "clip.txt: not a video file name", str(tmp_path / "gone.mp4"): "gone.mp4: the uploaded"}
+    for path, expected in cases.items():
+        out = demo.predict(path)
+        assert not out.ok and expected in out.message, (path, out.message)
+        assert "\n" not in out.message and out.outputs()[:4] == (None, [], None, None)
+    good = demo.predict(str(clip(tmp_path / "good.mp4", n=8)))
+    assert good.ok and len(good.rows) == 12
+
+
+def test_without_a_model_the_page_says_how_to_get_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(app, "DEFAULT_MODEL", tmp_path / "missing" / "best_model.pth")
+    args = app.get_args_parser().parse_args([])
+    demo, model_path = app.load_app(args, torch.device("cpu"), None, tmp_path / "work")
+    assert demo.model is None and model_path is None
+    out = demo.predict(str(clip(tmp_path / "a.mp4", n=4)))
+    assert not out.ok and out.message == app.NO_MODEL_LINE
+    assert "bash demo.sh" in out.message and "--model_path" in out.message
+
+
+def test_a_bad_model_path_is_one_line_and_exit_2(tmp_path, capsys):
+    assert app.cli(["--model_path", str(tmp_path / "nope.pth")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "nope.pth: no such file" in err and "\n" not in err
+
+
+def test_every_flag_has_help():
+    for action in app.get_args_parser()._actions:
+        assert action.help, action.dest
+
+
+# --------------------------------------------------------------------------- examples and page set-up
+
+
+def test_sample_examples_are_made_once_with_their_actions(tmp_path):
+    first = app.sample_examples(tmp_path)
+    assert 2 <= len(first) <= app.SAMPLE_EXAMPLES + 1
+    assert all(pathlib.Path(p).is_file() and video.is_video_file(p) for p, _ in first)
+    assert first[-1][1] == "sample: no action" and all(lab.startswith("sample: ") for _, lab in first)
+    stamp = pathlib.Path(first[0][0]).stat().st_mtime_ns
+    assert app.sample_examples(tmp_path) == first
+    assert pathlib.Path(first[0][0]).stat().st_mtime_ns == stamp   # reused, not made again
+    assert app.media_examples(tmp_path / "absent") == []
+
+
+def test_page_is_offline_queued_and_uses_system_fonts(tmp_path, loaded):
+    gr = pytest.importorskip("gradio")
+    from gradio import analytics
+    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False" and not analytics.analytics_enabled()   # no version check
+    theme = app.theme()
+    assert not any(isinstance(f, gr.themes.GoogleFont) for f in [*theme._font, *theme._font_mono])
+    page = app.build_ui(make_app(loaded, tmp_path / "work"), [], None, concurrency=2)
+    assert page.analytics_enabled is False
+    assert page._queue.default_concurrency_limit == 2
+    empty = app.build_ui(app.DemoApp(None, None, torch.device("cpu"), None, tmp_path / "work"), [], None)
+    notes = [c.value for c in empty.blocks.values() if getattr(c, "elem_id", None) == "no-model"]
+    assert notes == [app.NO_MODEL_LINE]
+    assert [c.interactive for c in empty.blocks.values() if getattr(c, "elem_id", None) == "run"] == [False]
+
+
+# --------------------------------------------------------------------------- the page in a real browser
+
+
+def chromium_path() -> str:
+    """A Chromium that Playwright can drive: $STAR_CHROMIUM, Debian's, or Playwright's own; else skip."""
+    pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    for candidate in (os.environ.get("STAR_CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    from playwright.sync_api import Error, sync_playwright
+    try:
+        with sync_playwright() as p:
+            own = p.chromium.executable_path
+    except Error as err:
+        pytest.skip(f"no browser: {str(err).splitlines()[0]}")
+    if not os.path.exists(own):
+        pytest.skip("no Chromium: install Debian's chromium (apt-get install chromium) or run "
+                    "`playwright install chromium`")
+    return own
+
+
+def launch_browser(playwright, executable: str):
+    """Headless Chromium (--no-sandbox: CI runs as root); skip with the reason when it does not start."""
+    from playwright.sync_api import Error
+    try:
+        return playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+    except Error as err:
+        pytest.skip(f"{executable} does not start: {str(err).strip().splitlines()[0]}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(checkpoint, tmp_path, port: int) -> subprocess.Popen:
+    """``python app.py`` on a free port; returns once the page answers (fails with the server's output)."""
+    log = (tmp_path / "server.log").open("w")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model_path", str(checkpoint), "--port", str(port),
+                             "--examples_dir", str(tmp_path / "examples"), "--precision", "fp32"],
+                            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"app.py exited with {proc.returncode}:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
+                if response.status == 200:
+                    return proc
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.5)
+    proc.kill()
+    pytest.fail(f"app.py did not answer in 60 s:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run_clip(page, path, timeout_ms: int = 60_000) -> None:
+    """Upload ``path`` into the page's video input (clearing the one before) and press Detect."""
+    clear = page.locator("#video-in button[aria-label='Clear']")
+    if clear.count():
+        clear.click()
+    page.set_input_files("#video-in input[type=file]", str(path))
+    page.wait_for_selector(f"#video-in [aria-label='{path.name}']", timeout=timeout_ms)
+    page.click("#run")
+
+
+def check_page(page, origin: str, src, bad, tmp_path) -> None:
+    """Load the page, refuse a bad file, predict a good clip: video plays, table rows, CSV download, screenshot."""
+    page.goto(origin)
+    page.wait_for_selector("#run")
+    assert "STAR" in page.title()
+
+    run_clip(page, bad)   # bad input: a one-line message, and the server keeps serving
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('not a readable')",
+                           timeout=30_000)
+
+    run_clip(page, src)
+    page.wait_for_function("() => { const v = document.querySelector('#video-out video');"
+                           " return v && v.duration > 0 }", timeout=60_000)
+    assert 1.5 < page.evaluate("document.querySelector('#video-out video').duration") < 2.5
+    page.evaluate("() => { const v = document.querySelector('#video-out video'); v.muted = true; return v.play(); }")
+    page.wait_for_function("() => document.querySelector('#video-out video').currentTime > 0", timeout=10_000)
+
+    grid = page.locator("#detections [role=grid]")   # virtualised: rows are counted by aria-rowcount
+    assert grid.get_attribute("aria-rowcount") == "13"   # header + 12 detections
+    classes = page.locator("#detections [role=gridcell][data-col='0']").all_inner_texts()
+    assert classes and {c.strip() for c in classes} == {"collapse"}
+    assert page.inner_text("#detections [data-testid='cell-0-1']").strip() == "1.0000"
+    assert "collapse x12" in page.inner_text("#status")
+    assert page.locator("#timeline img").count() == 1
+
+    with page.expect_download() as download:
+        page.click("#csv a[download]")
+    saved = tmp_path / "downloaded.csv"
+    download.value.save_as(saved)
+    with saved.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == FIELDS and len(rows) == 12
+    assert {(r["video_name"], r["pred_class"]) for r in rows} == {("walk.mp4", "collapse")}
+
+    page.wait_for_timeout(500)   # let the plot image settle for the screenshot
+    page.screenshot(path=str(tmp_path / "app_page.png"), full_page=True)
+
+
+def test_page_in_a_real_browser(tmp_path, checkpoint):
+    executable = chromium_path()
+    from playwright.sync_api import sync_playwright
+    started = time.monotonic()
+    src = clip(tmp_path / "walk.mp4", n=16, fps=8)
+    bad = tmp_path / "notes.mp4"
+    bad.write_text("not a video\n" * 50)
+    port = free_port()
+    origin = f"http://127.0.0.1:{port}"
+    requests = []
+    with sync_playwright() as p:
+        browser = launch_browser(p, executable)   # before the server: a browser that cannot start skips early
+        proc = start_server(checkpoint, tmp_path, port)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+            page.on("request", lambda r: requests.append(r.url))
+            check_page(page, origin, src, bad, tmp_path)
+        finally:
+            browser.close()
+            stop_server(proc)
+    hosts = {u.split("/")[2] for u in requests if u.startswith(("http://", "https://"))}
+    assert hosts == {f"127.0.0.1:{port}"}, f"the page fetched from elsewhere: {hosts}"
+    assert (tmp_path / "app_page.png").stat().st_size > 10_000
+    print(f"screenshot: {tmp_path / 'app_page.png'}")
+    assert time.monotonic() - started < BROWSER_BUDGET_SEC
