@@ -275,10 +275,10 @@ class VideoResult:
     info: video.VideoInfo | None = None
     detections: list = dataclasses.field(default_factory=list)
     queries: list = dataclasses.field(default_factory=list)   # per clip prediction dicts (evaluation)
-    spans: list = dataclasses.field(default_factory=list)     # per clip (start_sec, end_sec), as queries
     best_score: float = 0.0
     clips: int = 0
     error: str | None = None
+    spans: list = dataclasses.field(default_factory=list)     # per clip (start_sec, end_sec), as queries
 
 
 def csv_rows(result: VideoResult) -> list[dict]:

@@ -893,3 +893,32 @@ def test_check_bf16_tool_reports_the_one_conv_repro(capsys):
         assert check_bf16.main(parse(["--out_channels", "230", "--no_mkldnn"])) == 0
     finally:
         torch.backends.mkldnn.enabled = True
+
+
+# ----------------------------------------------------------------------------- 10. per-frame labels (tubes)
+
+@pytest.fixture(scope="module")
+def tube_data(tmp_path_factory) -> Path:
+    """10 tiny per-frame sample videos (40 frames: actors act for part of each, some two at once)."""
+    root = tmp_path_factory.mktemp("tubes") / "data"
+    make_sample_dataset(root, num_videos=10, num_frames=40, width=64, height=48, seed=0, per_frame=True)
+    return root
+
+
+def test_per_frame_labels_train_on_windows_and_report_tube_metrics(tube_data, tmp_path, tiny_net):
+    out = tmp_path / "tubes"
+    assert run_main(tube_data, out, "--window_sec", "0.8", "--epochs", "1") == 0
+    row, = read_rows(out / "training_results.csv")
+    for key in ("frame_map50", "video_map20", "video_map50"):
+        assert 0.0 <= float(row[key]) <= 1.0, key
+    assert "frame-mAP@0.5" in log_text(out) and "video-mAP@0.5" in log_text(out)
+    best = torch.load(out / "best_model.pth", map_location="cpu", weights_only=True)
+    assert best["preprocessing"]["window_sec"] == 0.8                  # test.py cuts its windows so by default
+    _, info = star_model.load_checkpoint(out / "best_model.pth")
+    assert info["window_sec"] == 0.8
+
+
+def test_whole_video_labels_report_no_tube_metrics(reference_run):
+    rows = read_rows(reference_run / "training_results.csv")
+    assert all(r["frame_map50"] == "" and r["video_map50"] == "" for r in rows)
+    assert "frame-mAP" not in log_text(reference_run)
