@@ -168,10 +168,10 @@ def load_network(args) -> tuple[star_model.STAR, dict]:
         if wanted is not None and wanted != info[key]:
             print(f"note: --{key} {wanted}, the checkpoint's is {info[key]}: predictions at another clip size differ")
             info[key] = wanted
-    tokens = token_count(info["num_frames"], info["img_size"])
-    if tokens > info["model_args"]["max_positions"]:
-        raise ExportError(f"{args.model_path}: {info['num_frames']} frames x {info['img_size']} px make {tokens} tokens, more "
-                          f"than its position table holds ({info['model_args']['max_positions']}); use fewer frames or a smaller size")
+    tokens, table = token_count(info["num_frames"], info["img_size"]), info["model_args"]["max_positions"]
+    if tokens > table:
+        raise ExportError(f"{args.model_path}: {info['num_frames']} frames x {info['img_size']} px make {tokens} tokens, "
+                          f"more than its position table holds ({table}); use fewer frames or a smaller size")
     star_model.prepare_for_inference(net)
     return net, info
 

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import common  # noqa: F401  (puts the project root on sys.path)
 
-import numpy as np
 import torch
 
 import backend

@@ -177,9 +177,8 @@ def test_parity_failure_exits_2_and_leaves_no_file(files, tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == []
 
 
+@needs_deploy
 def test_broken_checkpoint_exits_2_with_one_line(tmp_path):
-    if not HAVE_DEPLOY:
-        pytest.skip("onnx/onnxruntime not installed")
     bad = tmp_path / "best_model.pth"
     bad.write_bytes(b"\x80\x02 not a checkpoint" * 50)
     out_dir = tmp_path / "out"
