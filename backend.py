@@ -5,8 +5,8 @@
     out = net(x)   # x (B, T, 3, S, S) float32 -> {"pred_logits": (B, Q, C+1), "pred_boxes": (B, Q, 4)}
 
 ``info`` has the same keys for both: ``class_names``, ``num_frames``, ``img_size``, ``mean``, ``std``,
-``model_args``, ``source`` (``project``, ``raw_state_dict`` or ``onnx``) and ``checkpoint`` (the loaded
-dict of a project checkpoint, else None). An ONNX file carries them in its metadata (export.py writes
+``model_args``, ``source`` (``project``, ``raw_state_dict`` or ``onnx``), ``checkpoint`` (the loaded
+dict of a project checkpoint, else None) and, where the checkpoint stores it, ``window_sec``. An ONNX file carries them in its metadata (export.py writes
 them). onnxruntime is optional: only ``.onnx`` files need it.
 """
 from __future__ import annotations
@@ -31,6 +31,8 @@ OUTPUT_NAMES = ("pred_logits", "pred_boxes")
 FORMAT_KEY = "star_format"
 FORMAT_VERSION = 1
 META_KEYS = ("class_names", "num_frames", "img_size", "mean", "std", "model_args")
+# carried when the checkpoint has them (main.py stores the training windows; older checkpoints do not)
+OPTIONAL_META_KEYS = ("window_sec",)
 INSTALL_HINT = "pip install onnxruntime (or pip install -r requirements-deploy.txt)"
 
 
@@ -92,6 +94,9 @@ def read_metadata(meta: dict, path) -> dict:
     except (KeyError, ValueError, TypeError) as err:
         raise star_model.CheckpointError(f"{path}: incomplete STAR metadata ({type(err).__name__}: {err})") from None
     info["class_names"] = [str(n) for n in info["class_names"]]
+    for key in OPTIONAL_META_KEYS:
+        if key in meta:
+            info[key] = json.loads(meta[key])
     return {**info, "source": "onnx", "checkpoint": None}
 
 

@@ -244,6 +244,7 @@ def export_graph(net: star_model.STAR, info: dict, opset: int, name: str):
 def metadata(info: dict, precision: str, source: str) -> dict[str, str]:
     """metadata_props of a STAR export: JSON values (backend.read_metadata reads them back)."""
     meta = {key: info[key] for key in backend.META_KEYS}
+    meta.update({key: info[key] for key in backend.OPTIONAL_META_KEYS if key in info})
     meta.update({backend.FORMAT_KEY: backend.FORMAT_VERSION, "precision": precision, "source_checkpoint": source})
     return {key: json.dumps(value) for key, value in meta.items()}
 

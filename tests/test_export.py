@@ -22,7 +22,8 @@ from conftest import write_video
 HAVE_DEPLOY = all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
 needs_deploy = pytest.mark.skipif(not HAVE_DEPLOY, reason="onnx/onnxruntime not installed "
                                   "(pip install -r requirements-deploy.txt)")
-PREP = {"num_frames": 4, "img_size": 64, "mean": list(star_model.IMAGENET_MEAN), "std": list(star_model.IMAGENET_STD)}
+PREP = {"num_frames": 4, "img_size": 64, "mean": list(star_model.IMAGENET_MEAN), "std": list(star_model.IMAGENET_STD),
+        "window_sec": 0.5}
 ARGS = star_model.model_args_from(2, num_queries=4, dim_feedforward=128, num_decoder_layers=2, max_positions=64)
 NAMES = ["fight", "collapse"]
 
@@ -126,7 +127,7 @@ def test_metadata_round_trips(exported, onnx_fp32):
     import onnx
     net, info = onnx_fp32
     want = {"class_names": NAMES, "model_args": ARGS, **PREP}
-    for key in ("class_names", "num_frames", "img_size", "mean", "std", "model_args"):
+    for key in ("class_names", "num_frames", "img_size", "mean", "std", "model_args", "window_sec"):
         assert info[key] == want[key], key
     assert info["source"] == "onnx" and info["checkpoint"] is None
     assert net.precision == "fp32" and backend.OnnxModel(exported["int8"]).precision == "int8"
@@ -157,7 +158,7 @@ def test_raw_state_dict_exports_with_class_names_and_sizes(files, tmp_path):
     assert "raw_state_dict" in stdout and "2 random clips" in stdout
     net, info = backend.load_model(out)
     assert info["class_names"] == ["walk", "run"] and (info["num_frames"], info["img_size"]) == (4, 64)
-    assert info["model_args"] == ARGS
+    assert info["model_args"] == ARGS and "window_sec" not in info   # the published file stores none
     assert net.input_shape == (4, 3, 64, 64)
 
 
