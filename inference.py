@@ -409,16 +409,21 @@ def span_frames(start_sec: float, end_sec: float, info: video.VideoInfo) -> np.n
 
 
 def score_tubes(results: Sequence[VideoResult], records_by_path: dict, to_model: Sequence[int], num_classes: int) -> dict:
-    """frame-mAP and video-mAP of whole videos against per-frame labels: every query of every clip stands at
-    each frame of its clip's span (clip mode: one box per clip); the labels' tracks, interpolated as in
-    training, are the ground truth."""
+    """frame-mAP and video-mAP of whole videos against per-frame labels. Frames: every query of every clip stands
+    at each frame of its clip's span (clip mode: one box per clip); tubes: the video's detections as written to
+    predictions.csv (windows joined, above the threshold). The labels' tracks, interpolated as in training, are the
+    ground truth."""
     scorer = metrics.TubeScorer(num_classes)
     for res in results:
         record = records_by_path.get(os.path.realpath(res.path))
         if record is None or res.error or not res.queries or not record.per_frame:
             continue
         for pred, (start, end) in zip(res.queries, res.spans):
-            scorer.add_clip_predictions(res.name, span_frames(start, end, res.info), pred, record.width, record.height)
+            scorer.add_clip_predictions(res.name, span_frames(start, end, res.info), pred, record.width, record.height,
+                                        as_tube=False)
+        for d in res.detections:
+            scorer.add_prediction(res.name, span_frames(d.start_sec, d.end_sec, res.info), d.class_id, d.score, d.box,
+                                  record.width, record.height, as_frames=False)
         for track in record.tracks:
             frames, boxes, labels = track.dense()
             for c in sorted({c for ids in labels for c in ids}):

@@ -823,19 +823,24 @@ class TubeScorer:
         self.num_classes = num_classes
         self.detections, self.ground_truth, self.pred_tubes, self.gt_tubes = [], [], [], []
 
-    def add_prediction(self, video: str, frames, class_id: int, score: float, box, width: int, height: int) -> None:
-        """One query (or joined detection) at ``frames`` (sorted ints) with one normalised ``box``."""
+    def add_prediction(self, video: str, frames, class_id: int, score: float, box, width: int, height: int,
+                       as_frames: bool = True, as_tube: bool = True) -> None:
+        """One query (or joined detection) at ``frames`` (ints) with one normalised ``box``: as a detection in each
+        frame (frame-mAP) and/or as one tube (video-mAP)."""
         frames = np.unique(np.asarray(frames, dtype=np.int64))
         if not len(frames):
             return
         pixels = np.asarray(box, dtype=np.float64) * [width, height, width, height]
-        self.detections += [(video, int(f), int(class_id), float(score), *pixels) for f in frames]
-        self.pred_tubes.append(Tube(video, int(class_id), float(score), frames, np.repeat(pixels[None], len(frames), 0)))
+        if as_frames:
+            self.detections += [(video, int(f), int(class_id), float(score), *pixels) for f in frames]
+        if as_tube:
+            self.pred_tubes.append(Tube(video, int(class_id), float(score), frames,
+                                        np.repeat(pixels[None], len(frames), 0)))
 
-    def add_clip_predictions(self, video: str, frames, pred: dict, width: int, height: int) -> None:
+    def add_clip_predictions(self, video: str, frames, pred: dict, width: int, height: int, as_tube: bool = True) -> None:
         """Every query of a clip-mode prediction ``{"scores", "labels", "boxes" (Q, 4)}`` at the clip's ``frames``."""
         for score, label, box in zip(pred["scores"].tolist(), pred["labels"].tolist(), pred["boxes"].tolist()):
-            self.add_prediction(video, frames, label, score, box, width, height)
+            self.add_prediction(video, frames, label, score, box, width, height, as_tube=as_tube)
 
     def add_truth(self, video: str, class_id: int, frames, boxes, width: int, height: int) -> None:
         """One actor doing ``class_id`` at ``frames`` (n,) with normalised xyxy ``boxes`` (n, 4); a gap in

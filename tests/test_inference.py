@@ -337,7 +337,8 @@ def test_per_frame_labels_are_scored_as_tubes_by_hand(tmp_path):
     """One actor (raw class 7 -> collapse) at frames 2-5 of 8 in (10, 5)-(50, 25) of a 100x50 video at 4 fps. Two clips
     of 1 s (frames 0-3, 4-7) predicting that box: every frame of both clips carries it; with one score the frames rank
     in order, so frames 0-1 (no actor) come first, then the four hits: precision 4/6 at full recall, frame AP 0.667
-    (frames 6-7 come after the last hit); the tube spans 0-7 against 2-5 (temporal IoU 0.5): a hit at 0.2 and 0.5."""
+    (frames 6-7 come after the last hit); a joined detection (a tube of predictions.csv) over frames 1-6 against 2-5
+    (temporal IoU 4/6): a hit at 0.2 and 0.5."""
     data = tmp_path / "data"
     data.mkdir()
     write_video(data / "pos.mp4", _frames(8, w=100, h=50), fps=4)
@@ -345,7 +346,9 @@ def test_per_frame_labels_are_scored_as_tubes_by_hand(tmp_path):
     (data / "action_challenge.csv").write_text("video_file,label_file\npos.mp4,pos.txt\n")
     q = {"scores": torch.tensor([0.9]), "labels": torch.tensor([1]), "boxes": torch.tensor([[0.1, 0.1, 0.5, 0.5]])}
     info = video.probe_video(data / "pos.mp4")
-    res = inference.VideoResult(0, "pos.mp4", str(data / "pos.mp4"), info, [], [q, q], 0.9, spans=[(0.0, 1.0), (1.0, 2.0)])
+    joined = [inference.Detection(1, "collapse", 0.9, (0.1, 0.1, 0.5, 0.5), 0.25, 1.75)]    # windows, joined
+    res = inference.VideoResult(0, "pos.mp4", str(data / "pos.mp4"), info, joined, [q, q], 0.9,
+                                spans=[(0.0, 1.0), (1.0, 2.0)])
     figures = inference.evaluate_predictions([res], data, ["fight", "collapse"], [3, 7], 0.5, tmp_path / "p.csv")
     assert figures["frame_map50"] == pytest.approx(4 / 6)
     assert figures["video_map20"] == figures["video_map50"] == 1.0
@@ -365,5 +368,5 @@ def test_a_checkpoint_trained_on_windows_is_cut_so_by_default(tmp_path):
     assert {(r["start_sec"], r["end_sec"]) for r in rows} == {("0.000", "3.000")}   # the windows joined into one span
     log = next(out.parent.glob("test_log_*.txt")).read_text()
     assert "windows of 1 s every 1 s as the checkpoint was trained" in log
-    rc, out, rows = _run(tmp_path, inputs, path, "--no_annotate", "--workers", "0", "--window_sec", "3")
+    rc, out, rows = _run(tmp_path / "given", inputs, path, "--no_annotate", "--workers", "0", "--window_sec", "3")
     assert "windows of 3 s every 3 s" in next(out.parent.glob("test_log_*.txt")).read_text()
