@@ -32,8 +32,8 @@ import torch
 from torchvision.ops import box_iou
 from tqdm import tqdm
 
+import backend
 import metrics
-import model as star_model
 import video
 from files import atomic_write, write_text
 from runtime import UsageError, autocast, one_line
@@ -506,12 +506,11 @@ def predict(model, loader, results: list[VideoResult], class_names, threshold: f
 
 
 def load_model(model_path, device, class_names=None):
-    """Load the checkpoint once, prepare it for inference (BN folding, channels_last_3d) and free the
-    loaded dict. Returns ``(model, info, raw_ids)``."""
+    """Load the model once (:func:`backend.load_model`: a PyTorch checkpoint prepared for inference, or an ONNX
+    export run by onnxruntime) and free the loaded dict. Returns ``(model, info, raw_ids)``."""
     t0 = time.perf_counter()
-    net, info = star_model.load_checkpoint(model_path, device=device, class_names=class_names)
+    net, info = backend.load_model(model_path, device=device, class_names=class_names)
     raw_ids = (info.pop("checkpoint", None) or {}).get("raw_class_ids")   # drop the loaded dict (optimizer...)
-    star_model.prepare_for_inference(net)
     release_free_memory()
     log.info("model %s (%s, classes %s, %d frames x %s px) loaded in %.1f s on %s",
              model_path, info["source"], ", ".join(info["class_names"]), info["num_frames"], info["img_size"],

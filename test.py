@@ -97,6 +97,8 @@ def main(args) -> int:
     names = inference.video_names(videos, args.input_dir)
     targets = inference.annotated_paths(names, annotated_dir)
     model, info, raw_ids = inference.load_model(args.model_path, device, args.class_names)
+    if info["source"] == "onnx":   # onnxruntime runs the graph as exported; torch's autocast has nothing to do
+        dtype, precision_note = None, f"onnxruntime {model.precision}"
     window_sec = args.window_sec or info.get("window_sec")   # cut as the checkpoint was trained, unless told
     settings = inference.Settings(
         args.score_threshold, window_sec, args.stride_sec, annotate=not args.no_annotate,

@@ -270,3 +270,30 @@ def test_wrong_clip_shape_is_a_clear_error(onnx_fp32):
     net, _ = onnx_fp32
     with pytest.raises(ValueError, match=r"takes clips of shape \(B, 4, 3, 64, 64\), got \(1, 8, 3, 64, 64\)"):
         net(torch.zeros(1, 8, 3, 64, 64))
+
+
+# --------------------------------------------------------------------------- onnxruntime as test.py's backend
+
+
+@needs_deploy
+def test_test_py_gives_the_same_csv_with_the_onnx_export(exported, files, tmp_path):
+    """The same videos through test.py with the checkpoint (fp32) and with its fp32 export: same rows, scores and boxes
+    within 1e-3 (both cut into the checkpoint's 0.5 s windows)."""
+    import csv
+
+    import test as test_cli
+
+    def predict(model_path, name, *extra):
+        out = tmp_path / name / "predictions.csv"
+        assert test_cli.cli(["--input_dir", str(files["videos"]), "--output_file", str(out), "--model_path",
+                             str(model_path), "--no_annotate", "--workers", "0", "--score_threshold", "0.3", *extra]) == 0
+        return list(csv.DictReader(out.open())), next(out.parent.glob("test_log_*.txt")).read_text()
+    torch_rows, _ = predict(files["ckpt"], "torch", "--precision", "fp32")   # fp32 export against fp32 PyTorch
+    onnx_rows, log = predict(exported["fp32"], "onnx")
+    assert "onnxruntime fp32" in log and "windows of 0.5 s" in log
+    assert len(torch_rows) == len(onnx_rows) > 0
+    for a, b in zip(torch_rows, onnx_rows):
+        assert (a["video_name"], a["pred_class"], a["start_sec"], a["end_sec"]) == \
+               (b["video_name"], b["pred_class"], b["start_sec"], b["end_sec"])
+        for key in ("score", "x1", "y1", "x2", "y2"):
+            assert abs(float(a[key] or 0) - float(b[key] or 0)) <= 1e-3, key
