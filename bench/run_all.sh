@@ -46,6 +46,8 @@ step() {   # step NAME COMMAND...: run one bench, note a failure, go on
     step inference "$PY" bench/inference_job.py "${JOB[@]}"
     step sampling "$PY" bench/bench_sampling.py "${QUICK[@]}"
     step training "$PY" bench/bench_training.py --device "$DEVICE" "${QUICK[@]}"
+    step deploy "$PY" bench/bench_deploy.py "${QUICK[@]}"
+    step stream "$PY" bench/bench_stream.py "${QUICK[@]}"
     echo
     if [[ ${#failed[@]} -gt 0 ]]; then echo "FAILED: ${failed[*]}"; else echo "all benches ran"; fi
     [[ ${#failed[@]} -eq 0 ]]
