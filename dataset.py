@@ -450,19 +450,23 @@ def _video_boxes(instances, info, file, problems) -> list[tuple[int, np.ndarray]
     """5-field instances -> ``[(raw id, normalised xyxy)]``; empty boxes skipped, odd ones listed."""
     boxes = []
     for inst in instances:
-        box = normalise_box(inst.box, info.width, info.height)
-        if box is None:
-            problems.append(Problem(file, inst.line, f"empty box {list(inst.box)} after clipping to the "
-                                                     f"{info.width}x{info.height} frame; instance skipped", kind="empty"))
-            continue
-        problems.extend(_box_warnings(file, inst, info))
-        boxes.append((inst.raw_id, box))
+        box = _checked_box(file, inst, info, problems, "instance")
+        if box is not None:
+            boxes.append((inst.raw_id, box))
     return boxes
 
 
-def _box_warnings(file, inst: Instance, info) -> list[Problem]:
-    """:func:`box_warnings` of one line, as WARNING problems."""
-    return [Problem(file, inst.line, note, WARNING, "box") for note in box_warnings(inst.box, info.width, info.height)]
+def _checked_box(file, inst: Instance, info, problems: list, what: str) -> np.ndarray | None:
+    """The line's box normalised to the frame, its odd parts listed as WARNING problems; None (and an
+    empty-box problem: the ``what`` is skipped) when nothing is left after clipping."""
+    box = normalise_box(inst.box, info.width, info.height)
+    if box is None:
+        problems.append(Problem(file, inst.line, f"empty box {list(inst.box)} after clipping to the "
+                                                 f"{info.width}x{info.height} frame; {what} skipped", kind="empty"))
+        return None
+    problems.extend(Problem(file, inst.line, note, WARNING, "box")
+                    for note in box_warnings(inst.box, info.width, info.height))
+    return box
 
 
 def _usable_frame_lines(instances, info, file, problems) -> list[tuple[FrameInstance, np.ndarray]]:
@@ -474,13 +478,9 @@ def _usable_frame_lines(instances, info, file, problems) -> list[tuple[FrameInst
             problems.append(Problem(file, inst.line, f"frame {inst.frame} is beyond the video's {n} frames "
                                                      f"(0-based: 0 to {n - 1}); line skipped", kind="beyond"))
             continue
-        box = normalise_box(inst.box, info.width, info.height)
-        if box is None:
-            problems.append(Problem(file, inst.line, f"empty box {list(inst.box)} after clipping to the "
-                                                     f"{info.width}x{info.height} frame; line skipped", kind="empty"))
-            continue
-        problems.extend(_box_warnings(file, inst, info))
-        out.append((inst, box))
+        box = _checked_box(file, inst, info, problems, "line")
+        if box is not None:
+            out.append((inst, box))
     return out
 
 

@@ -106,6 +106,28 @@ def number(kind=int, minimum: float = 0, strict: bool = False):
     return parse
 
 
+EXIT_USAGE = 2   # bad flags, model or input: one line and this exit code
+
+
+def run_cli(main, args, errors: tuple = ()) -> int:
+    """``main(args)`` of a CLI: :class:`UsageError` and ``errors`` become one ``error:`` line (in the log once it is
+    set up, else on stderr) and exit code 2; Ctrl-C exits 130; the log is closed either way."""
+    try:
+        return main(args)
+    except (UsageError, *errors) as err:
+        message = f"error: {one_line(err)}"
+        if logging_is_set_up():
+            logging.getLogger("star").error(message)
+        else:
+            print(message, file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:   # before a CLI's own handlers are in place
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        close_logging()
+
+
 # ----------------------------------------------------------------------------- logging
 
 

@@ -59,8 +59,7 @@ import inference
 import model as star_model
 import video
 from files import write_text
-from runtime import (UsageError, autocast_settings, close_logging, logging_is_set_up, number, one_line,
-                     resolve_device, setup_logging)
+from runtime import UsageError, autocast_settings, number, one_line, resolve_device, run_cli, setup_logging
 
 log = logging.getLogger("star.stream")
 
@@ -1009,21 +1008,7 @@ def main(args) -> int:
 
 
 def cli(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        return main(args)
-    except (UsageError, SourceError, star_model.CheckpointError) as err:
-        message = f"error: {one_line(err)}"
-        if logging_is_set_up():
-            log.error(message)
-        else:
-            print(message, file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:   # before the handlers are in place (loading the model)
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        close_logging()
+    return run_cli(main, get_args_parser().parse_args(argv), errors=(SourceError, star_model.CheckpointError))
 
 
 if __name__ == "__main__":

@@ -24,13 +24,10 @@ import time
 import inference
 import model as star_model
 import video
-from runtime import (UsageError, autocast_settings, close_logging, gather, init_distributed, logging_is_set_up, number,
-                     one_line, resolve_device, setup_logging)
+from runtime import (UsageError, autocast_settings, gather, init_distributed, number, resolve_device, run_cli,
+                     setup_logging)
 
 log = logging.getLogger("star.test")
-
-EXIT_USAGE = 2            # bad model path, bad checkpoint, bad input: one line and this code
-
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="STAR inference on a folder of videos", add_help=add_help,
@@ -163,21 +160,7 @@ def summary(results, clips, annotated, annotation_failures, annotated_dir, args,
 
 
 def cli(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        return main(args)
-    except (UsageError, star_model.CheckpointError) as err:
-        message = f"error: {one_line(err)}"
-        if logging_is_set_up():
-            log.error(message)
-        else:
-            print(message, file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        close_logging()
+    return run_cli(main, get_args_parser().parse_args(argv), errors=(star_model.CheckpointError,))
 
 
 if __name__ == "__main__":
