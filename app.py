@@ -33,7 +33,8 @@ from typing import Any, Callable  # noqa: E402
 import inference  # noqa: E402
 import model as star_model  # noqa: E402
 import video  # noqa: E402
-from runtime import UsageError, autocast_settings, number, one_line, resolve_device, setup_logging  # noqa: E402
+from runtime import (UsageError, autocast_settings, close_logging, number, one_line, resolve_device,  # noqa: E402
+                     setup_logging)
 
 log = logging.getLogger("star.app")
 
@@ -498,6 +499,8 @@ def cli(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        close_logging()
 
 
 if __name__ == "__main__":
