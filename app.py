@@ -33,7 +33,7 @@ from typing import Any, Callable  # noqa: E402
 import inference  # noqa: E402
 import model as star_model  # noqa: E402
 import video  # noqa: E402
-from runtime import (UsageError, autocast_settings, close_logging, number, one_line, resolve_device,  # noqa: E402
+from runtime import (UsageError, autocast_settings, number, one_line, resolve_device, run_cli,  # noqa: E402
                      setup_logging)
 
 log = logging.getLogger("star.app")
@@ -367,6 +367,23 @@ def model_line(app: DemoApp, model_path) -> str:
             f"{info['num_frames']} frames at {info['img_size']} px; on {app.device}.")
 
 
+def default_cut(info: dict | None) -> tuple[str, float, float]:
+    """``(mode, window, stride)`` the page starts with: as the model was trained (test.py does the same)."""
+    trained = (info or {}).get("window_sec")
+    if trained:
+        return WINDOWS, float(trained), float(trained)
+    return WHOLE, DEFAULT_WINDOW_SEC, DEFAULT_STRIDE_SEC
+
+
+def cut_info(info: dict | None) -> str:
+    """The line under the whole clip / windows choice."""
+    if (info or {}).get("window_sec"):
+        trained = f"This model was trained on windows of {info['window_sec']:g} s. "
+    else:
+        trained = f"Whole clip: the network sees {info['num_frames'] if info else 'T'} frames spread over the video. "
+    return trained + f"Videos longer than {AUTO_WINDOW_SEC:g} s are cut into windows automatically."
+
+
 def build_ui(app: DemoApp, examples: list[tuple[str, str]], model_path=None, concurrency: int = 1):
     """The Gradio page around ``app.predict``; queued, at most ``concurrency`` requests at once."""
     import gradio as gr
@@ -392,13 +409,11 @@ def build_ui(app: DemoApp, examples: list[tuple[str, str]], model_path=None, con
                     gr.Examples([[p] for p, _ in examples], inputs=[video_in], label="Examples (click one)",
                                 example_labels=[lab for _, lab in examples])
                 threshold = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Score threshold", elem_id="threshold")
-                mode = gr.Radio([WHOLE, WINDOWS], value=WHOLE, label="Cut", elem_id="mode",
-                                info=f"Whole clip: the network sees {app.info['num_frames'] if app.info else 'T'} "
-                                     f"frames spread over the video. Videos longer than {AUTO_WINDOW_SEC:g} s are "
-                                     "cut into windows automatically.")
+                cut, window_sec, stride_sec = default_cut(app.info)
+                mode = gr.Radio([WHOLE, WINDOWS], value=cut, label="Cut", elem_id="mode", info=cut_info(app.info))
                 with gr.Row():
-                    window = gr.Slider(0.5, 30, value=DEFAULT_WINDOW_SEC, step=0.5, label="Window (s)")
-                    stride = gr.Slider(0.5, 30, value=DEFAULT_STRIDE_SEC, step=0.5, label="Stride (s)")
+                    window = gr.Slider(0.1, 30, value=window_sec, step=0.1, label="Window (s)", elem_id="window")
+                    stride = gr.Slider(0.1, 30, value=stride_sec, step=0.1, label="Stride (s)", elem_id="stride")
                 button = gr.Button("Detect actions", variant="primary", elem_id="run",
                                    interactive=app.model is not None)
                 gr.Markdown(f"Limits: {limits.max_upload_mb:g} MB, {limits.max_seconds:g} s per video.")
@@ -491,16 +506,7 @@ def main(args) -> int:
 
 
 def cli(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        return main(args)
-    except (UsageError, star_model.CheckpointError) as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        close_logging()
+    return run_cli(main, get_args_parser().parse_args(argv), errors=(star_model.CheckpointError,))
 
 
 if __name__ == "__main__":
