@@ -168,6 +168,10 @@ def main(args) -> int:
     print(common.markdown_table(["variant", "batch", "s/step", "samples/s", "vs fp32", "peak RSS MB",
                                  "skipped steps", "last loss", "note"], rows))
     low = [r for r in rows[1:] if r[4] != "n/a" and r[0].split("+")[0].split()[0] in ("bf16", "fp16")]
+    unusable = [r[0] for r in low if r[6].split("/")[0] == r[6].split("/")[1]]
+    if unusable:   # every step skipped: fast, but it learns nothing (main.py trains in fp32 there)
+        print(f"\nevery step skipped (non-finite gradients), not counted: {', '.join(unusable)}")
+    low = [r for r in low if r[0] not in unusable]
     if low:
         best = max(low, key=lambda r: float(r[4].rstrip("x")))
         verdict = "met" if float(best[4].rstrip("x")) >= TARGET_SPEEDUP else "not met"
