@@ -257,14 +257,9 @@ def dtype_label(name: str, device: str) -> str:
 
 
 def autocast(device: str, dtype_name: str):
-    """The autocast context of a variant's dtype on ``device`` (no autocast at all for fp32)."""
-    import contextlib
-
-    import torch
-    dtype = torch_dtype(dtype_name)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+    """The autocast context of a variant's dtype on ``device`` (no autocast at all for fp32): runtime.autocast."""
+    import runtime
+    return runtime.autocast(device, torch_dtype(dtype_name))
 
 
 def sync_for(device: str) -> Callable[[], None] | None:

@@ -23,7 +23,7 @@ import test as test_cli  # noqa: E402
 
 assert test_cli.__file__ == str(ROOT / "test.py"), test_cli.__file__
 
-FIELDS = ["video_name", "pred_class", "score", "x1", "y1", "x2", "y2", "start_sec", "end_sec"]
+FIELDS = ["video_name", "pred_class", "score", "x1", "y1", "x2", "y2", "start_sec", "end_sec"]   # DESIGN.md's schema
 TINY_PREP = {"num_frames": 4, "img_size": 64, "mean": list(star_model.IMAGENET_MEAN),
              "std": list(star_model.IMAGENET_STD)}
 
@@ -77,6 +77,11 @@ def _read_header(path):
 
 
 # --------------------------------------------------------------------------- CSV
+
+
+def test_the_one_writer_uses_the_designs_schema():
+    """main.py's test_predictions.csv and test.py's predictions.csv share inference.CSV_FIELDS."""
+    assert list(inference.CSV_FIELDS) == FIELDS
 
 
 def test_csv_schema_rows_and_order(tmp_path, checkpoints):
