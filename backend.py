@@ -144,12 +144,8 @@ class OnnxModel:
     def info_with_names(self, class_names=None) -> dict:
         """A copy of ``info``, with ``class_names`` overriding the stored ones (same count, else an error)."""
         info = dict(self.info)
-        if class_names:
-            count = info["model_args"]["num_classes"]
-            if len(class_names) != count:
-                raise star_model.CheckpointError(f"{self.path}: has {count} classes but {len(class_names)} "
-                                                 f"class names were given ({', '.join(class_names)})")
-            info["class_names"] = list(class_names)
+        names = star_model.checked_class_names(class_names, info["model_args"]["num_classes"], self.path)
+        info["class_names"] = names or info["class_names"]
         return info
 
     @property

@@ -343,11 +343,7 @@ def load_checkpoint(path, device="cpu", class_names=None) -> tuple[STAR, dict]:
         prep = dict(PUBLISHED_PREPROCESSING)
         n = model_args["num_classes"]
         names = list(PUBLISHED_CLASS_NAMES) if n == len(PUBLISHED_CLASS_NAMES) else [f"class_{i}" for i in range(n)]
-    if class_names:
-        if len(class_names) != model_args["num_classes"]:
-            raise CheckpointError(f"{path}: has {model_args['num_classes']} classes but {len(class_names)} "
-                                  f"class names were given ({', '.join(class_names)})")
-        names = list(class_names)
+    names = checked_class_names(class_names, model_args["num_classes"], path) or names
     model = STAR(**model_args)
     try:
         model.load_state_dict(state, strict=True)
@@ -356,6 +352,17 @@ def load_checkpoint(path, device="cpu", class_names=None) -> tuple[STAR, dict]:
     info = {"class_names": names, "model_args": model_args, "source": source,
             "checkpoint": obj if source == "project" else None, **prep}
     return model.to(device).eval(), info
+
+
+def checked_class_names(class_names, num_classes: int, path) -> list[str] | None:
+    """``--class_names`` for a model of ``num_classes`` read from ``path``: a list, None when not given, or a
+    one-line CheckpointError when the count differs."""
+    if not class_names:
+        return None
+    if len(class_names) != num_classes:
+        raise CheckpointError(f"{path}: has {num_classes} classes but {len(class_names)} "
+                              f"class names were given ({', '.join(class_names)})")
+    return list(class_names)
 
 
 def load_for_finetuning(model: STAR, path) -> list[str]:
