@@ -129,7 +129,9 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, device, precisi
         clips = clips.to(device, non_blocking=True)
         targets = [{k: v.to(device) for k, v in t.items() if k != "video"} for t in targets]
         losses, loss, applied = step(clips, targets)
-        if not applied and precision.may_fall_back:   # the same batch again, in fp32: no step is lost
+        # the same batch again, in fp32: no step is lost (under DDP every rank sees the same all-reduced gradient
+        # norm and, since the first-batch check agreed, the same precision, so all ranks redo it together)
+        if not applied and precision.may_fall_back:
             precision.fall_back(f"epoch {epoch + 1}: a bf16 step gave non-finite gradients")
             losses, loss, applied = step(clips, targets)
         skipped += not applied
@@ -310,6 +312,11 @@ def check_bf16_first_batch(precision: TrainingPrecision, model, criterion, loade
     clips, targets = collate([loader.dataset[i] for i in indices])
     targets = [{k: v.to(device) for k, v in t.items() if k != "video"} for t in targets]
     bad = bf16_gradients_finite(model, criterion, clips, targets, device)
+    if dist.is_initialized():   # every rank must train in one precision (the in-loop fallback then agrees too)
+        flag = torch.tensor([float(bool(bad))], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not bad:
+            bad = ["(on another rank)"]
     if not bad:
         log.info("precision check: a bf16 training step on the first batch gives finite gradients")
         return
