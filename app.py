@@ -172,14 +172,14 @@ class DemoApp:
     def _predict(self, path: pathlib.Path, vinfo, settings, note, started, progress) -> Outcome:
         """Predict, annotate and write the CSV into a fresh request folder."""
         out_dir = self._request_dir()
-        spans = clip_spans(vinfo, settings)
-        progress(0.1, desc=f"decoding and predicting {len(spans)} clip(s)")
+        total = len(clip_spans(vinfo, settings))   # known before the run, for the progress bar
+        progress(0.1, desc=f"decoding and predicting {total} clip(s)")
         done = []
 
         def on_batch(clips: int) -> None:
             done.append(clips)
-            share = min(sum(done) / len(spans), 1.0)
-            progress(0.1 + 0.5 * share, desc=f"predicted {sum(done)} of {len(spans)} clip(s)")
+            share = min(sum(done) / total, 1.0)
+            progress(0.1 + 0.5 * share, desc=f"predicted {sum(done)} of {total} clip(s)")
 
         results, _, _, _ = inference.run_videos(CountingModel(self.model, on_batch), self.info, [path], [path.name],
                                                 [None], settings, self.device, self.dtype)
@@ -199,7 +199,7 @@ class DemoApp:
         seconds = time.perf_counter() - started
         log.info("%s: %d detection(s) in %.1f s (%s)", path.name, len(result.detections), seconds, note)
         return Outcome(summary_line(result, settings, note, seconds, self.device), True, str(annotated),
-                       table_rows(rows), timeline_figure(result, spans, self.info["class_names"], settings),
+                       table_rows(rows), timeline_figure(result, self.info["class_names"], settings),
                        [str(csv_path)])
 
     def _request_dir(self) -> pathlib.Path:
@@ -228,7 +228,7 @@ class CountingModel:
 
 
 def clip_spans(vinfo: video.VideoInfo, settings: inference.Settings) -> list[tuple[float, float]]:
-    """The time span of each clip the network sees, in the order ``run_videos`` predicts them."""
+    """The time span of each clip the network will see (``run_videos`` records them as ``VideoResult.spans``)."""
     if settings.window_sec is None:
         return [(0.0, vinfo.duration_sec)]
     frames = video.window_spans(vinfo.num_frames, vinfo.fps, settings.window_sec, settings.stride_sec)
@@ -253,12 +253,12 @@ def class_scores(queries: list[dict], num_classes: int) -> list[list[float]]:
     return scores
 
 
-def timeline_figure(result: inference.VideoResult, spans, class_names, settings):
-    """Score over time per class: one segment per clip at its best score, the threshold dashed."""
+def timeline_figure(result: inference.VideoResult, class_names, settings):
+    """Score over time per class: one segment per clip (``result.spans``) at its best score, the threshold dashed."""
     from matplotlib.figure import Figure   # no pyplot: figures stay private to the request's thread
     fig = Figure(figsize=(8, 2.8), dpi=100, layout="constrained")
     ax = fig.add_subplot()
-    spans = spans[:len(result.queries)]
+    spans = result.spans
     for c, per_clip in enumerate(class_scores(result.queries, len(class_names))):
         colour = tuple(v / 255 for v in video.class_colour(class_names[c]))
         centres = [(s + e) / 2 for s, e in spans]

@@ -126,8 +126,7 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, device, precisi
         losses, loss = checked_losses(criterion, outputs, targets, device, world, epoch)
         return losses, loss, optimizer_step(loss, net.parameters(), optimizer, scaler, args.grad_clip)
     for clips, targets in bar:
-        clips = clips.to(device, non_blocking=True)
-        targets = [{k: v.to(device) for k, v in t.items() if k != "video"} for t in targets]
+        clips, targets = clips.to(device, non_blocking=True), device_targets(targets, device)
         losses, loss, applied = step(clips, targets)
         # the same batch again, in fp32: no step is lost (under DDP every rank sees the same all-reduced gradient
         # norm and, since the first-batch check agreed, the same precision, so all ranks redo it together)
@@ -152,6 +151,11 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, device, precisi
     stats = {f"train_{k}": v / counts[k] for k, v in sums.items()}
     stats["skipped_steps"] = skipped
     return stats
+
+
+def device_targets(targets: list[dict], device) -> list[dict]:
+    """A batch's targets for the criterion: every tensor on ``device``, the video name left out."""
+    return [{k: v.to(device) for k, v in t.items() if k != "video"} for t in targets]
 
 
 def checked_losses(criterion, outputs, targets, device, world, epoch) -> tuple[dict, torch.Tensor]:
@@ -213,8 +217,7 @@ def evaluate(model, criterion, loader, device, amp_dtype, class_names, threshold
     for clips, targets in loader:
         with autocast(device, amp_dtype):
             outputs = model(clips.to(device))
-        device_targets = [{k: v.to(device) for k, v in t.items() if k != "video"} for t in targets]
-        loss_sum += float(criterion.total(criterion(outputs, device_targets)))
+        loss_sum += float(criterion.total(criterion(outputs, device_targets(targets, device))))
         batches += 1
         for pred, t in zip(metrics.outputs_to_predictions(outputs), targets):
             if tubes is not None:
@@ -273,8 +276,8 @@ def bf16_gradients_finite(model: torch.nn.Module, criterion, clips: torch.Tensor
     ``clips`` (B, T, 3, S, S); returns the names of the parameters whose gradient is not finite (empty: bf16 is
     safe here). ``model``, its BatchNorm statistics and the RNG streams are left as they were.
 
-    Why: on CPUs with AMX, oneDNN (torch 2.14.1) returns NaN weight gradients for some Conv3d shapes of the
-    trunk under bf16 while the forward is fine (tools/check_bf16.py reproduces it with one conv)."""
+    Why: on some CPUs (AMX Xeons always for some shapes, a Zen 4 EPYC now and then) oneDNN (torch 2.14.1) returns
+    NaN weight gradients for Conv3d layers of the trunk under bf16 while the forward is fine (tools/check_bf16.py)."""
     probe = copy.deepcopy(getattr(model, "module", model)).train()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         with autocast(device, torch.bfloat16):
@@ -310,8 +313,7 @@ def check_bf16_first_batch(precision: TrainingPrecision, model, criterion, loade
         return
     indices = next(iter(loader.batch_sampler))
     clips, targets = collate([loader.dataset[i] for i in indices])
-    targets = [{k: v.to(device) for k, v in t.items() if k != "video"} for t in targets]
-    bad = bf16_gradients_finite(model, criterion, clips, targets, device)
+    bad = bf16_gradients_finite(model, criterion, clips, device_targets(targets, device), device)
     if dist.is_initialized():   # every rank must train in one precision (the in-loop fallback then agrees too)
         flag = torch.tensor([float(bool(bad))], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)

@@ -842,31 +842,29 @@ class TubeScorer:
         for score, label, box in zip(pred["scores"].tolist(), pred["labels"].tolist(), pred["boxes"].tolist()):
             self.add_prediction(video, frames, label, score, box, width, height, as_tube=as_tube)
 
-    def add_truth(self, video: str, class_id: int, frames, boxes, width: int, height: int) -> None:
-        """One actor doing ``class_id`` at ``frames`` (n,) with normalised xyxy ``boxes`` (n, 4); a gap in
-        ``frames`` starts a new tube."""
+    def add_truth(self, video: str, class_id: int, frames, boxes, width: int, height: int,
+                  split_gaps: bool = True) -> None:
+        """One actor doing ``class_id`` at ``frames`` (n,) with normalised xyxy ``boxes`` (n, 4); with ``split_gaps``
+        a gap in ``frames`` starts a new tube (without: one tube over sampled frames, e.g. a clip's)."""
         frames = np.asarray(frames, dtype=np.int64).reshape(-1)
         pixels = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * [width, height, width, height]
         self.ground_truth += [(video, int(f), int(class_id), *b) for f, b in zip(frames, pixels)]
-        cuts = np.nonzero(np.diff(frames) > 1)[0] + 1
+        cuts = np.nonzero(np.diff(frames) > 1)[0] + 1 if split_gaps else []
         for f, b in zip(np.split(frames, cuts), np.split(pixels, cuts)):
             if len(f):
                 self.gt_tubes.append(Tube(video, int(class_id), 1.0, f, b))
 
     def add_clip_truth(self, video: str, target: dict, width: int, height: int) -> None:
         """The per-step ground truth of a clip target (``track_labels`` (M, T), ``track_boxes`` (M, T, 4)
-        cxcywh normalised, ``frame_indices`` (T,)) at the clip's sampled frames."""
+        cxcywh normalised, ``frame_indices`` (T,)) at the clip's sampled frames: one tube per row and class."""
         frames = np.asarray(target["frame_indices"]).reshape(-1)
         labels = np.asarray(target["track_labels"]).reshape(-1, len(frames))
         boxes = box_convert(torch.as_tensor(target["track_boxes"]).reshape(-1, 4), "cxcywh", "xyxy")
         boxes = boxes.numpy().reshape(len(labels), len(frames), 4)
         for row_labels, row_boxes in zip(labels, boxes):
-            acting = row_labels >= 0
-            for c in np.unique(row_labels[acting]):
+            for c in np.unique(row_labels[row_labels >= 0]):
                 on = row_labels == c
-                self.ground_truth += [(video, int(f), int(c), *(b * [width, height, width, height]))
-                                      for f, b in zip(frames[on], row_boxes[on])]
-                self.gt_tubes.append(Tube(video, int(c), 1.0, frames[on], row_boxes[on] * [width, height, width, height]))
+                self.add_truth(video, int(c), frames[on], row_boxes[on], width, height, split_gaps=False)
 
     def result(self) -> dict:
         """``frame_map50``, ``video_map20``, ``video_map50`` (VOC all-point AP, mean over classes with GT)."""

@@ -89,7 +89,6 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
-
 # ----------------------------------------------------------------------------- command line
 
 
