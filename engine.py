@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 import metrics
 from dataset import ActionDataset, collate
-from model import STAR, init_motion_stem, init_position_table, motion_stem_conv, prepare_for_inference, token_grid
+from losses import is_tube_output, num_target_boxes
+from model import STAR, init_motion_stem, init_positions, motion_stem_conv, prepare_for_inference
 from runtime import UsageError, autocast
 
 log = logging.getLogger("star")
@@ -162,7 +163,8 @@ def checked_losses(criterion, outputs, targets, device, world, epoch) -> tuple[d
     """The criterion's terms and weighted total; a non-finite output or loss stops the run (FloatingPointError)."""
     if not all(torch.isfinite(outputs[k]).all() for k in ("pred_logits", "pred_boxes")):   # NaN crashes the matcher
         raise FloatingPointError(f"epoch {epoch + 1}: the loss became nan (non-finite model outputs)")
-    losses = criterion(outputs, targets, num_boxes=global_num_boxes(targets, device, world))
+    num_boxes = global_num_boxes(targets, device, world, is_tube_output(outputs))
+    losses = criterion(outputs, targets, num_boxes=num_boxes)
     loss = criterion.total(losses)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"epoch {epoch + 1}: the loss became {loss.item()} "
@@ -188,9 +190,9 @@ def optimizer_step(loss, parameters, optimizer, scaler, grad_clip: float) -> boo
     return finite
 
 
-def global_num_boxes(targets, device, world) -> float:
-    """Target boxes in the whole (distributed) batch, for DETR's box-loss normalisation."""
-    n = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+def global_num_boxes(targets, device, world, tube: bool = False) -> float:
+    """Target boxes in the whole (distributed) batch, for DETR's box-loss normalisation (:func:`losses.num_target_boxes`)."""
+    n = torch.tensor([float(num_target_boxes(targets, tube))], device=device)
     if world > 1:
         dist.all_reduce(n)
         n /= world
@@ -211,26 +213,36 @@ def evaluate(model, criterion, loader, device, amp_dtype, class_names, threshold
     predictions, targets (xyxy) and video names. Per-frame records (``record.tracks``) add frame-mAP@0.5 and
     video-mAP@0.2/0.5 of the validation windows (:class:`metrics.TubeScorer`)."""
     model = inference_copy(model)
-    records = loader.dataset.records
-    tubes = metrics.TubeScorer(len(class_names)) if any(r.per_frame for r in records) else None
-    preds, targets_xyxy, names, loss_sum, batches = [], [], [], 0.0, 0
-    for clips, targets in loader:
+    preds, targets, loss_sum, batches = [], [], 0.0, 0
+    for clips, batch_targets in loader:
         with autocast(device, amp_dtype):
             outputs = model(clips.to(device))
-        loss_sum += float(criterion.total(criterion(outputs, device_targets(targets, device))))
+        loss_sum += float(criterion.total(criterion(outputs, device_targets(batch_targets, device))))
         batches += 1
-        for pred, t in zip(metrics.outputs_to_predictions(outputs), targets):
-            if tubes is not None:
-                record = records[len(preds)]
-                tubes.add_clip_predictions(t["video"], t["frame_indices"], pred, record.width, record.height)
-                tubes.add_clip_truth(t["video"], t, record.width, record.height)
-            preds.append(pred)
-            targets_xyxy.append({"labels": t["labels"], "boxes": box_convert(t["boxes"], "cxcywh", "xyxy")})
-            names.append(t["video"])
-    result = metrics.evaluate(preds, targets_xyxy, class_names, threshold) if preds else {}
-    result.update(tubes.result() if tubes is not None else {})
+        preds += metrics.outputs_to_predictions(outputs)
+        targets += batch_targets
+    result = clip_metrics(preds, targets, loader.dataset.records, class_names, threshold)
     result["val_loss"] = loss_sum / max(batches, 1)
-    return result, preds, targets_xyxy, names
+    targets_xyxy = [{"labels": t["labels"], "boxes": box_convert(t["boxes"], "cxcywh", "xyxy")} for t in targets]
+    return result, preds, targets_xyxy, [t["video"] for t in targets]
+
+
+def clip_metrics(preds: list[dict], targets: list[dict], records, class_names, threshold) -> dict:
+    """Metrics of validation clips, one per record: the clip metrics on ``labels``/``boxes`` (cxcywh), and for
+    per-frame records frame-mAP@0.5 and video-mAP@0.2/0.5 at the clips' sampled frames (:class:`metrics.TubeScorer`)."""
+    if not preds:
+        return {}
+    xyxy = [{"labels": t["labels"].cpu(), "boxes": box_convert(t["boxes"].cpu(), "cxcywh", "xyxy")} for t in targets]
+    result = metrics.evaluate(preds, xyxy, class_names, threshold)
+    if any(r.per_frame for r in records):
+        tubes = metrics.TubeScorer(len(class_names))
+        for pred, t, record in zip(preds, targets, records):
+            frames = t["frame_indices"].cpu()
+            tubes.add_clip_predictions(record.video, frames, pred, record.width, record.height, threshold=threshold)
+            tubes.add_clip_truth(record.video, {k: t[k].cpu() for k in ("frame_indices", "track_labels", "track_boxes")},
+                                 record.width, record.height)
+        result.update(tubes.result())
+    return result
 
 
 # ----------------------------------------------------------------------------- the best model
@@ -343,7 +355,7 @@ def cache_tokens(model: STAR, dataset: ActionDataset, epochs, device, amp_dtype,
             clips, batch_targets = collate([dataset[(i, epoch)] for i in range(start, min(start + batch_size, len(dataset)))])
             with autocast(device, amp_dtype):
                 tokens.append(model.encode(clips.to(device)))   # as produced: bf16 under bf16 autocast
-            targets += [{"labels": t["labels"].to(device), "boxes": t["boxes"].to(device)} for t in batch_targets]
+            targets += device_targets(batch_targets, device)
     return torch.cat(tokens), targets
 
 
@@ -352,8 +364,8 @@ def reset_decoder_side(model: STAR, model_args: dict, args) -> list[torch.nn.Par
     position table with ``--position_init``); returns their parameters."""
     fresh = STAR(**model_args)
     if args.position_init:
-        init_position_table(fresh, token_grid(fresh, args.num_frames, args.img_size))
-    parts = ("pos_embedding", "queries", "decoder", "head")
+        init_positions(fresh, args.num_frames, args.img_size)
+    parts = ("pos_embedding", "queries", "decoder", "head") + (("time_queries",) if model.tube_steps else ())
     for part in parts:
         getattr(model, part).load_state_dict(getattr(fresh, part).state_dict())
     return [p for part in parts for p in getattr(model, part).parameters()]
@@ -377,8 +389,8 @@ def decoder_phase(model: STAR, model_args, criterion, train_set, val_set, class_
     params = reset_decoder_side(model, model_args, args)
 
     def validate(step, loss):
-        result = evaluate_tokens(model, criterion, val_tokens, val_targets, class_names, args.score_threshold,
-                                 amp_dtype, args.batch_size) if len(val_set) else {}
+        result = evaluate_tokens(model, criterion, val_tokens, val_targets, val_set.records, class_names,
+                                 args.score_threshold, amp_dtype, args.batch_size) if len(val_set) else {}
         log.info("decoder step %d/%d: train_loss=%.4g, %s", step, args.decoder_steps, loss,
                  ", ".join(f"{k}={result[k]:.4g}" for k in EPOCH_FIELDS if isinstance(result.get(k), float)))
         on_validation(step, result)
@@ -413,7 +425,7 @@ def fit_decoder(model: STAR, params, criterion, tokens, targets, *, steps: int, 
 
 
 @torch.no_grad()
-def evaluate_tokens(model: STAR, criterion, tokens, targets, class_names, threshold, amp_dtype=None,
+def evaluate_tokens(model: STAR, criterion, tokens, targets, records, class_names, threshold, amp_dtype=None,
                     batch_size: int | None = None) -> dict:
     """:func:`evaluate` on cached validation tokens (the same numbers: the trunk's part is the same, and the
     decoder runs under the same autocast ``amp_dtype`` on batches of the same ``batch_size`` as there)."""
@@ -422,8 +434,7 @@ def evaluate_tokens(model: STAR, criterion, tokens, targets, class_names, thresh
     with autocast(tokens.device, amp_dtype):
         parts = [model.decode(tokens[i:i + batch_size]) for i in range(0, len(tokens), batch_size)]
     outputs = {k: torch.cat([part[k] for part in parts]) for k in ("pred_logits", "pred_boxes")}
-    xyxy = [{"labels": t["labels"].cpu(), "boxes": box_convert(t["boxes"].cpu(), "cxcywh", "xyxy")} for t in targets]
-    result = metrics.evaluate(metrics.outputs_to_predictions(outputs), xyxy, class_names, threshold)
+    result = clip_metrics(metrics.outputs_to_predictions(outputs), targets, records, class_names, threshold)
     result["val_loss"] = float(criterion.total(criterion(outputs, targets)))
     result["score"] = metrics.best_score(result)
     return result

@@ -33,7 +33,9 @@ class HungarianMatcher(nn.Module):
     def forward(self, outputs: dict, targets: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """outputs: ``pred_logits (B, Q, C+1)``, ``pred_boxes (B, Q, 4)``; targets: B dicts with
         ``labels (N_i,)`` and ``boxes (N_i, 4)``. Returns B pairs ``(query_idx, target_idx)`` of
-        length ``min(Q, N_i)`` (int64, CPU)."""
+        length ``min(Q, N_i)`` (int64, CPU). Tube-mode outputs (``(B, Q, K, ...)``): :meth:`match_tubes`."""
+        if is_tube_output(outputs):
+            return self.match_tubes(outputs, targets)
         batch, num_queries = outputs["pred_logits"].shape[:2]
         prob = outputs["pred_logits"].flatten(0, 1).float().softmax(-1)       # (B*Q, C+1)
         pred_boxes = outputs["pred_boxes"].flatten(0, 1).float()              # (B*Q, 4)
@@ -55,6 +57,54 @@ class HungarianMatcher(nn.Module):
         return indices
 
 
+    @torch.no_grad()
+    def match_tubes(self, outputs: dict, targets: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One assignment of actor queries to tracks per clip. outputs: ``pred_logits (B, Q, K, C+1)``,
+        ``pred_boxes (B, Q, K, 4)``; targets: ``track_labels (M_i, K)`` (class, -1 where the track does not
+        act) and ``track_boxes (M_i, K, 4)`` cxcywh. The cost of query q for track m sums over the steps where
+        m acts: ``-cost_class * p_qk(class) + cost_bbox * L1 + cost_giou * -GIoU``. Returns B pairs
+        ``(query_idx, track_idx)`` of length ``min(Q, M_i)``."""
+        prob = outputs["pred_logits"].float().softmax(-1)                     # (B, Q, K, C+1)
+        pred_boxes = outputs["pred_boxes"].float()                            # (B, Q, K, 4)
+        indices = []
+        for b, t in enumerate(targets):
+            labels, boxes = t["track_labels"].long(), t["track_boxes"].float()   # (M, K), (M, K, 4)
+            if labels.numel() == 0:
+                empty = torch.empty(0, dtype=torch.int64)
+                indices.append((empty, empty))
+                continue
+            cost = tube_costs(prob[b], pred_boxes[b], labels, boxes, self.cost_class, self.cost_bbox, self.cost_giou)
+            rows, cols = linear_sum_assignment(cost.cpu().numpy())
+            indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+        return indices
+
+
+def is_tube_output(outputs: dict) -> bool:
+    """Tube-mode outputs have a step axis: ``pred_logits (B, Q, K, C+1)``."""
+    return outputs["pred_logits"].dim() == 4
+
+
+def tube_costs(prob, pred_boxes, labels, boxes, cost_class: float, cost_bbox: float, cost_giou: float) -> torch.Tensor:
+    """The (Q, M) matching cost of one clip: ``prob (Q, K, C+1)`` softmax, ``pred_boxes (Q, K, 4)``, ``labels (M, K)``
+    (-1 = absent), ``boxes (M, K, 4)`` cxcywh; each term summed over the steps where the track acts."""
+    present = (labels >= 0).float()                                           # (M, K)
+    steps = torch.arange(labels.shape[1], device=labels.device)
+    p_class = prob[:, steps[None, :], labels.clamp(min=0)]                    # (Q, M, K)
+    l1 = (pred_boxes[:, None] - boxes[None]).abs().sum(-1)                    # (Q, M, K)
+    giou = torch.stack([generalized_box_iou(cxcywh_to_xyxy(pred_boxes[:, k]), cxcywh_to_xyxy(boxes[:, k]))
+                        for k in range(labels.shape[1])], -1)                 # (Q, M, K)
+    per_step = cost_bbox * l1 - cost_class * p_class - cost_giou * giou
+    return (per_step * present[None]).sum(-1)
+
+
+def num_target_boxes(targets: list[dict], tube: bool) -> int:
+    """What the box losses are normalised by: target boxes (clip mode) or (track, step) pairs where a track acts
+    (tube mode)."""
+    if tube:
+        return sum(int((t["track_labels"] >= 0).sum()) for t in targets)
+    return sum(len(t["labels"]) for t in targets)
+
+
 class SetCriterion(nn.Module):
     """DETR's set loss: match, then CE over all queries (unmatched -> no_object, weighted ``eos_coef``),
     L1 and GIoU over matched pairs normalised by the number of target boxes; the same terms on every
@@ -74,6 +124,8 @@ class SetCriterion(nn.Module):
 
     def loss_labels(self, outputs, targets, indices, num_boxes) -> dict:
         """Weighted CE over all ``B*Q`` queries; ``class_error`` = 100 - accuracy on matched queries."""
+        if is_tube_output(outputs):
+            return self.loss_tube_labels(outputs, targets, indices)
         logits = outputs["pred_logits"].float()                                  # (B, Q, C+1)
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         batch_idx, query_idx = _flat_indices(indices)
@@ -86,11 +138,37 @@ class SetCriterion(nn.Module):
             accuracy = torch.tensor(100.0, device=logits.device)
         return {"loss_ce": loss, "class_error": 100 - accuracy.detach()}
 
+    def loss_tube_labels(self, outputs, targets, indices) -> dict:
+        """Tube mode: weighted CE over all ``B*Q*K`` (query, step) pairs; a matched query's target at step k is
+        its track's class there, or no_object where the track does not act; unmatched queries: no_object."""
+        logits = outputs["pred_logits"].float()                                  # (B, Q, K, C+1)
+        target_classes = torch.full(logits.shape[:3], self.num_classes, dtype=torch.int64, device=logits.device)
+        batch_idx, query_idx = _flat_indices(indices)
+        labels = torch.cat([t["track_labels"][j] for t, (_, j) in zip(targets, indices)]).long().to(logits.device)
+        target_classes[batch_idx, query_idx] = torch.where(labels >= 0, labels, self.num_classes)   # (matched, K)
+        loss = F.cross_entropy(logits.permute(0, 3, 1, 2), target_classes, self.class_weight)
+        acting = labels >= 0
+        if acting.any():
+            predicted = logits[batch_idx, query_idx].argmax(-1)
+            accuracy = (predicted[acting] == labels[acting]).float().mean() * 100
+        else:
+            accuracy = torch.tensor(100.0, device=logits.device)
+        return {"loss_ce": loss, "class_error": 100 - accuracy.detach()}
+
+    def matched_boxes(self, outputs, targets, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted and target boxes ``(P, 4)`` cxcywh of the matched pairs: (query, target) in clip mode,
+        (query, track, step) where the track acts in tube mode."""
+        batch_idx, query_idx = _flat_indices(indices)
+        src = outputs["pred_boxes"].float()[batch_idx, query_idx]                 # (P, 4) or (P, K, 4)
+        if not is_tube_output(outputs):
+            return src, torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).float().to(src.device)
+        tgt = torch.cat([t["track_boxes"][j] for t, (_, j) in zip(targets, indices)]).float().to(src.device)
+        acting = torch.cat([t["track_labels"][j] for t, (_, j) in zip(targets, indices)]).to(src.device) >= 0
+        return src[acting], tgt[acting]
+
     def loss_boxes(self, outputs, targets, indices, num_boxes) -> dict:
         """L1 on ``cxcywh`` and ``1 - GIoU`` on ``xyxy`` of matched pairs, each summed / ``num_boxes``."""
-        batch_idx, query_idx = _flat_indices(indices)
-        src = outputs["pred_boxes"].float()[batch_idx, query_idx]                 # (M, 4)
-        tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).float().to(src.device)
+        src, tgt = self.matched_boxes(outputs, targets, indices)
         if src.numel() == 0:
             zero = outputs["pred_boxes"].float().sum() * 0.0                      # keeps the graph connected
             return {"loss_bbox": zero, "loss_giou": zero, "matched_iou": torch.tensor(float("nan"))}
@@ -124,7 +202,7 @@ class SetCriterion(nn.Module):
     def forward(self, outputs: dict, targets: list[dict], num_boxes: float | None = None) -> dict:
         """``num_boxes``: total target boxes (across all processes under DDP); default counts ``targets``."""
         if num_boxes is None:
-            num_boxes = sum(len(t["labels"]) for t in targets)
+            num_boxes = num_target_boxes(targets, is_tube_output(outputs))
         num_boxes = max(float(num_boxes), 1.0)
         losses = {}
         indices = self.matcher(outputs, targets)

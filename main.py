@@ -30,9 +30,9 @@ from dataset import (ActionDataset, BalancedBatchSampler, DatasetError, EpochTag
 from files import atomic_write, write_text
 from losses import PUBLISHED_WEIGHTS, build_criterion
 from model import (PRETRAINED_CHOICES, STAR, CheckpointError, build_model, count_parameters, freeze_trunk_stages,
-                   init_motion_stem, init_position_table, load_for_finetuning, make_checkpoint, model_args_from,
-                   save_checkpoint, token_grid)
-from recipes import DECODER_STEPS_PER_EPOCH, add_recipe_defaults_to_help, apply_recipe
+                   init_motion_stem, init_positions, load_for_finetuning, make_checkpoint, model_args_from,
+                   save_checkpoint)
+from recipes import DECODER_STEPS_PER_EPOCH, WINDOW_STRIDE, add_recipe_defaults_to_help, apply_recipe
 from runtime import UsageError, autocast_settings, init_distributed, number, resolve_device, setup_logging
 from video import DEFAULT_FOLDER_FPS, IMAGENET_MEAN, IMAGENET_STD, VideoInfo
 
@@ -96,7 +96,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--window_sec", type=number(float, 0, strict=True), default=None,
                    help="seconds a clip spans in videos with per-frame labels (training windows are drawn where actors "
                         "act, validation takes the middle one; stored in the checkpoint, test.py cuts its windows so); "
-                        "default: the whole video")
+                        f"default: {WINDOW_STRIDE} frames per sampled frame (8 frames at 25 fps: 1.28 s)")
+    p.add_argument("--mode", choices=("auto", "clip", "tube"), default="auto",
+                   help="clip: one box per query per clip (the published network); tube: a class and a box per query "
+                        "at every sampled frame (model.STAR's tube mode); auto: tube when the labels are per-frame")
     p.add_argument("--negative_prob", type=float, default=0.2,
                    help="share of training windows placed away from every labelled actor (per-frame labels)")
     p.add_argument("--max_gap", type=number(int, 0), default=None,
@@ -145,6 +148,17 @@ def load_data(args, rank: int, output_dir: Path):
     return train, val, class_map
 
 
+def resolve_cutting(args, records) -> None:
+    """``--mode auto`` and the per-frame default ``--window_sec``, from the dataset (logged once)."""
+    per_frame = [r for r in records if r.per_frame]
+    if args.mode == "auto":
+        args.mode = "tube" if per_frame else "clip"
+    if per_frame and args.window_sec is None:   # the whole video at 8 frames would skip whole motion cycles
+        fps = float(np.median([r.fps for r in per_frame]))
+        args.window_sec = round(WINDOW_STRIDE * args.num_frames / fps, 4)
+    log.info("mode %s; clips span %s", args.mode, f"{args.window_sec:g} s windows" if args.window_sec else "whole videos")
+
+
 def make_loaders(args, train, val, rank: int, world: int):
     train_set = ActionDataset(train, args.num_frames, args.img_size, augment=not args.no_aug, seed=args.seed,
                               still_prob=args.still_prob, window_sec=args.window_sec, negative_prob=args.negative_prob)
@@ -160,12 +174,12 @@ def make_loaders(args, train, val, rank: int, world: int):
 def build_training_state(args, class_map, device, world):
     """Model (maybe DDP), criterion, optimizer, scheduler, scaler, amp dtype, model args."""
     model_args = model_args_from(len(class_map), num_queries=args.num_queries, dropout=args.dropout,
-                                 aux_loss=not args.no_aux_loss)
+                                 aux_loss=not args.no_aux_loss, tube_steps=args.num_frames if args.mode == "tube" else 0)
     model = build_model(pretrained=args.backbone_weights or args.pretrained, **model_args)
     if args.motion_init:
         init_motion_stem(model)
     if args.position_init:
-        init_position_table(model, token_grid(model, args.num_frames, args.img_size))
+        init_positions(model, args.num_frames, args.img_size)
     if args.init_from:
         load_for_finetuning(model, args.init_from)
     freeze_trunk_stages(model, args.freeze_trunk)
@@ -286,6 +300,7 @@ def train(args) -> dict:
     recipe = apply_recipe(args)
     engine.seed_everything(args.seed + rank)
     train_records, val_records, class_map = load_data(args, rank, output_dir)
+    resolve_cutting(args, train_records + val_records)
     train_loader, val_loader = make_loaders(args, train_records, val_records, rank, world)
     model, criterion, optimizer, scheduler, scaler, amp_dtype, model_args = build_training_state(args, class_map, device, world)
     precision = engine.TrainingPrecision(amp_dtype, args.precision)

@@ -58,6 +58,8 @@ def outputs_to_predictions(outputs: dict) -> list[dict]:
     """
     logits = outputs["pred_logits"].detach().float().cpu()
     boxes = outputs["pred_boxes"].detach().float().cpu()
+    if logits.dim() == 4:
+        return tube_outputs_to_predictions(logits, boxes)
     probs = logits.softmax(-1)[..., :-1]
     scores, labels = probs.max(-1)
     xyxy = box_convert(boxes, in_fmt="cxcywh", out_fmt="xyxy").clamp(0.0, 1.0)
@@ -65,6 +67,27 @@ def outputs_to_predictions(outputs: dict) -> list[dict]:
         {"scores": scores[b].contiguous(), "labels": labels[b].long().contiguous(), "boxes": xyxy[b].contiguous()}
         for b in range(logits.shape[0])
     ]
+
+
+def tube_outputs_to_predictions(logits: torch.Tensor, boxes: torch.Tensor) -> list[dict]:
+    """Tube-mode outputs ``(B, Q, K, C+1)`` logits and ``(B, Q, K, 4)`` cxcywh boxes as per-clip predictions.
+
+    How a tube is read: its class is the foreground class with the highest probability summed over the K
+    steps (softmax over C+1 at each step); ``step_scores (Q, K)`` is that class's probability at each step (the
+    actor acts there when it passes the score threshold); ``step_boxes (Q, K, 4)`` normalised xyxy. Why one class
+    per tube: the tube is one actor doing one thing, and summing over steps lets the steps where it clearly acts
+    outvote the uncertain ones. The clip view that the clip-mode metrics read: ``scores (Q,)`` the best step score
+    (a query is a detection when it acts at one step at least), ``labels (Q,)``, ``boxes (Q, 4)`` its box at that
+    step."""
+    probs = logits.softmax(-1)[..., :-1]                                   # (B, Q, K, C)
+    labels = probs.sum(2).argmax(-1)                                       # (B, Q)
+    step_scores = probs.gather(-1, labels[..., None, None].expand(*probs.shape[:3], 1)).squeeze(-1)   # (B, Q, K)
+    xyxy = box_convert(boxes, in_fmt="cxcywh", out_fmt="xyxy").clamp(0.0, 1.0)                  # (B, Q, K, 4)
+    scores, best_step = step_scores.max(-1)
+    best_boxes = xyxy.gather(2, best_step[..., None, None].expand(-1, -1, 1, 4)).squeeze(2)     # (B, Q, 4)
+    return [{"scores": scores[b].contiguous(), "labels": labels[b].long().contiguous(),
+             "boxes": best_boxes[b].contiguous(), "step_scores": step_scores[b].contiguous(),
+             "step_boxes": xyxy[b].contiguous()} for b in range(logits.shape[0])]
 
 
 def _as_tensor(x, dtype) -> torch.Tensor:
@@ -469,7 +492,8 @@ def evaluate(preds: Sequence[dict], targets: Sequence[dict], class_names: Sequen
 
 
 def best_score(metrics: dict) -> float:
-    """Checkpoint-selection criterion of the published code: ``video_acc + 0.2 * det_acc_50``.
+    """Checkpoint-selection criterion of the published code: ``video_acc + 0.2 * det_acc_50``, plus
+    ``frame_map50 + video_map50`` where they are measured (per-frame labels: where and when matter there).
 
     An undefined (NaN/None) term counts as 0 so that a validation set without positives still
     ranks checkpoints instead of making every comparison False.
@@ -478,7 +502,7 @@ def best_score(metrics: dict) -> float:
         value = metrics.get(key)
         return 0.0 if value is None or math.isnan(value) else float(value)
 
-    return term("video_acc") + 0.2 * term("det_acc_50")
+    return term("video_acc") + 0.2 * term("det_acc_50") + term("frame_map50") + term("video_map50")
 
 
 def _fmt(value) -> str:
@@ -837,10 +861,24 @@ class TubeScorer:
             self.pred_tubes.append(Tube(video, int(class_id), float(score), frames,
                                         np.repeat(pixels[None], len(frames), 0)))
 
-    def add_clip_predictions(self, video: str, frames, pred: dict, width: int, height: int, as_tube: bool = True) -> None:
-        """Every query of a clip-mode prediction ``{"scores", "labels", "boxes" (Q, 4)}`` at the clip's ``frames``."""
-        for score, label, box in zip(pred["scores"].tolist(), pred["labels"].tolist(), pred["boxes"].tolist()):
-            self.add_prediction(video, frames, label, score, box, width, height, as_tube=as_tube)
+    def add_clip_predictions(self, video: str, frames, pred: dict, width: int, height: int, as_tube: bool = True,
+                             threshold: float = 0.5) -> None:
+        """Every query of a clip-mode prediction ``{"scores", "labels", "boxes" (Q, 4)}`` at the clip's ``frames``.
+        A tube-mode prediction (``step_scores (Q, K)``, ``step_boxes (Q, K, 4)``, K = len(frames)) gives a detection
+        per query per step, and a tube of the steps where its score passes ``threshold``, scored by their mean."""
+        if "step_scores" not in pred:
+            for score, label, box in zip(pred["scores"].tolist(), pred["labels"].tolist(), pred["boxes"].tolist()):
+                self.add_prediction(video, frames, label, score, box, width, height, as_tube=as_tube)
+            return
+        frames = np.asarray(frames, dtype=np.int64).reshape(-1)
+        scale = np.array([width, height, width, height], dtype=np.float64)
+        for label, scores, boxes in zip(pred["labels"].tolist(), pred["step_scores"].numpy(), pred["step_boxes"].numpy()):
+            pixels = boxes.astype(np.float64) * scale
+            self.detections += [(video, int(f), int(label), float(sc), *b) for f, sc, b in zip(frames, scores, pixels)]
+            on = scores >= threshold
+            if as_tube and on.any():   # repeated frames (a short video) keep their first step
+                kept, first = np.unique(frames[on], return_index=True)
+                self.pred_tubes.append(Tube(video, int(label), float(scores[on].mean()), kept, pixels[on][first]))
 
     def add_truth(self, video: str, class_id: int, frames, boxes, width: int, height: int,
                   split_gaps: bool = True) -> None:

@@ -36,20 +36,37 @@ class Backbone(nn.Module):
 
     Input ``(B, 3, T, H, W)``; output tokens ``(B, N, hidden_dim)`` flattened in ``(t, h, w)`` order,
     ``N = T/8 * H/16 * W/16`` (rounded up).
+
+    With ``time_tokens`` (tube mode) ``T * h * w`` more tokens follow: layer1's output (full frame rate)
+    average-pooled to layer4's ``h x w`` grid, projected (``time_proj``) and normalised (``time_norm``).
+    Why: at 8 frames layer4 has a single time step, so nothing in its tokens is tied to one frame; the
+    time queries of a tube read when the actor acts from these (docs/EXPERIMENTS.md, "Tube mode").
     """
 
-    def __init__(self, hidden_dim: int = 256, dropout: float = 0.1):
+    def __init__(self, hidden_dim: int = 256, dropout: float = 0.1, time_tokens: bool = False):
         super().__init__()
         trunk = r2plus1d_18(weights=None)
         self.stem = nn.Sequential(trunk.stem, trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4)
         self.proj = nn.Conv3d(512, hidden_dim, kernel_size=1)
         self.norm = nn.LayerNorm(hidden_dim)
         self.dropout = nn.Dropout(dropout)
+        if time_tokens:
+            self.time_proj = nn.Conv3d(64, hidden_dim, kernel_size=1)
+            self.time_norm = nn.LayerNorm(hidden_dim)
+        else:
+            self.time_proj = self.time_norm = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.proj(self.stem(x))                 # (B, D, t, h, w)
-        tokens = features.flatten(2).transpose(1, 2)       # (B, t*h*w, D)
-        return self.dropout(self.norm(tokens))
+        if self.time_proj is None:
+            features = self.proj(self.stem(x))                 # (B, D, t, h, w)
+            tokens = features.flatten(2).transpose(1, 2)       # (B, t*h*w, D)
+            return self.dropout(self.norm(tokens))
+        early = self.stem[1](self.stem[0](x))                  # layer1: (B, 64, T, H/4, W/4)
+        features = self.proj(self.stem[4](self.stem[3](self.stem[2](early))))
+        pooled = nn.functional.adaptive_avg_pool3d(early, (early.shape[2], *features.shape[3:]))
+        time_tokens = self.time_proj(pooled).flatten(2).transpose(1, 2)   # (B, T*h*w, D)
+        tokens = torch.cat([self.norm(features.flatten(2).transpose(1, 2)), self.time_norm(time_tokens)], 1)
+        return self.dropout(tokens)
 
 
 class PositionEmbedding(nn.Module):
@@ -112,18 +129,35 @@ class STAR(nn.Module):
     normalised to [0, 1], plus ``"aux_outputs"`` (one such dict per earlier decoder layer) when
     ``return_aux`` (default: training with ``aux_loss``), plus in training ``"video_logits" (B, C+1)``:
     the class head applied to the mean trunk token (for the criterion's optional video-level loss).
+
+    Tube mode (``tube_steps = K > 0``, the STAR paper's factorised queries): the decoder gets ``Q x K``
+    queries, actor query ``q`` plus time query ``k`` (``time_queries``, one per sampled frame: ``K`` must
+    equal the clip's ``T``), all attending to each other, and the same heads read every one:
+    ``pred_logits (B, Q, K, C+1)`` and ``pred_boxes (B, Q, K, 4)``, so actor ``q`` has a class (no_object =
+    not acting then) and a box at every step. Why one shared head: the published heads' keys stay as
+    they are and every (actor, step) is the same question. ``time_tokens`` (default: on in tube mode)
+    adds frame-rate tokens to the memory (:class:`Backbone`). How a tube's class and score are read
+    from the steps: :func:`metrics.outputs_to_predictions`. ``tube_steps = 0`` is the published network,
+    key for key.
     """
 
     def __init__(self, num_classes: int, num_queries: int = 12, hidden_dim: int = 256,
                  num_decoder_layers: int = 4, nheads: int = 8, dim_feedforward: int = 2048,
-                 dropout: float = 0.1, max_positions: int = 10000, aux_loss: bool = True):
+                 dropout: float = 0.1, max_positions: int = 10000, aux_loss: bool = True,
+                 tube_steps: int = 0, time_tokens: bool | None = None):
         super().__init__()
+        if tube_steps < 0:
+            raise ValueError(f"tube_steps must be >= 0, got {tube_steps}")
         self.num_classes = num_classes
         self.aux_loss = aux_loss
         self.channels_last = False
-        self.backbone = Backbone(hidden_dim, dropout)
+        self.tube_steps = int(tube_steps)
+        time_tokens = bool(tube_steps) if time_tokens is None else bool(time_tokens)
+        self.backbone = Backbone(hidden_dim, dropout, time_tokens)
         self.pos_embedding = PositionEmbedding(max_positions, hidden_dim)
         self.queries = nn.Embedding(num_queries, hidden_dim)
+        if self.tube_steps:
+            self.time_queries = nn.Embedding(self.tube_steps, hidden_dim)
         self.decoder = Decoder(hidden_dim, nheads, dim_feedforward, dropout, num_decoder_layers)
         self.head = Head(hidden_dim, num_classes, dropout)
 
@@ -148,11 +182,20 @@ class STAR(nn.Module):
         if return_aux is None:
             return_aux = self.training and self.aux_loss
         memory = self.pos_embedding(tokens)
-        queries = self.queries.weight.unsqueeze(0).expand(tokens.shape[0], -1, -1)
-        layer_outputs = self.decoder(queries, memory)
-        out = self.head(layer_outputs[-1])
+        queries = self.queries.weight
+        if self.tube_steps:   # (Q, K, D) -> Q*K queries, actor-major
+            queries = (queries[:, None] + self.time_queries.weight[None]).flatten(0, 1)
+        layer_outputs = self.decoder(queries.unsqueeze(0).expand(tokens.shape[0], -1, -1), memory)
+        out = self.read(layer_outputs[-1])
         if return_aux:
-            out["aux_outputs"] = [self.head(hidden) for hidden in layer_outputs[:-1]]
+            out["aux_outputs"] = [self.read(hidden) for hidden in layer_outputs[:-1]]
+        return out
+
+    def read(self, hidden: torch.Tensor) -> dict:
+        """The heads on decoder output ``(B, Q[*K], D)``; tube mode reshapes to ``(B, Q, K, ...)``."""
+        out = self.head(hidden)
+        if self.tube_steps:
+            out = {k: v.unflatten(1, (-1, self.tube_steps)) for k, v in out.items()}
         return out
 
     def use_channels_last(self) -> "STAR":
@@ -165,7 +208,8 @@ class STAR(nn.Module):
 def model_args_from(num_classes: int, **overrides) -> dict:
     """The full constructor arguments of ``STAR`` (defaults filled in), as stored in checkpoints."""
     args = {"num_classes": num_classes, "num_queries": 12, "hidden_dim": 256, "num_decoder_layers": 4,
-            "nheads": 8, "dim_feedforward": 2048, "dropout": 0.1, "max_positions": 10000, "aux_loss": True}
+            "nheads": 8, "dim_feedforward": 2048, "dropout": 0.1, "max_positions": 10000, "aux_loss": True,
+            "tube_steps": 0, "time_tokens": None}
     unknown = set(overrides) - set(args)
     if unknown:
         raise TypeError(f"unknown model arguments: {sorted(unknown)}")
@@ -246,7 +290,16 @@ def token_grid(model: STAR, num_frames: int, img_size: int) -> tuple[int, int, i
     return tuple(features.shape[2:])
 
 
-def init_position_table(model: STAR, grid: tuple[int, int, int], temperature: float = 10000.0) -> None:
+def init_positions(model: STAR, num_frames: int, img_size: int) -> None:
+    """:func:`init_position_table` for every token the model makes of ``num_frames`` x ``img_size`` clips: the
+    trunk's grid, and in tube mode the time tokens' ``(T, h, w)`` grid in the rows after it."""
+    grid = token_grid(model, num_frames, img_size)
+    init_position_table(model, grid)
+    if model.backbone.time_proj is not None:
+        init_position_table(model, (num_frames, *grid[1:]), offset=math.prod(grid))
+
+
+def init_position_table(model: STAR, grid: tuple[int, int, int], temperature: float = 10000.0, offset: int = 0) -> None:
     """Write a sine encoding of each token's ``(t, y, x)`` place on ``grid`` into the first rows of the
     position table (a from-scratch init; the rows stay trainable, later rows keep their random init).
 
@@ -256,10 +309,10 @@ def init_position_table(model: STAR, grid: tuple[int, int, int], temperature: fl
     three eighths each) the decoder can read places from its first step. The encoding holds for the grid it is written for: the checkpoint's stored
     preprocessing (``num_frames``, ``img_size``) gives the same grid at inference."""
     t, h, w = grid
-    table = model.pos_embedding.embedding.weight
+    table = model.pos_embedding.embedding.weight[offset:]
     dim = table.shape[1]
     if t * h * w > table.shape[0]:
-        raise ValueError(f"{t * h * w} tokens exceed the position table ({table.shape[0]})")
+        raise ValueError(f"{offset + t * h * w} tokens exceed the position table ({offset + table.shape[0]})")
     time_dim = dim // 4 if t > 1 else 0
     space_dim = (dim - time_dim) // 2
     coords = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in grid), indexing="ij"), -1)

@@ -32,6 +32,10 @@ PUBLISHED_RECIPE, SCRATCH_RECIPE = RECIPES["published"], RECIPES["scratch"]
 # Short runs get a short decoder phase: at most this many decoder steps per epoch (the 14- and 30-epoch
 # commands keep the measured 2000; a 1-epoch smoke test runs 150, about 10 s on 2 cores).
 DECODER_STEPS_PER_EPOCH = 150
+# Per-frame datasets: a clip's window spans this many video frames per sampled frame when --window_sec is not
+# given (8 frames at 25 fps: 1.28 s). The whole 6-s sample video at 8 frames samples every ~21 frames, less than
+# one per motion cycle (28-40 frames), so the motion is not seen (docs/EXPERIMENTS.md, "Tube mode").
+WINDOW_STRIDE = 4
 
 
 def recipe_name(args) -> str:

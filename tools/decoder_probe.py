@@ -80,7 +80,7 @@ def main(args) -> int:
     start = time.perf_counter()
 
     def report(step, _loss):
-        figures = {k: engine.evaluate_tokens(model, criterion, *v, names, 0.5) for k, v in sets.items()}
+        figures = {k: engine.evaluate_tokens(model, criterion, *v, [], names, 0.5) for k, v in sets.items()}
         print(f"step {step}: " + "; ".join(f"{k} " + " ".join(f"{m} {f[m]:.2f}" for m in ("video_acc", "det_acc_50", "mean_iou"))
                                            for k, f in figures.items()) + f" ({time.perf_counter() - start:.0f} s)",
               flush=True)
