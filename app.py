@@ -5,8 +5,8 @@
 
 Upload a video (or pick a bundled example), choose the score threshold and whole clip vs windows; the
 page shows the annotated H.264 video, the detections table, a per-class score timeline and the
-predictions CSV to download. Everything runs through ``inference.py`` (the pipeline of test.py); the
-model is loaded once per process; requests wait in Gradio's queue, at most ``--concurrency`` at once.
+predictions CSVs (per tube; per tube per frame) to download. Everything runs through ``inference.py``
+(the pipeline of test.py); the model is loaded once per process; requests wait in Gradio's queue, at most ``--concurrency`` at once.
 Offline: Gradio serves its own JS/CSS, the theme uses system fonts, analytics are off, nothing is
 downloaded. :meth:`DemoApp.predict` is the page's prediction function, usable without a server.
 """
@@ -189,18 +189,20 @@ class DemoApp:
         progress(0.6, desc=f"annotating {vinfo.num_frames} frames")
         annotated = out_dir / f"{path.stem}_star.mp4"
         try:
-            inference.annotate_video(path, annotated, result.detections, result.info)
+            inference.annotate_video(path, annotated, result.tubes, result.info)
         except inference.DECODE_ERRORS as err:
             raise InputProblem(f"{path.name}: cannot be annotated ({one_line(err, path)}).") from None
         progress(0.95, desc="writing the CSV")
         rows = inference.csv_rows(result)
         csv_path = out_dir / "predictions.csv"
         inference.write_predictions(rows, csv_path)
+        frames_path = inference.frames_csv_path(csv_path)
+        inference.write_frame_predictions(inference.frame_rows(result), frames_path)
         seconds = time.perf_counter() - started
         log.info("%s: %d detection(s) in %.1f s (%s)", path.name, len(result.detections), seconds, note)
         return Outcome(summary_line(result, settings, note, seconds, self.device), True, str(annotated),
                        table_rows(rows), timeline_figure(result, self.info["class_names"], settings),
-                       [str(csv_path)])
+                       [str(csv_path), str(frames_path)])
 
     def _request_dir(self) -> pathlib.Path:
         """A fresh folder for one request; folders older than an hour are removed first."""

@@ -11,6 +11,12 @@ score threshold (the published rule). Without windows each video is one clip of 
 (the published behaviour); with ``window_sec`` windows every ``stride_sec`` are predicted separately and
 detections of one class with overlapping boxes in overlapping or consecutive windows are joined into one
 time span (:func:`join_windows`).
+
+Every video's detections are also tubes (``tubes.py``), written one row per tube per frame to
+``<output stem>_frames.csv`` and drawn frame by frame with their ``#id``: a tube-mode checkpoint
+(``model_args["tube_steps"] > 0``) predicts a box per sampled frame, interpolated to every frame and joined
+across windows (:func:`tubes.join_tubes`, which then replaces :func:`join_windows`: predictions.csv gets one
+row per joined tube); a clip-mode checkpoint's joined detections are tubes with one constant box.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ from tqdm import tqdm
 
 import backend
 import metrics
+import tubes
 import video
 from files import atomic_write, write_text
 from runtime import UsageError, autocast, one_line
@@ -43,6 +50,8 @@ log = logging.getLogger("star.inference")
 NO_OBJECT = metrics.NO_OBJECT_NAME
 CSV_FIELDS = ("video_name", "pred_class", "score", "x1", "y1", "x2", "y2", "start_sec", "end_sec")
 JOIN_IOU = 0.3            # boxes of consecutive windows "overlap" when their IoU is at least this
+MAX_GAP_SEC = 1.0         # a tube missing this long at most (a pause, a window's edge) keeps its id
+FRAME_FIELDS = ("video_name", "tube_id", "frame", "time_sec", "pred_class", "score", "x1", "y1", "x2", "y2")
 # What a decoding worker may meet in an odd file besides VideoError (PyAV/FFmpeg, numpy, cv2).
 DECODE_ERRORS = (video.VideoError, av.error.FFmpegError, OSError, ValueError, EOFError, MemoryError, RuntimeError)
 
@@ -116,6 +125,8 @@ class ClipItem:
 
     ``clip`` (T, 3, S, S) float32 for a clip; None for the end-of-video marker or a failure.
     ``error``: one-line reason when the video failed. ``done``: the video has no more items.
+    ``frame_indices`` (T,) int64: the video frame (0-based) each of the clip's frames is; ``frame_span``:
+    the video frames ``[first, end)`` the clip covers.
     """
 
     index: int
@@ -126,6 +137,8 @@ class ClipItem:
     error: str | None = None
     done: bool = False
     carried: bool = False   # the clip was moved into the batch tensor by collate_items
+    frame_indices: np.ndarray | None = None
+    frame_span: tuple = (0, 0)
 
     @property
     def has_clip(self) -> bool:
@@ -157,14 +170,21 @@ class ClipStream(torch.utils.data.IterableDataset):
         try:
             if self.window_sec is None:
                 frames, info = video.sample_clip(path, self.num_frames, fps=self.folder_fps)
-                yield ClipItem(index, self._prep(frames), 0.0, info.duration_sec, info, done=True)
+                yield ClipItem(index, self._prep(frames), 0.0, info.duration_sec, info, done=True,
+                               frame_indices=video.sample_indices(info.num_frames, self.num_frames),
+                               frame_span=(0, info.num_frames))
                 return
             info = video.probe_video(path, fps=self.folder_fps)
             if info.num_frames == 0:
                 raise video.VideoError(f"{path}: zero frames")
-            for frames, start, end in video.iter_windows(path, self.num_frames, self.window_sec,
-                                                         self.stride_sec, info=info, fps=self.folder_fps):
-                yield ClipItem(index, self._prep(frames), start, end, info)
+            spans = video.window_spans(info.num_frames, info.fps, self.window_sec, self.stride_sec)
+            windows = video.iter_windows(path, self.num_frames, self.window_sec, self.stride_sec, info=info,
+                                         fps=self.folder_fps)
+            for (first, end_frame), (frames, start, end) in zip(spans, windows):   # both in window order
+                stop = min(end_frame, round(end * info.fps))   # a stream shorter than probed ends early
+                indices = np.minimum(first + video.sample_indices(end_frame - first, self.num_frames), stop - 1)
+                yield ClipItem(index, self._prep(frames), start, end, info, frame_indices=indices,
+                               frame_span=(first, stop))
             yield ClipItem(index, None, info=info, done=True)
         except DECODE_ERRORS as err:
             yield ClipItem(index, error=one_line(err, path), done=True)
@@ -279,6 +299,11 @@ class VideoResult:
     clips: int = 0
     error: str | None = None
     spans: list = dataclasses.field(default_factory=list)     # per clip (start_sec, end_sec), as queries
+    frame_indices: list = dataclasses.field(default_factory=list)   # per clip (T,) video frames, as queries
+    frame_spans: list = dataclasses.field(default_factory=list)     # per clip [first, end) video frames
+    tube_mode: bool = False                                          # the clips were predicted as tubes
+    clip_tubes: list = dataclasses.field(default_factory=list)      # per clip [tubes.PredTube] (tube mode)
+    tubes: list = dataclasses.field(default_factory=list)           # the video's tubes, numbered (tube_id order)
 
 
 def csv_rows(result: VideoResult) -> list[dict]:
@@ -301,24 +326,80 @@ def write_predictions(rows: Iterable[dict], path) -> None:
         writer.writerows(rows)
 
 
+def tube_detection(tube: tubes.PredTube, fps: float) -> Detection:
+    """A tube as one predictions.csv detection: its score, its box at its middle frame, its frames' time span."""
+    return Detection(tube.class_id, tube.class_name, tube.score, tube.middle_box(), int(tube.frames[0]) / fps,
+                     (int(tube.frames[-1]) + 1) / fps)
+
+
+def finish_video(res: VideoResult, settings: "Settings") -> None:
+    """Once all clips of a video are predicted: its tubes (joined across windows, numbered) and its detections
+    (the predictions.csv rows, in tube_id order in tube mode). Tube mode: :func:`tubes.join_tubes`, a gap of
+    ``MAX_GAP_SEC`` (or the gap between windows when longer) bridged; clip mode: :func:`join_windows` as before,
+    each detection a tube with a constant box over its span."""
+    fps = res.info.fps
+    between = settings.stride_sec - settings.window_sec if settings.window_sec else 0.0
+    if res.tube_mode:
+        max_gap = video.seconds_to_frames(max(MAX_GAP_SEC, between), fps)
+        res.tubes, res.clip_tubes = tubes.join_tubes(res.clip_tubes, JOIN_IOU, max_gap), []
+        res.detections = [tube_detection(t, fps) for t in res.tubes]
+        return
+    if settings.window_sec:
+        res.detections = join_windows(res.detections, JOIN_IOU, max_gap_sec=max(0.0, between))
+    spans = [(d, span_frames(d.start_sec, d.end_sec, res.info)) for d in res.detections]
+    res.tubes = tubes.number_tubes([tubes.constant_tube(d.class_id, d.class_name, d.score, d.box, frames)
+                                    for d, frames in spans if len(frames)])
+
+
+def frames_csv_path(output_file) -> pathlib.Path:
+    """Where the per-frame tubes go: ``X.csv`` -> ``X_frames.csv`` beside it."""
+    out = pathlib.Path(output_file)
+    return out.with_name(f"{out.stem}_frames{out.suffix}")
+
+
+def frame_rows(result: VideoResult) -> Iterator[dict]:
+    """The ``FRAME_FIELDS`` rows of one predicted video: per tube (tube_id order), one per frame where it is present,
+    with its box and (interpolated) score at that frame."""
+    fps = result.info.fps if result.info else 1.0
+    for t in result.tubes:
+        for frame, score, box in zip(t.frames.tolist(), t.frame_scores.tolist(), t.boxes.tolist()):
+            yield {"video_name": result.name, "tube_id": t.tube_id, "frame": frame, "time_sec": f"{frame / fps:.3f}",
+                   "pred_class": t.class_name, "score": f"{score:.4f}",
+                   **{k: f"{min(max(v, 0.0), 1.0):.4f}" for k, v in zip(("x1", "y1", "x2", "y2"), box)}}
+
+
+def write_frame_predictions(rows: Iterable[dict], path) -> int:
+    """Write the per-frame tubes CSV (``FRAME_FIELDS``, rows from :func:`frame_rows`) atomically; returns the rows."""
+    count = 0
+    with atomic_write(path, newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FRAME_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row)
+            count += 1
+    return count
+
+
 # --------------------------------------------------------------------------- annotation
 
 
-def annotate_video(src, dst, detections: Sequence[Detection], info: video.VideoInfo) -> int:
-    """Write ``dst`` (H.264 MP4): every frame of ``src`` at its size and rate, each detection's box
-    drawn on the frames of its time span. One sequential pass; returns the frames written."""
+def annotate_video(src, dst, video_tubes: Sequence[tubes.PredTube], info: video.VideoInfo) -> int:
+    """Write ``dst`` (H.264 MP4): every frame of ``src`` at its size and rate, each tube's box of that frame drawn
+    with its class, score at that frame and ``#tube_id`` (:attr:`VideoResult.tubes`). One sequential pass;
+    returns the frames written."""
     dst = pathlib.Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    eps = 1e-9
-    spans = [(d.start_sec - eps, d.end_sec - eps, (d.class_name, d.score, d.box)) for d in detections]
+    by_frame: dict[int, list] = {}
+    for t in video_tubes:
+        for frame, score, box in zip(t.frames.tolist(), t.frame_scores.tolist(), t.boxes.tolist()):
+            by_frame.setdefault(frame, []).append((t.class_name, score, box, f"#{t.tube_id}"))
     count = 0
     try:
         writer = None
         for i, frame in enumerate(video.iter_frames(src)):
             if writer is None:   # the decoded size wins over the container's
                 writer = video.H264Writer(dst, frame.shape[1], frame.shape[0], info.fps)
-            t = i / info.fps
-            shown = [det for start, end, det in spans if start <= t < end]
+            shown = by_frame.get(i)
             writer.write(video.draw_detections(frame, shown) if shown else frame)
             count += 1
         if writer is None:
@@ -408,22 +489,39 @@ def span_frames(start_sec: float, end_sec: float, info: video.VideoInfo) -> np.n
     return np.arange(first, last, dtype=np.int64)
 
 
+def add_tube_predictions(scorer: metrics.TubeScorer, res: VideoResult, width: int, height: int) -> None:
+    """A tube-mode video into ``scorer``: for frame-mAP every query of every clip at each frame of its clip's span,
+    with its interpolated box and step score (all queries, thresholded or not: recall counts in AP); for video-mAP
+    the video's joined tubes (:attr:`VideoResult.tubes`). Boxes in pixels."""
+    scale = np.array([width, height, width, height], dtype=np.float64)
+    for pred, indices, span in zip(res.queries, res.frame_indices, res.frame_spans):
+        frames, scores, boxes = tubes.dense(pred, indices, span)
+        for label, q_scores, q_boxes in zip(pred["labels"].tolist(), scores, boxes * scale):
+            scorer.detections += [(res.name, f, label, s, *b) for f, s, b in zip(frames.tolist(), q_scores.tolist(),
+                                                                                   q_boxes.tolist())]
+    for t in res.tubes:
+        scorer.pred_tubes.append(metrics.Tube(res.name, t.class_id, t.score, t.frames, t.boxes * scale, t.frame_scores))
+
+
 def score_tubes(results: Sequence[VideoResult], records_by_path: dict, to_model: Sequence[int], num_classes: int) -> dict:
-    """frame-mAP and video-mAP of whole videos against per-frame labels. Frames: every query of every clip stands
-    at each frame of its clip's span (clip mode: one box per clip); tubes: the video's detections as written to
-    predictions.csv (windows joined, above the threshold). The labels' tracks, interpolated as in training, are the
-    ground truth."""
+    """frame-mAP and video-mAP of whole videos against per-frame labels. Tube mode: :func:`add_tube_predictions`.
+    Clip mode: frames: every query of every clip stands at each frame of its clip's span (one box per clip); tubes:
+    the video's detections as written to predictions.csv (windows joined, above the threshold). The labels' tracks,
+    interpolated as in training, are the ground truth."""
     scorer = metrics.TubeScorer(num_classes)
     for res in results:
         record = records_by_path.get(os.path.realpath(res.path))
         if record is None or res.error or not res.queries or not record.per_frame:
             continue
-        for pred, (start, end) in zip(res.queries, res.spans):
-            scorer.add_clip_predictions(res.name, span_frames(start, end, res.info), pred, record.width, record.height,
-                                        as_tube=False)
-        for d in res.detections:
-            scorer.add_prediction(res.name, span_frames(d.start_sec, d.end_sec, res.info), d.class_id, d.score, d.box,
-                                  record.width, record.height, as_frames=False)
+        if res.tube_mode:
+            add_tube_predictions(scorer, res, record.width, record.height)
+        else:
+            for pred, (start, end) in zip(res.queries, res.spans):
+                scorer.add_clip_predictions(res.name, span_frames(start, end, res.info), pred, record.width,
+                                            record.height, as_tube=False)
+            for d in res.detections:
+                scorer.add_prediction(res.name, span_frames(d.start_sec, d.end_sec, res.info), d.class_id, d.score,
+                                      d.box, record.width, record.height, as_frames=False)
         for track in record.tracks:
             frames, boxes, labels = track.dense()
             for c in sorted({c for ids in labels for c in ids}):
@@ -470,7 +568,8 @@ class Settings:
 
 def predict_clips(model, clips: torch.Tensor, device, dtype=None) -> list[dict]:
     """The network on preprocessed clips ``(B, T, 3, S, S)``: per clip ``{"scores": (Q,), "labels": (Q,),
-    "boxes": (Q, 4) normalised xyxy}`` (:func:`metrics.outputs_to_predictions`)."""
+    "boxes": (Q, 4) normalised xyxy}`` (:func:`metrics.outputs_to_predictions`), plus ``"step_scores" (Q, T)`` and
+    ``"step_boxes" (Q, T, 4)`` from a tube-mode network."""
     with torch.inference_mode(), autocast(device, dtype):
         return metrics.outputs_to_predictions(model(clips.to(device, non_blocking=True)))
 
@@ -496,9 +595,16 @@ def predict(model, loader, results: list[VideoResult], class_names, threshold: f
                 res.clips += 1
                 res.queries.append(pred)
                 res.spans.append((item.start_sec, item.end_sec))
+                res.frame_indices.append(item.frame_indices)
+                res.frame_spans.append(item.frame_span)
                 res.best_score = max(res.best_score, float(pred["scores"].max()) if pred["scores"].numel() else 0.0)
-                res.detections += detections_from_prediction(pred, class_names, threshold,
-                                                             item.start_sec, item.end_sec)
+                if "step_scores" in pred:   # tube mode: detections come from the joined tubes (finish_video)
+                    res.tube_mode = True
+                    res.clip_tubes.append(tubes.clip_tubes(pred, item.frame_indices, item.frame_span, threshold,
+                                                           class_names))
+                else:
+                    res.detections += detections_from_prediction(pred, class_names, threshold,
+                                                                 item.start_sec, item.end_sec)
             if item.done:
                 on_video_done(res)
                 progress.update(1)
@@ -530,8 +636,7 @@ class Annotator:
         if os.path.realpath(target) == os.path.realpath(res.path):
             log.warning("%s: not annotated: the annotated file would overwrite the input", res.name)
             return
-        self.futures[res.name] = (res.path, self.pool.submit(annotate_video, res.path, target, res.detections,
-                                                             res.info))
+        self.futures[res.name] = (res.path, self.pool.submit(annotate_video, res.path, target, res.tubes, res.info))
 
     def wait(self) -> tuple[int, list[str]]:
         """Wait for all; returns ``(count written, failures as 'name: reason')``."""
@@ -559,9 +664,7 @@ def run_videos(model, info, paths, names, targets, settings: Settings, device, d
             log.warning("FAILED %s: %s", res.name, res.error)
             res.queries = []
             return
-        if settings.window_sec:
-            gap = max(0.0, settings.stride_sec - settings.window_sec)
-            res.detections = join_windows(res.detections, JOIN_IOU, max_gap_sec=gap)
+        finish_video(res, settings)
         if settings.annotate:
             annotator.submit(res)
 

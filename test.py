@@ -6,8 +6,10 @@
 
 Writes ``predictions.csv`` (``video_name,pred_class,score,x1,y1,x2,y2,start_sec,end_sec``, one row
 per detection, boxes normalised xyxy; a video without detection gets one ``no_object`` row with an
-empty box), annotated H.264 videos (``annotated_videos/`` beside the output file) and
-``test_log_<timestamp>.txt`` beside the output file. ``--labels DATASET_DIR`` also scores the
+empty box), ``<output stem>_frames.csv`` (``video_name,tube_id,frame,time_sec,pred_class,score,x1,y1,x2,y2``,
+one row per tube per video frame where it is present: a tube-mode checkpoint's per-frame boxes, a clip-mode
+one's constant box over its span), annotated H.264 videos (``annotated_videos/`` beside the output file,
+each tube's box of the frame with its ``#id``) and ``test_log_<timestamp>.txt`` beside the output file. ``--labels DATASET_DIR`` also scores the
 predictions with the training metrics. The pipeline is ``inference.py``; under ``torchrun`` each rank
 takes its share of the videos and rank 0 writes the merged CSV.
 """
@@ -121,6 +123,11 @@ def main(args) -> int:
         rows = [row for r in all_results if r.error is None for row in inference.csv_rows(r)]
         inference.write_predictions(rows, out)
         log.info("predictions written to %s (%d rows)", out, len(rows))
+        frames_out = inference.frames_csv_path(out)
+        count = inference.write_frame_predictions((row for r in all_results if r.error is None
+                                                   for row in inference.frame_rows(r)), frames_out)
+        log.info("per-frame tubes written to %s (%d rows, %s)", frames_out, count,
+                 "tube mode" if any(r.tube_mode for r in all_results) else "clip mode: one box per tube")
         if labels is not None:
             inference.evaluate_predictions(all_results, args.labels, info["class_names"], raw_ids,
                                            args.score_threshold, out, labels)
@@ -144,7 +151,8 @@ def summary(results, clips, annotated, annotation_failures, annotated_dir, args,
              f"{sum(1 for r in results if r.error is None and not r.detections)} video(s) no_object",
              f"  clips       : {clips} in {net_seconds:.1f} s ({clips / max(net_seconds, 1e-9):.2f} clips/s)",
              f"  seconds     : {seconds:.1f} end to end",
-             f"  predictions : {args.output_file}"]
+             f"  predictions : {args.output_file}",
+             f"  frames      : {inference.frames_csv_path(args.output_file)}"]
     if not args.no_annotate:
         lines.append(f"  annotated   : {annotated} video(s) in {annotated_dir}"
                      + (f", {len(annotation_failures)} failed" if annotation_failures else ""))

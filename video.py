@@ -455,20 +455,21 @@ def class_colour(name: str) -> tuple[int, int, int]:
 def draw_detections(frame: np.ndarray, detections) -> np.ndarray:
     """Return a copy of ``frame`` (H, W, 3) RGB with boxes and ``"name 0.87"`` labels drawn.
 
-    detections: iterable of ``(class_name, score, (x1, y1, x2, y2))``, box normalised xyxy.
+    detections: iterable of ``(class_name, score, (x1, y1, x2, y2))``, box normalised xyxy, or
+    ``(class_name, score, box, tag)`` with ``tag`` written after the score (a tube's ``"#3"``).
     Line width and text size scale with the frame so labels stay readable in 4K and 160 px.
     """
     out = np.ascontiguousarray(frame).copy()
     h, w = out.shape[:2]
     thick = max(1, round(min(h, w) / 300))
     scale = max(0.35, min(h, w) / 900)
-    for name, score, box in detections:
+    for name, score, box, *tag in detections:
         colour = class_colour(str(name))
         x1, y1, x2, y2 = (float(v) for v in box)
         p1 = (int(np.clip(x1, 0, 1) * (w - 1)), int(np.clip(y1, 0, 1) * (h - 1)))
         p2 = (int(np.clip(x2, 0, 1) * (w - 1)), int(np.clip(y2, 0, 1) * (h - 1)))
         cv2.rectangle(out, p1, p2, colour, thick)
-        text = f"{name} {float(score):.2f}"
+        text = " ".join([f"{name} {float(score):.2f}", *map(str, tag)])
         (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
         top = p1[1] - th - base - 2 if p1[1] - th - base - 2 >= 0 else p1[1]  # inside if no room
         cv2.rectangle(out, (p1[0], top), (p1[0] + tw + 2, top + th + base + 2), colour, -1)

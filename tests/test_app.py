@@ -140,6 +140,28 @@ def test_no_detection_gives_the_no_object_row(tmp_path):
     assert [r[0] for r in out.rows] == ["no_object"] and out.rows[0][4] == ""
 
 
+def test_a_tube_mode_checkpoint_gives_tubes_and_the_frames_csv(tmp_path):
+    """A tiny tube-mode STAR (8 frames, 4 queries, every step collapse): one row per tube, a box per frame."""
+    torch.manual_seed(0)
+    args = {"num_queries": 4, "tube_steps": 8, "dim_feedforward": 64, "num_decoder_layers": 2, "max_positions": 1000}
+    net = star_model.STAR(2, **args).eval()
+    with torch.no_grad():
+        net.head.class_head[3].bias.zero_()
+        net.head.class_head[3].bias[1] = 20.0
+    ck = star_model.make_checkpoint(net, star_model.model_args_from(2, **args), ["fight", "collapse"],
+                                    {**TINY_PREP, "num_frames": 8})
+    star_model.save_checkpoint(ck, tmp_path / "tube.pth")
+    net, info, _ = inference.load_model(tmp_path / "tube.pth", torch.device("cpu"))
+    out = make_app((net, info), tmp_path / "work").predict(str(clip(tmp_path / "walk.mp4", n=16, fps=8)), 0.5)
+    assert out.ok, out.message
+    assert "collapse x4" in out.message and [r[2:4] for r in out.rows] == [["0.000", "2.000"]] * 4
+    assert [pathlib.Path(f).name for f in out.files] == ["predictions.csv", "predictions_frames.csv"]
+    with open(out.files[1], newline="") as f:
+        frames = list(csv.DictReader(f))
+    assert len(frames) == 4 * 16 and [r["tube_id"] for r in frames[::16]] == ["1", "2", "3", "4"]
+    assert sum(1 for _ in av.open(out.video).decode(video=0)) == 16
+
+
 def test_bad_inputs_give_one_line_and_the_next_call_works(tmp_path, loaded):
     demo = make_app(loaded, tmp_path / "work", max_upload_mb=0.05, max_seconds=3)
     text = tmp_path / "notes.mp4"

@@ -217,6 +217,24 @@ def test_file_source_events_and_every_frame_annotated(tiny, tmp_path, make_video
     assert _count_frames(out) == 40
 
 
+def test_a_tube_mode_checkpoint_streams(tmp_path, make_video):
+    """A tiny tube-mode STAR (8 frames, 4 queries): every prediction's rows are its tubes (the clip view)."""
+    torch.manual_seed(0)
+    args = {"num_queries": 4, "tube_steps": 8, "dim_feedforward": 64, "num_decoder_layers": 2, "max_positions": 1000}
+    net = star_model.STAR(2, **args).eval()
+    ck = star_model.make_checkpoint(net, star_model.model_args_from(2, **args), ["fight", "collapse"],
+                                    {**TINY_PREP, "num_frames": 8})
+    star_model.save_checkpoint(ck, tmp_path / "tube.pth")
+    net, info, _ = inference.load_model(tmp_path / "tube.pth", CPU)
+    events, out = tmp_path / "events.csv", tmp_path / "annotated.mp4"
+    stats = _run((net, info), stream.parse_source(str(make_video(n=24))), stride=8, score_threshold=0.0,
+                 events=str(events), output=str(out), speed=4.0)
+    assert stats.end == "ended" and stats.predictions >= 1
+    rows = _events(events)
+    assert len(rows) == 4 * stats.predictions and {r["pred_class"] for r in rows} <= {"fight", "collapse"}
+    assert _count_frames(out) == 24
+
+
 def test_clip_sec_window_and_no_object_rows(tiny, tmp_path, make_video):
     events = tmp_path / "events.csv"
     stats = _run(tiny, stream.parse_source(str(make_video(n=20))), stride=8, score_threshold=1.0, clip_sec=0.4,

@@ -1,0 +1,294 @@
+"""Tubes of predictions (tubes.py) and their outputs (inference.py, test.py): step boxes interpolated to every frame,
+presence by the nearest step, joining across windows (one id per actor, pauses), predictions_frames.csv and the
+annotated video of a tiny tube-mode checkpoint (8 frames, 64 px, 4 queries) on small generated videos."""
+from __future__ import annotations
+
+import csv
+import math
+
+import av
+import numpy as np
+import pytest
+import torch
+
+import inference
+import model as star_model
+import tubes
+import video
+from conftest import write_video
+
+import test as test_cli  # noqa: E402  (ours: tests/test_inference.py checks it is not the standard library's)
+
+NAMES = ["fight", "collapse"]
+FRAME_FIELDS = ["video_name", "tube_id", "frame", "time_sec", "pred_class", "score", "x1", "y1", "x2", "y2"]
+TUBE_ARGS = {"num_queries": 4, "tube_steps": 8, "dim_feedforward": 64, "num_decoder_layers": 2, "max_positions": 1000}
+TUBE_PREP = {"num_frames": 8, "img_size": 64, "mean": list(star_model.IMAGENET_MEAN),
+             "std": list(star_model.IMAGENET_STD), "window_sec": None}
+FIXED_BOX = (0.3, 0.3, 0.7, 0.7)   # xyxy of the confident model's every box: cxcywh (0.5, 0.5, 0.4, 0.4)
+
+
+def _pred(step_scores, step_boxes, labels=None) -> dict:
+    """A tube-mode prediction as metrics.outputs_to_predictions makes it (only the keys tubes.py reads)."""
+    scores = torch.tensor(step_scores, dtype=torch.float32).reshape(len(step_scores), -1)
+    boxes = torch.tensor(step_boxes, dtype=torch.float32).reshape(*scores.shape, 4)
+    labels = torch.zeros(len(scores), dtype=torch.int64) if labels is None else torch.tensor(labels)
+    return {"scores": scores.max(1).values, "labels": labels, "boxes": boxes[:, 0], "step_scores": scores,
+            "step_boxes": boxes}
+
+
+# --------------------------------------------------------------------------- one clip
+
+
+def test_step_boxes_interpolated_to_every_frame():
+    """Steps at frames 0, 4, 8 of a 9-frame span, all present: frame 1 is 1/4 of the way from step 0 to step 1."""
+    boxes = [[0.0, 0.0, 0.2, 0.2], [0.4, 0.0, 0.6, 0.2], [0.4, 0.4, 0.6, 0.6]]
+    (tube,) = tubes.clip_tubes(_pred([[0.9, 0.8, 0.7]], [boxes], [1]), [0, 4, 8], (0, 9), 0.5, NAMES)
+    assert (tube.class_id, tube.class_name) == (1, "collapse")
+    assert tube.score == pytest.approx(0.8)                     # mean of the present steps
+    assert tube.frames.tolist() == list(range(9))
+    np.testing.assert_allclose(tube.boxes[1], [0.1, 0.0, 0.3, 0.2], atol=1e-6)
+    np.testing.assert_allclose(tube.boxes[6], [0.4, 0.2, 0.6, 0.4], atol=1e-6)
+    np.testing.assert_allclose(tube.boxes[[0, 4, 8]], boxes, atol=1e-6)
+    np.testing.assert_allclose(tube.frame_scores[[0, 2, 6]], [0.9, 0.85, 0.75], atol=1e-6)
+    assert tube.middle_box() == pytest.approx((0.4, 0.0, 0.6, 0.2))   # frame 4 of 0-8
+    # Steps inside a longer span: the first and last steps' boxes are held outside them.
+    (held,) = tubes.clip_tubes(_pred([[0.9, 0.8, 0.7]], [boxes], [1]), [2, 4, 6], (0, 9), 0.5, NAMES)
+    np.testing.assert_allclose(held.boxes[[0, 1, 2]], [boxes[0]] * 3, atol=1e-6)
+    np.testing.assert_allclose(held.boxes[[6, 7, 8]], [boxes[2]] * 3, atol=1e-6)
+    np.testing.assert_allclose(held.boxes[3], [0.2, 0.0, 0.4, 0.2], atol=1e-6)
+
+
+def test_presence_follows_the_nearest_step_ties_to_the_earlier():
+    """Steps at 0, 4, 8: present, absent, present. Frame 2 is halfway (the earlier step, present), frame 6 too (the
+    earlier step, absent); a query below the threshold at every step is no tube."""
+    boxes = [[0.0, 0.0, 0.2, 0.2], [0.4, 0.0, 0.6, 0.2], [0.4, 0.4, 0.6, 0.6]]
+    pred = _pred([[0.9, 0.1, 0.9], [0.2, 0.3, 0.4]], [boxes, boxes], [0, 1])
+    (tube,) = tubes.clip_tubes(pred, [0, 4, 8], (0, 9), 0.5, NAMES)
+    assert tube.frames.tolist() == [0, 1, 2, 7, 8]
+    assert tube.score == pytest.approx(0.9)
+    np.testing.assert_allclose(tube.boxes[2], [0.2, 0.0, 0.4, 0.2], atol=1e-6)   # boxes interpolate through step 1
+    assert tube.frame_scores[2] == pytest.approx(0.5)
+    assert tubes.nearest_step([0, 4, 8], [2, 3, 6, 7]).tolist() == [0, 1, 1, 2]
+    # A 2-frame video sampled at 4 steps repeats frames: the earlier step of a frame speaks for it.
+    assert tubes.nearest_step([0, 0, 1, 1], [0, 1]).tolist() == [0, 2]
+    (short,) = tubes.clip_tubes(_pred([[0.1, 0.9, 0.9, 0.1]], [[boxes[0]] * 4]), [0, 0, 1, 1], (0, 2), 0.5, NAMES)
+    assert short.frames.tolist() == [1]
+
+
+# --------------------------------------------------------------------------- joining windows
+
+
+WINDOWS = [(0, 20), (10, 30), (20, 40)]   # 2-s windows every second at 10 fps
+
+
+def _actor(frame, x0, speed=0.005):
+    """An actor's normalised xyxy box at ``frame``: 0.2 wide, moving right."""
+    x = x0 + speed * frame
+    return [x, 0.3, x + 0.2, 0.7]
+
+
+def _window_clips(actors, scores):
+    """Per window: the tubes of a prediction whose query q follows actor q (x0 in ``actors``)."""
+    clips = []
+    for first, end in WINDOWS:
+        steps = first + video.sample_indices(end - first, 8)
+        boxes = [[_actor(f, x0) for f in steps] for x0 in actors]
+        pred = _pred([[s] * 8 for s in scores], boxes)
+        clips.append(tubes.clip_tubes(pred, steps, (first, end), 0.5, NAMES))
+    return clips
+
+
+def test_one_actor_across_three_windows_keeps_one_id():
+    (tube,) = tubes.join_tubes(_window_clips([0.1], [0.9]), inference.JOIN_IOU, max_gap=10)
+    assert tube.tube_id == 1 and tube.frames.tolist() == list(range(40))
+    np.testing.assert_allclose(tube.boxes[[0, 15, 39]], [_actor(0, 0.1), _actor(15, 0.1), _actor(39, 0.1)], atol=1e-6)
+    assert tube.score == pytest.approx(0.9) and len(tube.step_scores) == 24
+
+
+def test_two_actors_side_by_side_keep_two_ids():
+    joined = tubes.join_tubes(_window_clips([0.1, 0.5], [0.8, 0.9]), inference.JOIN_IOU, max_gap=10)
+    assert [t.tube_id for t in joined] == [1, 2]
+    assert all(t.frames.tolist() == list(range(40)) for t in joined)
+    # Both start at frame 0: the higher-scoring one (the right actor) is numbered first.
+    np.testing.assert_allclose(joined[0].boxes[30], _actor(30, 0.5), atol=1e-6)
+    np.testing.assert_allclose(joined[1].boxes[30], _actor(30, 0.1), atol=1e-6)
+
+
+def test_shared_frames_take_the_higher_scoring_tubes_box():
+    low = tubes.constant_tube(0, "fight", 0.6, [0.1, 0.1, 0.5, 0.5], range(0, 20))
+    high = tubes.constant_tube(0, "fight", 0.9, [0.12, 0.1, 0.52, 0.5], range(10, 30))
+    (tube,) = tubes.join_tubes([[low], [high]], inference.JOIN_IOU, max_gap=10)
+    np.testing.assert_allclose(tube.boxes[[9, 10, 29]], [[0.1, 0.1, 0.5, 0.5]] + [[0.12, 0.1, 0.52, 0.5]] * 2)
+    assert tube.score == pytest.approx(0.75)   # the mean of both tubes' steps (one each here)
+
+
+def test_a_short_pause_keeps_the_id_a_long_one_gives_a_new_one():
+    box = [0.1, 0.1, 0.5, 0.5]
+    for gap, ids in ((6, [1]), (10, [1]), (11, [1, 2])):
+        before = tubes.constant_tube(0, "fight", 0.9, box, range(0, 20))
+        after = tubes.constant_tube(0, "fight", 0.8, box, range(20 + gap, 40 + gap))
+        joined = tubes.join_tubes([[before], [after]], inference.JOIN_IOU, max_gap=10)
+        assert [t.tube_id for t in joined] == ids, gap
+        assert joined[-1].frames[-1] == 39 + gap
+    # Inside one clip: a query present at steps 0-1 and 6-7 of 80 frames is missing for frames 17-61 (45 frames).
+    steps = video.sample_indices(80, 8)                                   # 0 11 22 33 45 56 67 79
+    pred = _pred([[0.9, 0.7, 0.1, 0.1, 0.1, 0.1, 0.6, 0.8]], [[box] * 8])
+    clip = tubes.clip_tubes(pred, steps, (0, 80), 0.5, NAMES)
+    (kept,) = tubes.join_tubes([clip], inference.JOIN_IOU, max_gap=45)
+    assert kept.frames.tolist() == list(range(0, 17)) + list(range(62, 80))
+    first, second = tubes.join_tubes([clip], inference.JOIN_IOU, max_gap=44)
+    assert (first.tube_id, first.frames[-1], second.tube_id, second.frames[0]) == (1, 16, 2, 62)
+    assert (first.score, second.score) == (pytest.approx(0.8), pytest.approx(0.7))
+
+
+def test_other_class_far_box_and_a_second_tube_of_one_window_do_not_join():
+    box, far = [0.1, 0.1, 0.5, 0.5], [0.6, 0.6, 0.9, 0.9]
+    clips = [[tubes.constant_tube(0, "fight", 0.9, box, range(0, 20))],
+             [tubes.constant_tube(1, "collapse", 0.9, box, range(10, 30)),
+              tubes.constant_tube(0, "fight", 0.8, far, range(10, 30))]]
+    joined = tubes.join_tubes(clips, inference.JOIN_IOU, max_gap=10)
+    assert [(t.tube_id, t.class_id, int(t.frames[0])) for t in joined] == [(1, 0, 0), (2, 1, 10), (3, 0, 10)]
+    # Two queries of one window on the same actor (no NMS): the better one continues the tube, the other is its own.
+    duplicates = [tubes.constant_tube(0, "fight", 0.7, box, range(10, 30)),
+                  tubes.constant_tube(0, "fight", 0.8, [0.11, 0.1, 0.51, 0.5], range(10, 30))]
+    joined = tubes.join_tubes([clips[0], duplicates], inference.JOIN_IOU, max_gap=10)
+    assert [(t.tube_id, int(t.frames[0]), int(t.frames[-1]), round(t.score, 2)) for t in joined] == [
+        (1, 0, 29, 0.85), (2, 10, 29, 0.7)]
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def test_tube_mode_is_scored_per_frame_with_interpolated_boxes(tmp_path):
+    """One actor (raw class 7 -> collapse) at frames 2-5 of 8, box (10, 5)-(50, 25) of 100x50, 4 fps. One clip, steps
+    at frames 0, 2, 4, 7 scoring 0.1, 0.9, 0.9, 0.1; the first three steps' boxes are the actor's, the last is far.
+    Frames: 2, 3, 4 (0.9) hit; frame 5 (0.63) has the box 1/3 of the way to the far one (IoU 0.22): a miss, as are
+    frames 1, 6, 0, 7: frame AP = 3/4. The tube (present at frames 2-5, mean box IoU 0.80): a hit at 0.2 and 0.5."""
+    data = tmp_path / "data"
+    data.mkdir()
+    frames = np.full((8, 50, 100, 3), 60, np.uint8)
+    write_video(data / "pos.mp4", frames, fps=4)
+    (data / "pos.txt").write_text("".join(f"{f} 1 7 10 5 50 25\n" for f in range(2, 6)))
+    (data / "action_challenge.csv").write_text("video_file,label_file\npos.mp4,pos.txt\n")
+    gt, far = [0.1, 0.1, 0.5, 0.5], [0.6, 0.6, 1.0, 1.0]
+    pred = _pred([[0.1, 0.9, 0.9, 0.1]], [[gt, gt, gt, far]], [1])
+    steps, span = np.array([0, 2, 4, 7]), (0, 8)
+    info = video.probe_video(data / "pos.mp4")
+    res = inference.VideoResult(0, "pos.mp4", str(data / "pos.mp4"), info, [], [pred], 0.9, spans=[(0.0, 2.0)],
+                                frame_indices=[steps], frame_spans=[span], tube_mode=True,
+                                clip_tubes=[tubes.clip_tubes(pred, steps, span, 0.5, NAMES)])
+    inference.finish_video(res, inference.Settings(0.5))
+    assert [(t.tube_id, t.frames.tolist()) for t in res.tubes] == [(1, [2, 3, 4, 5])]
+    assert [(d.start_sec, d.end_sec) for d in res.detections] == [(0.5, 1.5)]
+    figures = inference.evaluate_predictions([res], data, NAMES, [3, 7], 0.5, tmp_path / "p.csv")
+    assert figures["frame_map50"] == pytest.approx(0.75)
+    assert figures["video_map20"] == figures["video_map50"] == 1.0
+    report = (tmp_path / "p_metrics.txt").read_text()
+    assert "frame-mAP@0.5  : 0.7500" in report and "video-mAP@0.2  : 1.0000" in report
+    assert "video-mAP@0.5  : 1.0000" in report
+
+
+# --------------------------------------------------------------------------- through test.py
+
+
+@pytest.fixture(scope="module")
+def tube_checkpoint(tmp_path_factory):
+    """A tiny tube-mode checkpoint whose every query says collapse (p ~1) at every step with the box FIXED_BOX."""
+    torch.manual_seed(0)
+    net = star_model.STAR(2, **TUBE_ARGS).eval()
+    with torch.no_grad():
+        net.head.class_head[3].bias.zero_()
+        net.head.class_head[3].bias[1] = 20.0
+        net.head.bbox_head[6].weight.zero_()
+        net.head.bbox_head[6].bias.copy_(torch.tensor([0.0, 0.0, math.log(0.4 / 0.6), math.log(0.4 / 0.6)]))
+    ck = star_model.make_checkpoint(net, star_model.model_args_from(2, **TUBE_ARGS), NAMES, TUBE_PREP,
+                                    raw_class_ids=[0, 1])
+    path = tmp_path_factory.mktemp("tube_ckpt") / "tube.pth"
+    star_model.save_checkpoint(ck, path)
+    return path
+
+
+def _moving_square(n, w=64, h=48):
+    frames = np.full((n, h, w, 3), 40, np.uint8)
+    for i in range(n):
+        frames[i, 10:26, i % (w - 16):i % (w - 16) + 16] = 230
+    return frames
+
+
+def _run(tmp_path, inputs, ckpt, *extra):
+    out = tmp_path / "out" / "predictions.csv"
+    rc = test_cli.cli(["--input_dir", str(inputs), "--output_file", str(out), "--model_path", str(ckpt),
+                       "--workers", "0", *extra])
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(out.with_name("predictions_frames.csv"), newline="") as f:
+        header = next(csv.reader(f))
+        f.seek(0)
+        frame_rows = list(csv.DictReader(f))
+    return rc, out, rows, header, frame_rows
+
+
+def test_frames_csv_of_a_tube_checkpoint_whole_video(tmp_path, tube_checkpoint):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_video(inputs / "a.mp4", _moving_square(12), fps=6)
+    rc, out, rows, header, frame_rows = _run(tmp_path, inputs, tube_checkpoint)
+    assert rc == 0 and header == FRAME_FIELDS
+    assert len(rows) == 4 and {(r["pred_class"], r["start_sec"], r["end_sec"]) for r in rows} == {
+        ("collapse", "0.000", "2.000")}
+    assert len(frame_rows) == 4 * 12                                      # 4 tubes x every frame
+    assert [int(r["tube_id"]) for r in frame_rows] == [k for k in (1, 2, 3, 4) for _ in range(12)]
+    assert [int(r["frame"]) for r in frame_rows[:12]] == list(range(12))
+    assert frame_rows[7]["time_sec"] == "1.167" and frame_rows[7]["video_name"] == "a.mp4"
+    for r in frame_rows:
+        assert [float(r[k]) for k in ("x1", "y1", "x2", "y2")] == pytest.approx(FIXED_BOX, abs=5e-3)
+        assert float(r["score"]) > 0.99
+    log = next(out.parent.glob("test_log_*.txt")).read_text()
+    assert "predictions_frames.csv (48 rows, tube mode)" in log
+    annotated = out.parent / "annotated_videos" / "a.mp4"
+    with av.open(str(annotated)) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(decoded) == 12
+    x1 = int(0.3 * 63)        # the box's left edge, drawn on every frame (rows 27-31: below the moving square)
+    for k in (0, 6, 11):
+        assert np.abs(decoded[k][27:32, x1 - 1:x1 + 2].astype(int) - 40).max() > 60, k
+        assert np.abs(decoded[k][27:32, x1 + 4:x1 + 8].astype(int) - 40).max() < 30, k   # inside: untouched
+
+
+def test_frames_csv_of_a_tube_checkpoint_windows_joined(tmp_path, tube_checkpoint):
+    """40 frames at 10 fps in windows of 2 s every 1 s: each query's tubes of the 3 windows join into one."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_video(inputs / "long.mp4", _moving_square(40), fps=10)
+    rc, out, rows, header, frame_rows = _run(tmp_path, inputs, tube_checkpoint, "--window_sec", "2",
+                                             "--stride_sec", "1", "--no_annotate")
+    assert rc == 0 and header == FRAME_FIELDS
+    assert len(rows) == 4 and {(r["start_sec"], r["end_sec"]) for r in rows} == {("0.000", "4.000")}
+    assert len(frame_rows) == 4 * 40
+    by_tube = {}
+    for r in frame_rows:
+        by_tube.setdefault(int(r["tube_id"]), []).append(int(r["frame"]))
+    assert by_tube == {k: list(range(40)) for k in (1, 2, 3, 4)}
+
+
+def test_frames_csv_of_a_clip_checkpoint_has_constant_boxes(tmp_path):
+    """A clip-mode checkpoint: predictions.csv as before, each of its rows a tube with one box over its span."""
+    torch.manual_seed(0)
+    net = star_model.STAR(2, num_queries=3, dim_feedforward=64, num_decoder_layers=1).eval()
+    with torch.no_grad():
+        net.head.class_head[3].bias.zero_()
+        net.head.class_head[3].bias[0] = 20.0
+    args = star_model.model_args_from(2, num_queries=3, dim_feedforward=64, num_decoder_layers=1)
+    prep = {**TUBE_PREP, "num_frames": 4}
+    path = tmp_path / "clip.pth"
+    star_model.save_checkpoint(star_model.make_checkpoint(net, args, NAMES, prep), path)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_video(inputs / "a.mp4", _moving_square(10), fps=5)
+    rc, _, rows, header, frame_rows = _run(tmp_path, inputs, path, "--no_annotate")
+    assert rc == 0 and header == FRAME_FIELDS and len(rows) == 3 and len(frame_rows) == 3 * 10
+    for tube_id, row in enumerate(rows, 1):   # rows in tube_id order; each tube's box is its row's at every frame
+        mine = [r for r in frame_rows if int(r["tube_id"]) == tube_id]
+        assert [int(r["frame"]) for r in mine] == list(range(10))
+        assert {tuple(r[k] for k in ("x1", "y1", "x2", "y2", "score")) for r in mine} == {
+            tuple(row[k] for k in ("x1", "y1", "x2", "y2", "score"))}

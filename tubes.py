@@ -1,0 +1,216 @@
+"""Predicted tubes: one actor doing one action, a box in every video frame where it acts (DESIGN.md "Tubes").
+
+Frames are 0-based indices over the whole video; boxes are normalised xyxy in [0, 1].
+
+- A tube-mode prediction of one clip (:func:`metrics.outputs_to_predictions`: ``labels (Q,)``, ``step_scores
+  (Q, K)``, ``step_boxes (Q, K, 4)``) whose step ``k`` shows video frame ``frame_indices[k]`` becomes, per query
+  acting at one step at least, a tube over the frames of the clip's span (:func:`clip_tubes`): a frame belongs to
+  it when its nearest step (ties: the earlier) is present (step score >= threshold); its box and score are the
+  linear interpolation of the two surrounding steps' (held constant before the first / after the last step).
+- The clips of a long video (windows) are joined (:func:`join_tubes`): one actor keeps one ``tube_id``.
+- A clip-mode prediction (one box per query per clip) is a tube with one constant box (:func:`constant_tube`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+import torch
+from torchvision.ops import box_iou
+
+
+@dataclasses.dataclass(eq=False)   # equal only to itself: numpy fields make == ambiguous
+class PredTube:
+    """One predicted tube.
+
+    Attributes:
+        class_id, class_name: its class.
+        score: the mean step score over its present steps (``step_scores``).
+        frames: int64 ``(n,)`` video frames where it is present, ascending, no repeats.
+        boxes: float ``(n, 4)`` normalised xyxy, row i at ``frames[i]``.
+        frame_scores: float ``(n,)`` the interpolated step score at each frame.
+        step_frames, step_scores: ``(s,)`` the video frame and score of each present step it is made of
+            (a joined tube pools those of its parts).
+        tube_id: unique in its video, numbered from 1 in order of first frame (:func:`number_tubes`); 0 = not yet.
+    """
+
+    class_id: int
+    class_name: str
+    score: float
+    frames: np.ndarray
+    boxes: np.ndarray
+    frame_scores: np.ndarray
+    step_frames: np.ndarray
+    step_scores: np.ndarray
+    tube_id: int = 0
+
+    def middle_box(self) -> tuple:
+        """The box at its middle frame (``frames[(n - 1) // 2]``): the one box of its predictions.csv row."""
+        return tuple(float(v) for v in self.boxes[(len(self.frames) - 1) // 2])
+
+
+def _steps(frame_indices) -> tuple[np.ndarray, np.ndarray]:
+    """``(unique step frames (u,), index of the first step showing each)``; frames repeat when a video has fewer
+    frames than T, and the earlier step then speaks for its frame."""
+    return np.unique(np.asarray(frame_indices, dtype=np.int64), return_index=True)
+
+
+def nearest_step(frame_indices, frames) -> np.ndarray:
+    """For each video frame of ``frames (n,)`` the index (into ``frame_indices (K,)``) of its nearest step; a frame
+    halfway between two steps takes the earlier one."""
+    unique, first = _steps(frame_indices)
+    frames = np.asarray(frames, dtype=np.int64)
+    right = np.clip(np.searchsorted(unique, frames), 0, len(unique) - 1)
+    left = np.clip(right - 1, 0, None)
+    near = np.where(np.abs(frames - unique[left]) <= np.abs(unique[right] - frames), left, right)
+    return first[near]
+
+
+def interpolate(frame_indices, values, frames) -> np.ndarray:
+    """Per-step ``values (K, D)`` (or ``(K,)``) at video ``frames (n,)``: linear between the two surrounding steps,
+    held constant before the first and after the last. Returns ``(n, D)`` (or ``(n,)``)."""
+    unique, first = _steps(frame_indices)
+    values = np.asarray(values, dtype=np.float64)
+    flat = values.reshape(len(values), -1)[first]
+    out = np.stack([np.interp(frames, unique, flat[:, d]) for d in range(flat.shape[1])], axis=1)
+    return out.reshape(len(frames), *values.shape[1:])
+
+
+def dense(pred: dict, frame_indices, span: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every query of a tube-mode prediction at every frame of the clip's ``span = [first, end)``.
+
+    Returns ``(frames (n,), scores (Q, n), boxes (Q, n, 4))``: interpolated step scores of each query's class and
+    normalised xyxy boxes (:func:`interpolate`)."""
+    frames = np.arange(int(span[0]), int(span[1]), dtype=np.int64)
+    step_scores = pred["step_scores"].float().numpy()
+    step_boxes = pred["step_boxes"].float().numpy()
+    scores = np.stack([interpolate(frame_indices, s, frames) for s in step_scores])
+    boxes = np.stack([interpolate(frame_indices, b, frames) for b in step_boxes])
+    return frames, scores, boxes
+
+
+def clip_tubes(pred: dict, frame_indices, span: tuple[int, int], threshold: float,
+               class_names: Sequence[str]) -> list[PredTube]:
+    """The tubes of one clip: one per query present (step score >= ``threshold``) at one step at least.
+
+    ``frame_indices (K,)``: the video frame step k shows; ``span = [first, end)``: the video frames the clip
+    covers. A frame of the span is present when its :func:`nearest_step` is; the tube's score is the mean step
+    score over its present steps."""
+    frame_indices = np.asarray(frame_indices, dtype=np.int64)
+    present = pred["step_scores"].float().numpy() >= threshold            # (Q, K)
+    frames, scores, boxes = dense(pred, frame_indices, span)
+    near = nearest_step(frame_indices, frames)                             # (n,)
+    out = []
+    for q in np.flatnonzero(present.any(1)):
+        on = present[q, near]
+        if not on.any():   # present only at a repeated step that an earlier one speaks for
+            continue
+        steps = np.flatnonzero(present[q])
+        step_scores = pred["step_scores"][q, steps].float().numpy()
+        label = int(pred["labels"][q])
+        out.append(PredTube(label, class_names[label], float(step_scores.mean()), frames[on], boxes[q, on],
+                            scores[q, on], frame_indices[steps], step_scores))
+    return out
+
+
+def constant_tube(class_id: int, class_name: str, score: float, box, frames) -> PredTube:
+    """A clip-mode detection as a tube: one normalised xyxy ``box`` and one ``score`` at every frame of ``frames``."""
+    frames = np.asarray(frames, dtype=np.int64)
+    return PredTube(int(class_id), class_name, float(score), frames, np.tile(np.asarray(box, float), (len(frames), 1)),
+                    np.full(len(frames), float(score)), frames[:1], np.array([float(score)]))
+
+
+def merge(parts: Sequence[PredTube]) -> PredTube:
+    """One tube from tubes of one actor (same class): the union of their frames. On a frame several of them have,
+    the box (and frame score) of the highest-scoring one: a box the network predicted, not a blend of two that may
+    disagree (the mean of two boxes on different parts of a moving actor frames neither); score: the mean of all
+    their present steps."""
+    ranked = sorted(parts, key=lambda t: -t.score)
+    frames = np.concatenate([t.frames for t in ranked])
+    unique, first = np.unique(frames, return_index=True)   # first occurrence = the highest-scoring part's
+    boxes = np.concatenate([t.boxes for t in ranked])[first]
+    frame_scores = np.concatenate([t.frame_scores for t in ranked])[first]
+    step_frames = np.concatenate([t.step_frames for t in parts])
+    step_scores = np.concatenate([t.step_scores for t in parts])
+    return PredTube(parts[0].class_id, parts[0].class_name, float(step_scores.mean()), unique, boxes, frame_scores,
+                    step_frames, step_scores)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of paired normalised xyxy boxes ``(n, 4)`` and ``(n, 4)`` -> ``(n,)``."""
+    return box_iou(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)).diagonal().numpy()
+
+
+def link_iou(track: PredTube, tube: PredTube, max_gap: int) -> float:
+    """How well ``tube`` continues ``track``: the mean box IoU over their shared frames; without shared frames, the
+    IoU of the earlier one's last box and the later one's first box where they meet, when at most ``max_gap``
+    frames lie between them (else 0)."""
+    _, it, iu = np.intersect1d(track.frames, tube.frames, assume_unique=True, return_indices=True)
+    if len(it):
+        return float(_iou(track.boxes[it], tube.boxes[iu]).mean())
+    ends = []   # (frames between, earlier box, later box) where one ends and the other starts
+    before = np.searchsorted(track.frames, tube.frames[0]) - 1
+    if before >= 0:
+        ends.append((tube.frames[0] - track.frames[before] - 1, track.boxes[before], tube.boxes[0]))
+    after = np.searchsorted(track.frames, tube.frames[-1], side="right")
+    if after < len(track.frames):
+        ends.append((track.frames[after] - tube.frames[-1] - 1, tube.boxes[-1], track.boxes[after]))
+    gap, earlier, later = min(ends, key=lambda e: e[0])
+    return float(_iou(earlier[None], later[None])[0]) if gap <= max_gap else 0.0
+
+
+def split_gaps(tube: PredTube, max_gap: int) -> list[PredTube]:
+    """``tube`` cut where more than ``max_gap`` frames in a row are missing: the actor stopped, a new tube starts
+    (the rule of the labels' tracks)."""
+    cuts = np.flatnonzero(np.diff(tube.frames) - 1 > max_gap) + 1
+    if not len(cuts):
+        return [tube]
+    pieces = []
+    for idx in np.split(np.arange(len(tube.frames)), cuts):
+        frames = tube.frames[idx]
+        mine = (tube.step_frames >= frames[0]) & (tube.step_frames <= frames[-1])
+        step_scores = tube.step_scores[mine] if mine.any() else tube.frame_scores[idx]
+        pieces.append(dataclasses.replace(tube, score=float(step_scores.mean()), frames=frames, boxes=tube.boxes[idx],
+                                          frame_scores=tube.frame_scores[idx], step_frames=tube.step_frames[mine],
+                                          step_scores=step_scores, tube_id=0))
+    return pieces
+
+
+def number_tubes(tubes: Sequence[PredTube]) -> list[PredTube]:
+    """``tubes`` ordered by first frame (then score, highest first), ``tube_id`` 1, 2, ... in that order."""
+    ordered = sorted(tubes, key=lambda t: (int(t.frames[0]), -t.score))
+    for k, t in enumerate(ordered, 1):
+        t.tube_id = k
+    return ordered
+
+
+def join_tubes(clips: Sequence[Sequence[PredTube]], iou_threshold: float, max_gap: int) -> list[PredTube]:
+    """The tubes of a video's clips (in window order) joined into one tube per actor, numbered.
+
+    Greedy: clip by clip, its tubes best score first; each joins the tube so far (not already extended by this
+    clip: two tubes of one clip are two queries, never one) of its class with the highest :func:`link_iou`, when
+    that is at least ``iou_threshold``, else starts its own. Joined parts become one tube (:func:`merge`); a tube
+    missing for more than ``max_gap`` frames is then cut (:func:`split_gaps`), so a short pause keeps the id and a
+    long one gives a new one."""
+    tracks: list[list[PredTube]] = []
+    joined: list[PredTube] = []
+    for tubes in clips:
+        taken: set[int] = set()
+        for tube in sorted(tubes, key=lambda t: -t.score):
+            best, best_iou = None, -1.0
+            for k, track in enumerate(joined):
+                if k in taken or track.class_id != tube.class_id:
+                    continue
+                iou = link_iou(track, tube, max_gap)
+                if iou >= iou_threshold and iou > best_iou:
+                    best, best_iou = k, iou
+            if best is None:
+                tracks.append([tube])
+                joined.append(tube)
+                best = len(joined) - 1
+            else:
+                tracks[best].append(tube)
+                joined[best] = merge(tracks[best])
+            taken.add(best)
+    return number_tubes([piece for tube in joined for piece in split_gaps(tube, max_gap)])
