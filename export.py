@@ -168,7 +168,8 @@ def load_network(args) -> tuple[star_model.STAR, dict]:
         if wanted is not None and wanted != info[key]:
             print(f"note: --{key} {wanted}, the checkpoint's is {info[key]}: predictions at another clip size differ")
             info[key] = wanted
-    tokens, table = token_count(info["num_frames"], info["img_size"]), info["model_args"]["max_positions"]
+    tokens = token_count(info["num_frames"], info["img_size"], net.backbone.time_proj is not None)
+    table = info["model_args"]["max_positions"]
     if tokens > table:
         raise ExportError(f"{args.model_path}: {info['num_frames']} frames x {info['img_size']} px make {tokens} tokens, "
                           f"more than its position table holds ({table}); use fewer frames or a smaller size")
@@ -176,14 +177,15 @@ def load_network(args) -> tuple[star_model.STAR, dict]:
     return net, info
 
 
-def token_count(num_frames: int, img_size: int) -> int:
+def token_count(num_frames: int, img_size: int, time_tokens: bool = False) -> int:
     """Trunk tokens of a ``T x S x S`` clip: R(2+1)D-18 halves time 3 times and space 4 times (each
-    stride-2 conv rounds up), as ``model.token_grid`` measures, without running the trunk."""
+    stride-2 conv rounds up), as ``model.token_grid`` measures, without running the trunk; with the tube
+    mode's ``time_tokens``, ``T`` more per place of the spatial grid."""
     def halve(n: int, times: int) -> int:
         for _ in range(times):
             n = (n + 1) // 2
         return n
-    return halve(num_frames, 3) * halve(img_size, 4) ** 2
+    return (halve(num_frames, 3) + (num_frames if time_tokens else 0)) * halve(img_size, 4) ** 2
 
 
 class GraphModule(torch.nn.Module):
@@ -358,8 +360,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def top_class(logits: np.ndarray) -> int:
     """The clip's top class: the foreground class of the query with the highest foreground probability
-    (what the published rule reports first). ``logits`` ``(Q, C+1)``."""
-    foreground = softmax(logits)[:, :-1]
+    (what the published rule reports first). ``logits`` ``(Q, C+1)`` or, tube mode, ``(Q, K, C+1)``."""
+    foreground = softmax(logits)[..., :-1].reshape(-1, logits.shape[-1] - 1)   # tube mode: every (query, step)
     return int(foreground[foreground.max(-1).argmax()].argmax())
 
 

@@ -493,14 +493,12 @@ def add_tube_predictions(scorer: metrics.TubeScorer, res: VideoResult, width: in
     """A tube-mode video into ``scorer``: for frame-mAP every query of every clip at each frame of its clip's span,
     with its interpolated box and step score (all queries, thresholded or not: recall counts in AP); for video-mAP
     the video's joined tubes (:attr:`VideoResult.tubes`). Boxes in pixels."""
-    scale = np.array([width, height, width, height], dtype=np.float64)
     for pred, indices, span in zip(res.queries, res.frame_indices, res.frame_spans):
         frames, scores, boxes = tubes.dense(pred, indices, span)
-        for label, q_scores, q_boxes in zip(pred["labels"].tolist(), scores, boxes * scale):
-            scorer.detections += [(res.name, f, label, s, *b) for f, s, b in zip(frames.tolist(), q_scores.tolist(),
-                                                                                   q_boxes.tolist())]
+        for label, q_scores, q_boxes in zip(pred["labels"].tolist(), scores, boxes):
+            scorer.add_frame_detections(res.name, label, frames, q_scores, q_boxes, width, height)
     for t in res.tubes:
-        scorer.pred_tubes.append(metrics.Tube(res.name, t.class_id, t.score, t.frames, t.boxes * scale, t.frame_scores))
+        scorer.add_tube(res.name, t.class_id, t.score, t.frames, t.boxes, width, height)
 
 
 def score_tubes(results: Sequence[VideoResult], records_by_path: dict, to_model: Sequence[int], num_classes: int) -> dict:

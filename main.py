@@ -97,6 +97,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="seconds a clip spans in videos with per-frame labels (training windows are drawn where actors "
                         "act, validation takes the middle one; stored in the checkpoint, test.py cuts its windows so); "
                         f"default: {WINDOW_STRIDE} frames per sampled frame (8 frames at 25 fps: 1.28 s)")
+    p.add_argument("--time_tokens", action=argparse.BooleanOptionalAction, default=None,
+                   help="tube mode: add layer1's frame-rate tokens to the decoder's memory (model.Backbone)")
     p.add_argument("--mode", choices=("auto", "clip", "tube"), default="auto",
                    help="clip: one box per query per clip (the published network); tube: a class and a box per query "
                         "at every sampled frame (model.STAR's tube mode); auto: tube when the labels are per-frame")
@@ -174,7 +176,8 @@ def make_loaders(args, train, val, rank: int, world: int):
 def build_training_state(args, class_map, device, world):
     """Model (maybe DDP), criterion, optimizer, scheduler, scaler, amp dtype, model args."""
     model_args = model_args_from(len(class_map), num_queries=args.num_queries, dropout=args.dropout,
-                                 aux_loss=not args.no_aux_loss, tube_steps=args.num_frames if args.mode == "tube" else 0)
+                                 aux_loss=not args.no_aux_loss, tube_steps=args.num_frames if args.mode == "tube" else 0,
+                                 time_tokens=args.time_tokens)
     model = build_model(pretrained=args.backbone_weights or args.pretrained, **model_args)
     if args.motion_init:
         init_motion_stem(model)

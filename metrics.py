@@ -861,6 +861,18 @@ class TubeScorer:
             self.pred_tubes.append(Tube(video, int(class_id), float(score), frames,
                                         np.repeat(pixels[None], len(frames), 0)))
 
+    def add_frame_detections(self, video: str, class_id: int, frames, scores, boxes, width: int, height: int) -> None:
+        """One query's detections at video ``frames`` (n,) with ``scores`` (n,) and normalised xyxy ``boxes`` (n, 4)
+        (frame-mAP only)."""
+        pixels = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * [width, height, width, height]
+        self.detections += [(video, int(f), int(class_id), float(s), *b)
+                            for f, s, b in zip(np.asarray(frames).tolist(), np.asarray(scores).tolist(), pixels)]
+
+    def add_tube(self, video: str, class_id: int, score: float, frames, boxes, width: int, height: int) -> None:
+        """One predicted tube, a normalised xyxy box ``(n, 4)`` at each of its ``frames`` (video-mAP only)."""
+        pixels = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * [width, height, width, height]
+        self.pred_tubes.append(Tube(video, int(class_id), float(score), frames, pixels))
+
     def add_clip_predictions(self, video: str, frames, pred: dict, width: int, height: int, as_tube: bool = True,
                              threshold: float = 0.5) -> None:
         """Every query of a clip-mode prediction ``{"scores", "labels", "boxes" (Q, 4)}`` at the clip's ``frames``.
@@ -871,14 +883,12 @@ class TubeScorer:
                 self.add_prediction(video, frames, label, score, box, width, height, as_tube=as_tube)
             return
         frames = np.asarray(frames, dtype=np.int64).reshape(-1)
-        scale = np.array([width, height, width, height], dtype=np.float64)
         for label, scores, boxes in zip(pred["labels"].tolist(), pred["step_scores"].numpy(), pred["step_boxes"].numpy()):
-            pixels = boxes.astype(np.float64) * scale
-            self.detections += [(video, int(f), int(label), float(sc), *b) for f, sc, b in zip(frames, scores, pixels)]
+            self.add_frame_detections(video, label, frames, scores, boxes, width, height)
             on = scores >= threshold
             if as_tube and on.any():   # repeated frames (a short video) keep their first step
                 kept, first = np.unique(frames[on], return_index=True)
-                self.pred_tubes.append(Tube(video, int(label), float(scores[on].mean()), kept, pixels[on][first]))
+                self.add_tube(video, label, float(scores[on].mean()), kept, boxes[on][first], width, height)
 
     def add_truth(self, video: str, class_id: int, frames, boxes, width: int, height: int,
                   split_gaps: bool = True) -> None:

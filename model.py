@@ -38,7 +38,7 @@ class Backbone(nn.Module):
     ``N = T/8 * H/16 * W/16`` (rounded up).
 
     With ``time_tokens`` (tube mode) ``T * h * w`` more tokens follow: layer1's output (full frame rate)
-    average-pooled to layer4's ``h x w`` grid, projected (``time_proj``) and normalised (``time_norm``).
+    average-pooled to layer4's ``h x w`` grid (and to ``time_steps`` in time), projected (``time_proj``) and normalised (``time_norm``).
     Why: at 8 frames layer4 has a single time step, so nothing in its tokens is tied to one frame; the
     time queries of a tube read when the actor acts from these (docs/EXPERIMENTS.md, "Tube mode").
     """
@@ -51,22 +51,29 @@ class Backbone(nn.Module):
         self.norm = nn.LayerNorm(hidden_dim)
         self.dropout = nn.Dropout(dropout)
         if time_tokens:
-            self.time_proj = nn.Conv3d(64, hidden_dim, kernel_size=1)
+            self.time_proj = nn.Conv3d(_out_channels(trunk.layer1), hidden_dim, kernel_size=1)
             self.time_norm = nn.LayerNorm(hidden_dim)
         else:
             self.time_proj = self.time_norm = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, time_steps: int | None = None) -> torch.Tensor:
+        """``time_steps``: the time tokens' steps (default: layer1's, the clip's frames)."""
         if self.time_proj is None:
             features = self.proj(self.stem(x))                 # (B, D, t, h, w)
             tokens = features.flatten(2).transpose(1, 2)       # (B, t*h*w, D)
             return self.dropout(self.norm(tokens))
-        early = self.stem[1](self.stem[0](x))                  # layer1: (B, 64, T, H/4, W/4)
+        early = self.stem[1](self.stem[0](x))                  # layer1: (B, 64, T, H/2, W/2)
         features = self.proj(self.stem[4](self.stem[3](self.stem[2](early))))
-        pooled = nn.functional.adaptive_avg_pool3d(early, (early.shape[2], *features.shape[3:]))
+        pooled = nn.functional.adaptive_avg_pool3d(early, (time_steps or early.shape[2], *features.shape[3:]))
         time_tokens = self.time_proj(pooled).flatten(2).transpose(1, 2)   # (B, T*h*w, D)
         tokens = torch.cat([self.norm(features.flatten(2).transpose(1, 2)), self.time_norm(time_tokens)], 1)
         return self.dropout(tokens)
+
+
+def _out_channels(stage: nn.Module) -> int:
+    """Channels a trunk stage puts out (R(2+1)D-18's layer1: 64): its last BatchNorm or conv says."""
+    last = [m for m in stage.modules() if isinstance(m, (nn.BatchNorm3d, nn.Conv3d))][-1]
+    return last.num_features if isinstance(last, nn.BatchNorm3d) else last.out_channels
 
 
 class PositionEmbedding(nn.Module):
@@ -92,15 +99,16 @@ class Decoder(nn.Module):
         layer = nn.TransformerDecoderLayer(hidden_dim, nheads, dim_feedforward, dropout, batch_first=True)
         self.decoder = nn.TransformerDecoder(layer, num_layers)
 
-    def forward(self, queries: torch.Tensor, memory: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, queries: torch.Tensor, memory: torch.Tensor, memory_mask=None) -> list[torch.Tensor]:
         """queries ``(B, Q, D)``, memory ``(B, N, D)`` -> list of ``(B, Q, D)``, one per layer.
 
-        Same arithmetic as ``nn.TransformerDecoder.forward`` (no masks, no final norm), but keeps
-        the intermediate outputs for the auxiliary losses.
+        Same arithmetic as ``nn.TransformerDecoder.forward`` (no final norm; ``memory_mask`` ``(Q, N)`` bool,
+        True = not attended, the tube mode's :meth:`STAR.step_mask`), but keeps the intermediate outputs for the
+        auxiliary losses.
         """
         outputs, hidden = [], queries
         for layer in self.decoder.layers:
-            hidden = layer(hidden, memory)
+            hidden = layer(hidden, memory, memory_mask=memory_mask)
             outputs.append(hidden)
         return outputs
 
@@ -153,15 +161,22 @@ class STAR(nn.Module):
         self.channels_last = False
         self.tube_steps = int(tube_steps)
         time_tokens = bool(tube_steps) if time_tokens is None else bool(time_tokens)
+        if time_tokens and not tube_steps:
+            raise ValueError("time_tokens are for the tube mode (tube_steps > 0)")
         self.backbone = Backbone(hidden_dim, dropout, time_tokens)
         self.pos_embedding = PositionEmbedding(max_positions, hidden_dim)
         self.queries = nn.Embedding(num_queries, hidden_dim)
         if self.tube_steps:
             self.time_queries = nn.Embedding(self.tube_steps, hidden_dim)
+        # the trunk's own time steps at K frames: where the time tokens start in the memory (see step_mask)
+        self.trunk_steps = token_grid(self, self.tube_steps, 32)[0] if time_tokens else 0
         self.decoder = Decoder(hidden_dim, nheads, dim_feedforward, dropout, num_decoder_layers)
         self.head = Head(hidden_dim, num_classes, dropout)
 
     def forward(self, x: torch.Tensor, return_aux: bool | None = None) -> dict:
+        if self.tube_steps and x.shape[1] != self.tube_steps:
+            raise ValueError(f"this tube-mode network reads clips of {self.tube_steps} frames (one time query each), "
+                             f"got {x.shape[1]}")
         tokens = self.encode(x)
         out = self.decode(tokens, return_aux)
         if self.training:   # the class head on the mean trunk token: a direct training signal for the trunk
@@ -173,7 +188,7 @@ class STAR(nn.Module):
         video = x.transpose(1, 2)                                         # (B, 3, T, H, W) for Conv3d
         if self.channels_last:   # match the weights' layout, else every conv converts on its own
             video = video.contiguous(memory_format=torch.channels_last_3d)
-        return self.backbone(video)
+        return self.backbone(video, self.tube_steps or None)
 
     def decode(self, tokens: torch.Tensor, return_aux: bool | None = None) -> dict:
         """Everything after the backbone on its tokens ``(B, N, hidden_dim)``: position table, queries,
@@ -185,11 +200,26 @@ class STAR(nn.Module):
         queries = self.queries.weight
         if self.tube_steps:   # (Q, K, D) -> Q*K queries, actor-major
             queries = (queries[:, None] + self.time_queries.weight[None]).flatten(0, 1)
-        layer_outputs = self.decoder(queries.unsqueeze(0).expand(tokens.shape[0], -1, -1), memory)
+        layer_outputs = self.decoder(queries.unsqueeze(0).expand(tokens.shape[0], -1, -1), memory,
+                                     self.step_mask(tokens.shape[1]))
         out = self.read(layer_outputs[-1])
         if return_aux:
             out["aux_outputs"] = [self.read(hidden) for hidden in layer_outputs[:-1]]
         return out
+
+    def step_mask(self, num_tokens: int) -> torch.Tensor | None:
+        """With time tokens: ``(Q*K, N)`` bool, True where (actor q, step k) may NOT look: at the time tokens of
+        the other steps. Each step's query reads the trunk's tokens (the whole clip) and its own frame's time
+        tokens. Why: the box of step k is where the actor is in frame k; without the mask the decoder must first
+        learn which of the K*h*w time tokens belong to its step (docs/EXPERIMENTS.md, "Tube mode")."""
+        if not self.trunk_steps:
+            return None
+        K = self.tube_steps
+        places = num_tokens // (self.trunk_steps + K)                       # h * w
+        token_step = torch.arange(num_tokens, device=self.queries.weight.device) - self.trunk_steps * places
+        token_step = torch.where(token_step >= 0, token_step // places, -1)   # -1: a trunk token, seen by all
+        query_step = torch.arange(K, device=token_step.device).repeat(self.queries.num_embeddings)   # actor-major
+        return (token_step[None] >= 0) & (token_step[None] != query_step[:, None])
 
     def read(self, hidden: torch.Tensor) -> dict:
         """The heads on decoder output ``(B, Q[*K], D)``; tube mode reshapes to ``(B, Q, K, ...)``."""
@@ -275,11 +305,12 @@ def freeze_trunk_stages(model: STAR, num_stages: int) -> None:
             param.requires_grad_(False)
 
 
-def token_grid(model: STAR, num_frames: int, img_size: int) -> tuple[int, int, int]:
+def token_grid(model: STAR, num_frames: int, img_size: int, stages: int = 5) -> tuple[int, int, int]:
     """``(t, h, w)`` of the trunk's token grid for clips of ``num_frames`` frames of ``img_size`` px
-    (R(2+1)D-18: time / 8, space / 16, rounded up), read from one forward pass of the trunk."""
-    trunk = model.backbone.stem
-    was_training = trunk.training
+    (R(2+1)D-18: time / 8, space / 16, rounded up), read from one forward pass of the trunk's first ``stages``
+    stages (2: layer1's grid, whose time axis the tube mode's time tokens keep)."""
+    was_training = model.backbone.stem.training
+    trunk = model.backbone.stem[:stages]   # a new Sequential of the same modules
     trunk.eval()   # no BatchNorm statistics from this dummy clip
     try:
         with torch.no_grad():
@@ -296,7 +327,7 @@ def init_positions(model: STAR, num_frames: int, img_size: int) -> None:
     grid = token_grid(model, num_frames, img_size)
     init_position_table(model, grid)
     if model.backbone.time_proj is not None:
-        init_position_table(model, (num_frames, *grid[1:]), offset=math.prod(grid))
+        init_position_table(model, (model.tube_steps, *grid[1:]), offset=math.prod(grid))
 
 
 def init_position_table(model: STAR, grid: tuple[int, int, int], temperature: float = 10000.0, offset: int = 0) -> None:

@@ -297,3 +297,32 @@ def test_test_py_gives_the_same_csv_with_the_onnx_export(exported, files, tmp_pa
                (b["video_name"], b["pred_class"], b["start_sec"], b["end_sec"])
         for key in ("score", "x1", "y1", "x2", "y2"):
             assert abs(float(a[key] or 0) - float(b[key] or 0)) <= 1e-3, key
+
+
+def test_token_count_of_the_tube_mode_matches_its_tokens():
+    net = star_model.STAR(2, tube_steps=4, num_queries=2, dim_feedforward=64, num_decoder_layers=1).eval()
+    with torch.no_grad():
+        tokens = net.encode(torch.zeros(1, 4, 3, 64, 64))
+    assert export.token_count(4, 64, time_tokens=True) == tokens.shape[1] == (1 + 4) * 16
+
+
+@needs_deploy
+def test_a_tube_mode_checkpoint_exports_with_parity(files, tmp_path):
+    torch.manual_seed(0)
+    args = star_model.model_args_from(2, num_queries=3, dim_feedforward=128, num_decoder_layers=2, max_positions=128,
+                                      tube_steps=4)
+    ckpt = tmp_path / "tube.pth"
+    star_model.save_checkpoint(star_model.make_checkpoint(star_model.STAR(**args).eval(), args, NAMES, PREP), ckpt)
+    out = tmp_path / "tube.onnx"
+    rc, stdout, stderr = _cli(["--model_path", ckpt, "--output", out, "--check_videos", files["videos"],
+                               "--check_clips", 2])
+    assert rc == 0, stderr
+    assert "same top class on 2/2 clips" in stdout
+    onnx_net, info = backend.load_model(out)
+    torch_net, _ = backend.load_model(ckpt)
+    assert info["model_args"]["tube_steps"] == 4
+    x = torch.randn(2, 4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        got, want = onnx_net(x), torch_net(x)
+    assert got["pred_logits"].shape == (2, 3, 4, 3) and got["pred_boxes"].shape == (2, 3, 4, 4)
+    assert _max_diff(got, want) < 1e-4

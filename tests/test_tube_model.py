@@ -1,0 +1,191 @@
+"""Tube mode of the network (model.STAR(tube_steps=K)), its per-tube matching and per-step losses, how tubes
+are read from its outputs, and that the published layout is untouched by it."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.ops import box_convert, generalized_box_iou
+
+import dataset
+import metrics
+import model as M
+from losses import HungarianMatcher, build_criterion, num_target_boxes
+
+TUBE_KEYS = {"backbone.time_proj.weight", "backbone.time_proj.bias", "backbone.time_norm.weight",
+             "backbone.time_norm.bias", "time_queries.weight"}
+SMALL = dict(num_queries=3, dim_feedforward=64, num_decoder_layers=2, max_positions=600)
+
+
+def xyxy(boxes):
+    return box_convert(boxes, "cxcywh", "xyxy")
+
+
+def test_tube_mode_shapes_aux_outputs_and_tokens():
+    torch.manual_seed(0)
+    net = M.STAR(2, tube_steps=4, **SMALL)
+    x = torch.randn(2, 4, 3, 64, 64)
+    net.eval()
+    with torch.no_grad():
+        out = net(x, return_aux=True)
+        tokens = net.encode(x)
+    assert out["pred_logits"].shape == (2, 3, 4, 3) and out["pred_boxes"].shape == (2, 3, 4, 4)
+    assert [a["pred_logits"].shape for a in out["aux_outputs"]] == [(2, 3, 4, 3)]
+    t, h, w = M.token_grid(net, 4, 64)
+    time_steps = M.token_grid(net, 4, 64, stages=2)[0]
+    assert time_steps == 4                                  # layer1 keeps the frame rate
+    assert tokens.shape == (2, t * h * w + time_steps * h * w, 256)   # trunk tokens, then time tokens
+    net.train()
+    out = net(x)
+    assert out["video_logits"].shape == (2, 3) and len(out["aux_outputs"]) == 1
+    out["pred_logits"].sum().backward()
+    assert net.time_queries.weight.grad.abs().sum() > 0 and net.backbone.time_proj.weight.grad.abs().sum() > 0
+
+
+def test_each_actor_step_query_is_actor_plus_time_and_the_step_order_is_kept():
+    torch.manual_seed(0)
+    net = M.STAR(2, tube_steps=3, time_tokens=False, **SMALL).eval()
+    seen = {}
+    net.decoder.register_forward_pre_hook(lambda module, args: seen.update(queries=args[0], memory=args[1]))
+    with torch.no_grad():
+        out = net(torch.randn(1, 3, 3, 32, 32))
+        hidden = net.decoder(seen["queries"], seen["memory"])[-1]            # (1, Q*K, D), actor-major
+        flat = net.head(hidden)["pred_logits"]
+    expected = net.queries.weight[:, None] + net.time_queries.weight[None]   # (Q, K, D)
+    assert torch.equal(seen["queries"][0].view(3, 3, -1), expected)
+    assert torch.equal(out["pred_logits"][0, 1, 2], flat[0, 1 * 3 + 2])      # actor 1, step 2
+
+
+def test_tube_layout_is_the_published_one_plus_the_tube_keys_and_records_its_mode(tmp_path):
+    clip, tube = M.STAR(2).state_dict(), M.STAR(2, tube_steps=8).state_dict()
+    assert set(tube) - set(clip) == TUBE_KEYS and set(clip) <= set(tube)
+    assert all(clip[k].shape == tube[k].shape for k in clip)
+    assert tube["time_queries.weight"].shape == (8, 256) and tube["backbone.time_proj.weight"].shape == (256, 64, 1, 1, 1)
+    args = M.model_args_from(2, tube_steps=4, **SMALL)
+    net = M.STAR(**args).eval()
+    path = tmp_path / "tube.pth"
+    M.save_checkpoint(M.make_checkpoint(net, args, ["a", "b"], {"num_frames": 4, "img_size": 64, "window_sec": 1.0}), path)
+    loaded, info = M.load_checkpoint(path)
+    assert info["model_args"]["tube_steps"] == 4 and loaded.tube_steps == 4
+    x = torch.randn(1, 4, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x)["pred_boxes"], net(x)["pred_boxes"])
+    # a clip-mode checkpoint written before tube mode existed (no tube keys in model_args) loads as clip mode
+    old_args = {k: v for k, v in M.model_args_from(2, **SMALL).items() if k not in ("tube_steps", "time_tokens")}
+    M.save_checkpoint(M.make_checkpoint(M.STAR(2, **SMALL), old_args, ["a", "b"], {"num_frames": 4, "img_size": 64}), path)
+    loaded, info = M.load_checkpoint(path)
+    assert loaded.tube_steps == 0 and not hasattr(loaded, "time_queries") and loaded.backbone.time_proj is None
+
+
+def test_position_init_covers_the_time_tokens():
+    net = M.STAR(2, tube_steps=4, **SMALL)
+    M.init_positions(net, 4, 64)
+    t, h, w = M.token_grid(net, 4, 64)
+    table = net.pos_embedding.embedding.weight.detach()
+    reference = M.STAR(2, **SMALL)
+    M.init_position_table(reference, (4, h, w))
+    n = t * h * w
+    assert torch.equal(table[n:n + 4 * h * w], reference.pos_embedding.embedding.weight.detach()[:4 * h * w])
+
+
+# ----------------------------------------------------------------------------- matching and losses
+
+def _tube_case(seed, Q=4, K=3, C=3, M_=3, absent=0.3):
+    g = torch.Generator().manual_seed(seed)
+    out = {"pred_logits": torch.randn(1, Q, K, C + 1, generator=g),
+           "pred_boxes": torch.rand(1, Q, K, 4, generator=g) * 0.5 + 0.2}
+    labels = torch.randint(0, C, (M_, K), generator=g)
+    labels[torch.rand(M_, K, generator=g) < absent] = -1
+    labels[:, 0] = labels[:, 0].clamp(min=0)               # every track acts at one step at least
+    boxes = torch.rand(M_, K, 4, generator=g) * 0.4 + 0.2
+    boxes[labels < 0] = 0
+    return out, {"track_labels": labels, "track_boxes": boxes, "labels": labels[:, 0], "boxes": boxes[:, 0]}
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_tube_matching_equals_brute_force(seed):
+    out, target = _tube_case(seed, M_=1 + seed % 4)
+    matcher = HungarianMatcher(2.0, 5.0, 2.0)
+    (rows, cols), = matcher(out, [target])
+    prob = out["pred_logits"][0].softmax(-1)
+    labels, boxes = target["track_labels"], target["track_boxes"]
+
+    def cost(q, m):   # written out step by step, as the issue states it
+        total = 0.0
+        for k in range(labels.shape[1]):
+            if labels[m, k] < 0:
+                continue
+            pred, true = out["pred_boxes"][0, q, k], boxes[m, k]
+            giou = generalized_box_iou(xyxy(pred[None]), xyxy(true[None]))[0, 0]
+            total += 5 * float((pred - true).abs().sum()) - 2 * float(prob[q, k, labels[m, k]]) - 2 * float(giou)
+        return total
+    num_tracks = len(labels)
+    best = min(sum(cost(q, m) for m, q in enumerate(perm)) for perm in itertools.permutations(range(4), num_tracks))
+    assert len(rows) == num_tracks and sorted(cols.tolist()) == list(range(num_tracks))
+    assert sum(cost(q, m) for q, m in zip(rows.tolist(), cols.tolist())) == pytest.approx(best, abs=1e-4)
+
+
+def test_a_track_absent_at_a_step_supervises_no_object_there_and_no_box():
+    C, K = 2, 3
+    out = {"pred_logits": torch.randn(1, 2, K, C + 1), "pred_boxes": torch.full((1, 2, K, 4), 0.3)}
+    labels = torch.tensor([[1, -1, 1]])                    # the actor pauses at step 1
+    boxes = torch.tensor([[[0.3, 0.3, 0.3, 0.3], [0, 0, 0, 0], [0.3, 0.3, 0.3, 0.3]]])
+    target = {"track_labels": labels, "track_boxes": boxes, "labels": torch.tensor([1]), "boxes": boxes[:, 0]}
+    criterion = build_criterion(C, aux_loss=False, eos_coef=0.1)
+    (rows, _), = criterion.matcher(out, [target])
+    losses = criterion(out, [target])
+    expected_classes = torch.full((1, 2, K), C)
+    expected_classes[0, rows[0]] = torch.tensor([1, C, 1])
+    weight = torch.tensor([1.0, 1.0, 0.1])
+    expected = F.cross_entropy(out["pred_logits"].permute(0, 3, 1, 2), expected_classes, weight)
+    assert float(losses["loss_ce"]) == pytest.approx(float(expected), rel=1e-6)
+    assert float(losses["loss_bbox"]) == pytest.approx(0.0, abs=1e-7)     # the step-1 box (0.3 vs 0) is not a target
+    assert num_target_boxes([target], tube=True) == 2 and num_target_boxes([target], tube=False) == 1
+    out["pred_boxes"][0, :, 0] = 0.4                        # a wrong box at an acting step costs 4 * 0.1 / 2 boxes
+    assert float(criterion(out, [target])["loss_bbox"]) == pytest.approx(0.2, rel=1e-5)
+
+
+def test_tube_criterion_trains_on_whole_video_targets_and_empty_clips():
+    C, K = 3, 4
+    record = dataset.VideoRecord(video="v.mp4", path="v.mp4", labels=np.array([2]), boxes=np.array([[0.1, 0.2, 0.5, 0.6]]),
+                                 width=10, height=10, num_frames=20, fps=10.0)
+    target = dataset.clip_target(record, np.arange(K))
+    assert target["track_labels"].tolist() == [[2] * K]    # 5-field labels: the same class at every step
+    empty = dataset.tube_target("e.mp4", np.arange(K), [], [], np.zeros((0, K), bool), np.zeros((0, K, 4)))
+    out = {"pred_logits": torch.randn(2, 3, K, C + 1, requires_grad=True),
+           "pred_boxes": torch.rand(2, 3, K, 4, requires_grad=True)}
+    criterion = build_criterion(C, aux_loss=False)
+    targets = [{k: v for k, v in t.items() if k != "video"} for t in (target, empty)]
+    losses = criterion(out, targets)
+    total = criterion.total(losses)
+    total.backward()
+    assert torch.isfinite(total) and out["pred_boxes"].grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- reading tubes
+
+def test_tube_class_is_the_best_summed_over_steps_and_step_scores_follow_it():
+    # one query, 3 steps, classes a, b (+ no_object): a wins over the steps though b is the best at step 0
+    probs = torch.tensor([[[0.1, 0.6, 0.3], [0.7, 0.1, 0.2], [0.6, 0.1, 0.3]]])
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.4, 0.5, 0.2, 0.2], [0.3, 0.5, 0.2, 0.2]]])
+    (pred,) = metrics.outputs_to_predictions({"pred_logits": probs.log()[None], "pred_boxes": boxes[None]})
+    assert pred["labels"].tolist() == [0]
+    assert torch.allclose(pred["step_scores"], torch.tensor([[0.1, 0.7, 0.6]]))
+    assert pred["scores"].tolist() == pytest.approx([0.7])                # the clip view: the best step
+    assert torch.allclose(pred["boxes"], torch.tensor([[0.3, 0.4, 0.5, 0.6]]))   # its box there, xyxy
+    assert pred["step_boxes"].shape == (1, 3, 4)
+
+
+def test_tube_scorer_takes_a_detection_per_step_and_a_tube_of_the_steps_above_threshold():
+    pred = {"scores": torch.tensor([0.9]), "labels": torch.tensor([1]), "boxes": torch.tensor([[0.1, 0.1, 0.5, 0.5]]),
+            "step_scores": torch.tensor([[0.9, 0.2, 0.7]]),
+            "step_boxes": torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.1, 0.0, 0.6, 0.5], [0.2, 0.0, 0.7, 0.5]]])}
+    scorer = metrics.TubeScorer(2)
+    scorer.add_clip_predictions("v", [0, 5, 10], pred, 100, 10, threshold=0.5)
+    assert [(d[1], d[2], round(d[3], 2), round(d[4], 4)) for d in scorer.detections] == [(0, 1, 0.9, 0.0), (5, 1, 0.2, 10.0),
+                                                                               (10, 1, 0.7, 20.0)]
+    (tube,) = scorer.pred_tubes
+    assert tube.frames.tolist() == [0, 10] and tube.score == pytest.approx(0.8) and tube.class_id == 1
