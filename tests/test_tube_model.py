@@ -189,3 +189,24 @@ def test_tube_scorer_takes_a_detection_per_step_and_a_tube_of_the_steps_above_th
                                                                                (10, 1, 0.7, 20.0)]
     (tube,) = scorer.pred_tubes
     assert tube.frames.tolist() == [0, 10] and tube.score == pytest.approx(0.8) and tube.class_id == 1
+
+
+def test_each_step_reads_only_its_own_frames_time_tokens():
+    torch.manual_seed(0)
+    net = M.STAR(2, num_queries=2, tube_steps=4, dim_feedforward=32, num_decoder_layers=1, max_positions=200).eval()
+    x = torch.randn(1, 4, 3, 64, 64)
+    with torch.no_grad():
+        tokens = net.encode(x)
+        places = tokens.shape[1] // (net.trunk_steps + 4)                      # h * w
+        before = net.decode(tokens)["pred_boxes"]
+        changed = tokens.clone()
+        start = (net.trunk_steps + 2) * places                                 # frame 2's time tokens
+        changed[:, start:start + places] += 1.0
+        after = net.decode(changed)["pred_boxes"]
+        changed_trunk = tokens.clone()
+        changed_trunk[:, :places] += 1.0                                       # a trunk token: every step sees it
+        after_trunk = net.decode(changed_trunk)["pred_boxes"]
+    moved = (after - before).abs().amax(dim=(0, 1, 3))                         # per step
+    assert moved[2] > 1e-4 and moved[[0, 1, 3]].max() == 0                     # one layer: no self-attention mixing yet
+    assert ((after_trunk - before).abs().amax(dim=(0, 1, 3)) > 1e-4).all()
+    assert M.STAR(2, num_queries=2, tube_steps=4, time_tokens=False).step_mask(10) is None
