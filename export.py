@@ -168,7 +168,7 @@ def load_network(args) -> tuple[star_model.STAR, dict]:
         if wanted is not None and wanted != info[key]:
             print(f"note: --{key} {wanted}, the checkpoint's is {info[key]}: predictions at another clip size differ")
             info[key] = wanted
-    tokens = token_count(info["num_frames"], info["img_size"], net.backbone.time_proj is not None)
+    tokens = token_count(info["num_frames"], info["img_size"], net.backbone.time_proj is not None, net.backbone.time_grid)
     table = info["model_args"]["max_positions"]
     if tokens > table:
         raise ExportError(f"{args.model_path}: {info['num_frames']} frames x {info['img_size']} px make {tokens} tokens, "
@@ -177,15 +177,15 @@ def load_network(args) -> tuple[star_model.STAR, dict]:
     return net, info
 
 
-def token_count(num_frames: int, img_size: int, time_tokens: bool = False) -> int:
+def token_count(num_frames: int, img_size: int, time_tokens: bool = False, time_grid: int = 2) -> int:
     """Trunk tokens of a ``T x S x S`` clip: R(2+1)D-18 halves time 3 times and space 4 times (each
     stride-2 conv rounds up), as ``model.token_grid`` measures, without running the trunk; with the tube
-    mode's ``time_tokens``, ``T`` more per place of the spatial grid."""
+    mode's ``time_tokens``, the position rows of its memory and locator tokens (``T * (1 + time_grid**2)`` per place)."""
     def halve(n: int, times: int) -> int:
         for _ in range(times):
             n = (n + 1) // 2
         return n
-    return (halve(num_frames, 3) + (num_frames if time_tokens else 0)) * halve(img_size, 4) ** 2
+    return (halve(num_frames, 3) + (num_frames * (1 + time_grid ** 2) if time_tokens else 0)) * halve(img_size, 4) ** 2
 
 
 class GraphModule(torch.nn.Module):

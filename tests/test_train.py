@@ -923,3 +923,28 @@ def test_whole_video_labels_report_no_tube_metrics(reference_run):
     rows = read_rows(reference_run / "training_results.csv")
     assert all(r["frame_map50"] == "" and r["video_map50"] == "" for r in rows)
     assert "frame-mAP" not in log_text(reference_run)
+
+
+def test_per_frame_labels_train_the_tube_mode_by_default_with_its_decoder_phase(tube_data, tmp_path, tiny_net):
+    out = tmp_path / "tube_mode"
+    assert run_main(tube_data, out, "--epochs", "1", "--decoder_steps", "12") == 0
+    best = torch.load(out / "best_model.pth", map_location="cpu", weights_only=True)
+    assert best["model_args"]["tube_steps"] == 4                       # no flag: per-frame labels choose tubes
+    assert best["preprocessing"]["window_sec"] == pytest.approx(recipes.WINDOW_STRIDE * 4 / 25)   # 4 frames at 25 fps
+    assert "mode tube" in log_text(out) and "decoder step 12/12" in log_text(out)
+    net, info = star_model.load_checkpoint(out / "best_model.pth")
+    with torch.no_grad():
+        pred = net(torch.zeros(1, 4, 3, 64, 64))
+    assert pred["pred_logits"].shape[:3] == (1, 4, 4) and net.locate is not None
+
+
+def test_whole_video_labels_default_to_clip_mode_and_train_the_tube_mode_when_asked(reference_run, sample_data,
+                                                                                   tmp_path, tiny_net):
+    clip = torch.load(reference_run / "best_model.pth", map_location="cpu", weights_only=True)
+    assert clip["model_args"]["tube_steps"] == 0 and clip["preprocessing"]["window_sec"] is None
+    out = tmp_path / "whole_video_tubes"
+    assert run_main(sample_data, out, "--epochs", "1", "--mode", "tube") == 0
+    best = torch.load(out / "best_model.pth", map_location="cpu", weights_only=True)
+    assert best["model_args"]["tube_steps"] == 4 and best["preprocessing"]["window_sec"] is None
+    row, = read_rows(out / "training_results.csv")
+    assert float(row["train_loss_bbox"]) > 0                           # 5-field boxes supervise every step

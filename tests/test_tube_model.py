@@ -16,7 +16,8 @@ import model as M
 from losses import HungarianMatcher, build_criterion, num_target_boxes
 
 TUBE_KEYS = {"backbone.time_proj.weight", "backbone.time_proj.bias", "backbone.time_norm.weight",
-             "backbone.time_norm.bias", "time_queries.weight"}
+             "backbone.time_norm.bias", "time_queries.weight", "locate.query.weight", "locate.query.bias",
+             "locate.key.weight", "locate.key.bias"}
 SMALL = dict(num_queries=3, dim_feedforward=64, num_decoder_layers=2, max_positions=600)
 
 
@@ -37,7 +38,7 @@ def test_tube_mode_shapes_aux_outputs_and_tokens():
     t, h, w = M.token_grid(net, 4, 64)
     time_steps = M.token_grid(net, 4, 64, stages=2)[0]
     assert time_steps == 4                                  # layer1 keeps the frame rate
-    assert tokens.shape == (2, t * h * w + time_steps * h * w, 256)   # trunk tokens, then time tokens
+    assert tokens.shape == (2, t * h * w + time_steps * 4 * h * w, 256)   # trunk tokens, then time tokens (2x finer)
     net.train()
     out = net(x)
     assert out["video_logits"].shape == (2, 3) and len(out["aux_outputs"]) == 1
@@ -85,10 +86,13 @@ def test_position_init_covers_the_time_tokens():
     M.init_positions(net, 4, 64)
     t, h, w = M.token_grid(net, 4, 64)
     table = net.pos_embedding.embedding.weight.detach()
-    reference = M.STAR(2, **SMALL)
-    M.init_position_table(reference, (4, h, w))
+    reference, fine = M.STAR(2, **SMALL), M.STAR(2, **SMALL)
+    M.init_position_table(reference, (4, h, w))                              # the decoder's pooled time tokens
+    M.init_position_table(fine, (4, 2 * h, 2 * w))                           # the locator's
     n = t * h * w
     assert torch.equal(table[n:n + 4 * h * w], reference.pos_embedding.embedding.weight.detach()[:4 * h * w])
+    n += 4 * h * w
+    assert torch.equal(table[n:n + 16 * h * w], fine.pos_embedding.embedding.weight.detach()[:16 * h * w])
 
 
 # ----------------------------------------------------------------------------- matching and losses
@@ -193,15 +197,15 @@ def test_tube_scorer_takes_a_detection_per_step_and_a_tube_of_the_steps_above_th
 
 def test_each_step_reads_only_its_own_frames_time_tokens():
     torch.manual_seed(0)
-    net = M.STAR(2, num_queries=2, tube_steps=4, dim_feedforward=32, num_decoder_layers=1, max_positions=200).eval()
+    net = M.STAR(2, num_queries=2, tube_steps=4, dim_feedforward=32, num_decoder_layers=1, max_positions=400).eval()
     x = torch.randn(1, 4, 3, 64, 64)
     with torch.no_grad():
         tokens = net.encode(x)
-        places = tokens.shape[1] // (net.trunk_steps + 4)                      # h * w
+        places = tokens.shape[1] // (net.trunk_steps + 4 * 4)                  # h * w; time tokens on a 2x finer grid
         before = net.decode(tokens)["pred_boxes"]
         changed = tokens.clone()
-        start = (net.trunk_steps + 2) * places                                 # frame 2's time tokens
-        changed[:, start:start + places] += 1.0
+        start = (net.trunk_steps + 2 * 4) * places                             # frame 2's time tokens
+        changed[:, start:start + 4 * places] += 1.0
         after = net.decode(changed)["pred_boxes"]
         changed_trunk = tokens.clone()
         changed_trunk[:, :places] += 1.0                                       # a trunk token: every step sees it
