@@ -6,6 +6,8 @@ precision there produced non-finite gradients (DESIGN.md, "Environment facts").
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -13,6 +15,7 @@ from scipy.optimize import linear_sum_assignment
 from torchvision.ops import box_convert, box_iou, generalized_box_iou
 
 PUBLISHED_WEIGHTS = {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+LOCATE_WEIGHT = 1.0   # tube mode's locator cell loss (SetCriterion.loss_locate); absent from clip-mode outputs
 
 
 def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
@@ -179,6 +182,24 @@ class SetCriterion(nn.Module):
                 "loss_giou": (1 - giou).sum() / num_boxes,
                 "matched_iou": iou.mean().detach()}
 
+    def loss_locate(self, outputs, targets, indices, num_boxes) -> dict:
+        """Tube mode with a locator (``pred_cells (B, Q, K, G)``, logits over a square grid of G cells): CE of each
+        matched (query, step) where its track acts towards the cell holding the track's box centre, summed /
+        ``num_boxes``. Nothing without ``pred_cells``."""
+        if "pred_cells" not in outputs:
+            return {}
+        logits = outputs["pred_cells"].float()
+        batch_idx, query_idx = _flat_indices(indices)
+        boxes = torch.cat([t["track_boxes"][j] for t, (_, j) in zip(targets, indices)]).float().to(logits.device)
+        acting = torch.cat([t["track_labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device) >= 0
+        side = math.isqrt(logits.shape[-1])
+        place = (boxes[..., :2] * side).long().clamp(0, side - 1)             # (P, K, 2) column, row
+        cell = place[..., 1] * side + place[..., 0]
+        chosen = logits[batch_idx, query_idx]                                  # (P, K, G)
+        if not acting.any():
+            return {"loss_locate": logits.sum() * 0.0}
+        return {"loss_locate": F.cross_entropy(chosen[acting], cell[acting], reduction="sum") / num_boxes}
+
     def loss_video(self, outputs, targets, indices, num_boxes) -> dict:
         """Video-level CE on ``video_logits (B, C+1)``: the target is spread evenly over the video's
         classes, or no_object for a video without action. No matching: it reaches the trunk directly.
@@ -196,7 +217,8 @@ class SetCriterion(nn.Module):
         return {"loss_video": F.cross_entropy(logits, target)}
 
     def get_loss(self, name, outputs, targets, indices, num_boxes) -> dict:
-        loss_fns = {"labels": self.loss_labels, "boxes": self.loss_boxes, "video": self.loss_video}
+        loss_fns = {"labels": self.loss_labels, "boxes": self.loss_boxes, "video": self.loss_video,
+                    "locate": self.loss_locate}
         return loss_fns[name](outputs, targets, indices, num_boxes)
 
     def forward(self, outputs: dict, targets: list[dict], num_boxes: float | None = None) -> dict:
@@ -228,18 +250,18 @@ def _flat_indices(indices):
 
 def build_criterion(num_classes: int, num_decoder_layers: int = 4, aux_loss: bool = True,
                     weights: dict = PUBLISHED_WEIGHTS, eos_coef: float = 0.1, video_loss_coef: float = 0.0,
-                    cost_class: float | None = None) -> SetCriterion:
+                    cost_class: float | None = None, tube: bool = False) -> SetCriterion:
     """The published recipe: matcher costs and loss weights 2 / 5 / 2, no-object weight 0.1,
     auxiliary losses on every earlier decoder layer with the same weights. ``video_loss_coef`` > 0
     adds the video-level class loss (:meth:`SetCriterion.loss_video`) with that weight. The matcher's
-    costs are the loss weights, except ``cost_class`` when given."""
+    costs are the loss weights, except ``cost_class`` when given. ``tube``: the tube mode's locator loss too."""
     matcher = HungarianMatcher(weights["loss_ce"] if cost_class is None else cost_class,
                                weights["loss_bbox"], weights["loss_giou"])
-    weight_dict = dict(weights)
+    weight_dict = {**weights, **({"loss_locate": LOCATE_WEIGHT} if tube else {})}
     if aux_loss:
         for layer in range(num_decoder_layers - 1):
-            weight_dict.update({f"{k}_{layer}": v for k, v in weights.items()})
-    losses = ("labels", "boxes")
+            weight_dict.update({f"{k}_{layer}": v for k, v in weight_dict.items() if not k[-1].isdigit()})
+    losses = ("labels", "boxes") + (("locate",) if tube else ())
     if video_loss_coef > 0:
         weight_dict["loss_video"] = video_loss_coef
         losses += ("video",)

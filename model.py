@@ -136,7 +136,8 @@ class Locator(nn.Module):
     its frame's time tokens. ``centres(hidden (B, Q, K, D), frame_memory (B, K, G, D))`` -> ``(B, Q, K, 2)``:
     the attention-weighted mean ``(x, y)`` of the G grid cells' centres (a square grid). Why: the plain box head
     learnt per-class mean places for a long time (matched cx error 0.11 after 30 epochs); a box centre that is a
-    weighted mean of cell centres moves with what the query attends to from the first step
+    weighted mean of cell centres moves with what the query attends to from the first step. The attention is also
+    trained to pick the true centre's cell: a mean over two actors' cells would fall between them
     (docs/EXPERIMENTS.md, "Tube mode")."""
 
     def __init__(self, hidden_dim: int):
@@ -144,13 +145,15 @@ class Locator(nn.Module):
         self.query = nn.Linear(hidden_dim, hidden_dim)
         self.key = nn.Linear(hidden_dim, hidden_dim)
 
-    def forward(self, hidden: torch.Tensor, frame_memory: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, frame_memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the centres ``(B, Q, K, 2)`` and the attention logits ``(B, Q, K, G)`` (trained towards the cell
+        of the true centre: losses.SetCriterion.loss_locate)."""
         side = math.isqrt(frame_memory.shape[2])
         scores = torch.einsum("bqkd,bkgd->bqkg", self.query(hidden), self.key(frame_memory)) / math.sqrt(hidden.shape[-1])
         cells = (torch.arange(side, device=hidden.device, dtype=scores.dtype) + 0.5) / side
         ys, xs = torch.meshgrid(cells, cells, indexing="ij")
         centres = torch.stack([xs.flatten(), ys.flatten()], -1)                 # (G, 2) in (t, y, x) token order
-        return scores.softmax(-1) @ centres
+        return scores.softmax(-1) @ centres, scores
 
 
 class STAR(nn.Module):
@@ -282,8 +285,10 @@ class STAR(nn.Module):
         out = {k: v.unflatten(1, (-1, self.tube_steps)) for k, v in out.items()}
         if frames is not None:
             boxes = out["pred_boxes"]
-            centres = self.locate(hidden.unflatten(1, (-1, self.tube_steps)), frames)
+            centres, cells = self.locate(hidden.unflatten(1, (-1, self.tube_steps)), frames)
             out["pred_boxes"] = torch.cat([(centres + boxes[..., :2] - 0.5).clamp(0.0, 1.0), boxes[..., 2:]], -1)
+            if self.training:   # for the criterion's loss_locate
+                out["pred_cells"] = cells
         return out
 
     def use_channels_last(self) -> "STAR":

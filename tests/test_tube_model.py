@@ -214,3 +214,19 @@ def test_each_step_reads_only_its_own_frames_time_tokens():
     assert moved[2] > 1e-4 and moved[[0, 1, 3]].max() == 0                     # one layer: no self-attention mixing yet
     assert ((after_trunk - before).abs().amax(dim=(0, 1, 3)) > 1e-4).all()
     assert M.STAR(2, num_queries=2, tube_steps=4, time_tokens=False).step_mask(10) is None
+
+
+def test_locate_loss_is_the_cross_entropy_towards_the_true_centres_cell_where_the_track_acts():
+    K, side = 2, 3
+    labels = torch.tensor([[0, -1]])                                       # acts at step 0 only
+    boxes = torch.tensor([[[0.8, 0.4, 0.1, 0.1], [0.1, 0.1, 0.1, 0.1]]])  # centre (0.8, 0.4): column 2, row 1
+    target = {"track_labels": labels, "track_boxes": boxes, "labels": torch.tensor([0]), "boxes": boxes[:, 0]}
+    cells = torch.randn(1, 1, K, side * side)
+    out = {"pred_logits": torch.randn(1, 1, K, 2), "pred_boxes": torch.full((1, 1, K, 4), 0.5), "pred_cells": cells}
+    criterion = build_criterion(1, aux_loss=False, tube=True)
+    loss = criterion(out, [target])["loss_locate"]
+    assert float(loss) == pytest.approx(float(F.cross_entropy(cells[0, 0, :1], torch.tensor([1 * side + 2]))), rel=1e-6)
+    assert "loss_locate" in criterion.weight_dict and "loss_locate" not in build_criterion(1).weight_dict
+    net = M.STAR(2, tube_steps=4, **SMALL).train()
+    assert net(torch.randn(1, 4, 3, 64, 64))["pred_cells"].shape == (1, 3, 4, 64)   # the locator's 8x8 grid at 64 px
+    assert "pred_cells" not in net.eval()(torch.randn(1, 4, 3, 64, 64))
