@@ -65,8 +65,9 @@ class Backbone(nn.Module):
             return self.dropout(self.norm(tokens))
         early = self.stem[1](self.stem[0](x))                  # layer1: (B, 64, T, H/2, W/2)
         features = self.proj(self.stem[4](self.stem[3](self.stem[2](early))))
-        grid = [n * self.time_grid for n in features.shape[3:]]
-        pooled = nn.functional.adaptive_avg_pool3d(early, (time_steps or early.shape[2], *grid))
+        # plain ints: ONNX exports adaptive pooling only to a constant size
+        size = (int(time_steps or early.shape[2]), *(int(n) * self.time_grid for n in features.shape[3:]))
+        pooled = nn.functional.adaptive_avg_pool3d(early, size)
         time_tokens = self.time_proj(pooled).flatten(2).transpose(1, 2)   # (B, T*h*w, D)
         tokens = torch.cat([self.norm(features.flatten(2).transpose(1, 2)), self.time_norm(time_tokens)], 1)
         return self.dropout(tokens)

@@ -303,13 +303,15 @@ def test_token_count_of_the_tube_mode_matches_its_tokens():
     net = star_model.STAR(2, tube_steps=4, num_queries=2, dim_feedforward=64, num_decoder_layers=1).eval()
     with torch.no_grad():
         tokens = net.encode(torch.zeros(1, 4, 3, 64, 64))
-    assert export.token_count(4, 64, time_tokens=True) == tokens.shape[1] == (1 + 4) * 16
+        memory, fine = net.split_tokens(tokens)
+    # position rows: the decoder's memory (trunk 1x4x4, time 4x4x4) and the locator's 2x finer time tokens (4x8x8)
+    assert export.token_count(4, 64, time_tokens=True) == memory.shape[1] + fine.shape[1] * fine.shape[2] == 336
 
 
 @needs_deploy
 def test_a_tube_mode_checkpoint_exports_with_parity(files, tmp_path):
     torch.manual_seed(0)
-    args = star_model.model_args_from(2, num_queries=3, dim_feedforward=128, num_decoder_layers=2, max_positions=128,
+    args = star_model.model_args_from(2, num_queries=3, dim_feedforward=128, num_decoder_layers=2, max_positions=400,
                                       tube_steps=4)
     ckpt = tmp_path / "tube.pth"
     star_model.save_checkpoint(star_model.make_checkpoint(star_model.STAR(**args).eval(), args, NAMES, PREP), ckpt)

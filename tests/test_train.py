@@ -65,7 +65,7 @@ def tiny_r2plus1d_18(weights=None, **kwargs) -> nn.Module:
 
 
 def tiny_model_args(num_classes: int, **overrides) -> dict:
-    small = {"hidden_dim": 32, "num_decoder_layers": 2, "nheads": 2, "dim_feedforward": 64, "max_positions": 256}
+    small = {"hidden_dim": 32, "num_decoder_layers": 2, "nheads": 2, "dim_feedforward": 64, "max_positions": 512}
     return star_model.model_args_from(num_classes, **{**small, **overrides})
 
 

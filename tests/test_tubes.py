@@ -201,6 +201,8 @@ def tube_checkpoint(tmp_path_factory):
         net.head.class_head[3].bias[1] = 20.0
         net.head.bbox_head[6].weight.zero_()
         net.head.bbox_head[6].bias.copy_(torch.tensor([0.0, 0.0, math.log(0.4 / 0.6), math.log(0.4 / 0.6)]))
+        net.locate.query.weight.zero_()   # the locator attends evenly: centre 0.5, and the head's offset is 0
+        net.locate.query.bias.zero_()
     ck = star_model.make_checkpoint(net, star_model.model_args_from(2, **TUBE_ARGS), NAMES, TUBE_PREP,
                                     raw_class_ids=[0, 1])
     path = tmp_path_factory.mktemp("tube_ckpt") / "tube.pth"
