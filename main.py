@@ -300,10 +300,10 @@ def train(args) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(output_dir / "train.log", rank)
     args.precision = "fp32" if args.no_amp else args.precision
-    recipe = apply_recipe(args)
     engine.seed_everything(args.seed + rank)
     train_records, val_records, class_map = load_data(args, rank, output_dir)
     resolve_cutting(args, train_records + val_records)
+    recipe = apply_recipe(args, tube=args.mode == "tube")
     train_loader, val_loader = make_loaders(args, train_records, val_records, rank, world)
     model, criterion, optimizer, scheduler, scaler, amp_dtype, model_args = build_training_state(args, class_map, device, world)
     precision = engine.TrainingPrecision(amp_dtype, args.precision)

@@ -36,6 +36,10 @@ DECODER_STEPS_PER_EPOCH = 150
 # given (8 frames at 25 fps: 1.28 s). The whole 6-s sample video at 8 frames samples every ~21 frames, less than
 # one per motion cycle (28-40 frames), so the motion is not seen (docs/EXPERIMENTS.md, "Tube mode").
 WINDOW_STRIDE = 4
+# Tube mode's decoder phase peaks at steps 500-700 and then overfits its cached clips: 600 steps there (2026-12-01,
+# per-frame sample data, unseen frame-mAP@0.5 0.37 / video-mAP@0.5 0.15 against 0.33 / 0.10 with 2000, and 10 min
+# less; docs/EXPERIMENTS.md, "Tube mode").
+TUBE_DECODER_STEPS = 600
 
 
 def recipe_name(args) -> str:
@@ -46,13 +50,13 @@ def recipe_name(args) -> str:
     return "published" if pretrained else "scratch"
 
 
-def apply_recipe(args) -> str:
-    """Fill the flags left at None from the recipe; returns its name."""
+def apply_recipe(args, tube: bool = False) -> str:
+    """Fill the flags left at None from the recipe (``tube``: the tube mode's decoder phase); returns its name."""
     name = recipe_name(args)
     for key, value in RECIPES[name].items():
         if getattr(args, key) is None:
             if key == "decoder_steps":
-                value = min(value, DECODER_STEPS_PER_EPOCH * args.epochs)
+                value = min(value, DECODER_STEPS_PER_EPOCH * args.epochs, *([TUBE_DECODER_STEPS] if tube else []))
             setattr(args, key, value)
     return name
 

@@ -948,3 +948,14 @@ def test_whole_video_labels_default_to_clip_mode_and_train_the_tube_mode_when_as
     assert best["model_args"]["tube_steps"] == 4 and best["preprocessing"]["window_sec"] is None
     row, = read_rows(out / "training_results.csv")
     assert float(row["train_loss_bbox"]) > 0                           # 5-field boxes supervise every step
+
+
+def test_the_tube_mode_decoder_phase_is_shorter_unless_asked():
+    def parse(extra, tube):
+        args = main.get_args_parser().parse_args(["--input_dir", "d", "--output_dir", "o", "--pretrained", "none", *extra])
+        recipes.apply_recipe(args, tube=tube)
+        return args.decoder_steps
+    assert parse(["--epochs", "30"], tube=True) == recipes.TUBE_DECODER_STEPS == 600
+    assert parse(["--epochs", "30"], tube=False) == 2000
+    assert parse(["--epochs", "1"], tube=True) == recipes.DECODER_STEPS_PER_EPOCH      # short runs stay short
+    assert parse(["--epochs", "30", "--decoder_steps", "2000"], tube=True) == 2000
