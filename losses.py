@@ -59,7 +59,6 @@ class HungarianMatcher(nn.Module):
             indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return indices
 
-
     @torch.no_grad()
     def match_tubes(self, outputs: dict, targets: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """One assignment of actor queries to tracks per clip. outputs: ``pred_logits (B, Q, K, C+1)``,
@@ -132,7 +131,7 @@ class SetCriterion(nn.Module):
         logits = outputs["pred_logits"].float()                                  # (B, Q, C+1)
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         batch_idx, query_idx = _flat_indices(indices)
-        matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).long().to(logits.device)
+        matched_labels = _matched(targets, indices, "labels", logits.device).long()
         target_classes[batch_idx, query_idx] = matched_labels
         loss = F.cross_entropy(logits.transpose(1, 2), target_classes, self.class_weight)
         if matched_labels.numel():
@@ -147,7 +146,7 @@ class SetCriterion(nn.Module):
         logits = outputs["pred_logits"].float()                                  # (B, Q, K, C+1)
         target_classes = torch.full(logits.shape[:3], self.num_classes, dtype=torch.int64, device=logits.device)
         batch_idx, query_idx = _flat_indices(indices)
-        labels = torch.cat([t["track_labels"][j] for t, (_, j) in zip(targets, indices)]).long().to(logits.device)
+        labels = _matched(targets, indices, "track_labels", logits.device).long()
         target_classes[batch_idx, query_idx] = torch.where(labels >= 0, labels, self.num_classes)   # (matched, K)
         loss = F.cross_entropy(logits.permute(0, 3, 1, 2), target_classes, self.class_weight)
         acting = labels >= 0
@@ -164,10 +163,9 @@ class SetCriterion(nn.Module):
         batch_idx, query_idx = _flat_indices(indices)
         src = outputs["pred_boxes"].float()[batch_idx, query_idx]                 # (P, 4) or (P, K, 4)
         if not is_tube_output(outputs):
-            return src, torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).float().to(src.device)
-        tgt = torch.cat([t["track_boxes"][j] for t, (_, j) in zip(targets, indices)]).float().to(src.device)
-        acting = torch.cat([t["track_labels"][j] for t, (_, j) in zip(targets, indices)]).to(src.device) >= 0
-        return src[acting], tgt[acting]
+            return src, _matched(targets, indices, "boxes", src.device).float()
+        acting = _matched(targets, indices, "track_labels", src.device) >= 0
+        return src[acting], _matched(targets, indices, "track_boxes", src.device).float()[acting]
 
     def loss_boxes(self, outputs, targets, indices, num_boxes) -> dict:
         """L1 on ``cxcywh`` and ``1 - GIoU`` on ``xyxy`` of matched pairs, each summed / ``num_boxes``."""
@@ -189,16 +187,15 @@ class SetCriterion(nn.Module):
         if "pred_cells" not in outputs:
             return {}
         logits = outputs["pred_cells"].float()
-        batch_idx, query_idx = _flat_indices(indices)
-        boxes = torch.cat([t["track_boxes"][j] for t, (_, j) in zip(targets, indices)]).float().to(logits.device)
-        acting = torch.cat([t["track_labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device) >= 0
-        side = math.isqrt(logits.shape[-1])
-        place = (boxes[..., :2] * side).long().clamp(0, side - 1)             # (P, K, 2) column, row
-        cell = place[..., 1] * side + place[..., 0]
-        chosen = logits[batch_idx, query_idx]                                  # (P, K, G)
+        acting = _matched(targets, indices, "track_labels", logits.device) >= 0   # (P, K)
         if not acting.any():
-            return {"loss_locate": logits.sum() * 0.0}
-        return {"loss_locate": F.cross_entropy(chosen[acting], cell[acting], reduction="sum") / num_boxes}
+            return {"loss_locate": logits.sum() * 0.0}                         # keeps the graph connected
+        batch_idx, query_idx = _flat_indices(indices)
+        centres = _matched(targets, indices, "track_boxes", logits.device).float()[acting][:, :2]   # (A, 2) cx, cy
+        side = math.isqrt(logits.shape[-1])
+        place = (centres * side).long().clamp(0, side - 1)                     # column, row
+        cell = place[:, 1] * side + place[:, 0]
+        return {"loss_locate": F.cross_entropy(logits[batch_idx, query_idx][acting], cell, reduction="sum") / num_boxes}
 
     def loss_video(self, outputs, targets, indices, num_boxes) -> dict:
         """Video-level CE on ``video_logits (B, C+1)``: the target is spread evenly over the video's
@@ -240,6 +237,11 @@ class SetCriterion(nn.Module):
     def total(self, losses: dict) -> torch.Tensor:
         """The weighted sum that is trained on."""
         return sum(losses[k] * self.weight_dict[k] for k in losses if k in self.weight_dict)
+
+
+def _matched(targets: list[dict], indices, key: str, device) -> torch.Tensor:
+    """``key`` of every target row the matcher assigned, in :func:`_flat_indices` order, on ``device``."""
+    return torch.cat([t[key][j] for t, (_, j) in zip(targets, indices)]).to(device)
 
 
 def _flat_indices(indices):

@@ -98,7 +98,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "act, validation takes the middle one; stored in the checkpoint, test.py cuts its windows so); "
                         f"default: {WINDOW_STRIDE} frames per sampled frame (8 frames at 25 fps: 1.28 s)")
     p.add_argument("--time_tokens", action=argparse.BooleanOptionalAction, default=None,
-                   help="tube mode: add layer1's frame-rate tokens to the decoder's memory (model.Backbone)")
+                   help="tube mode: layer1's tokens of every frame, for the decoder's memory and the box locator "
+                        "(model.Backbone, model.Locator; default on)")
     p.add_argument("--mode", choices=("auto", "clip", "tube"), default="auto",
                    help="clip: one box per query per clip (the published network); tube: a class and a box per query "
                         "at every sampled frame (model.STAR's tube mode); auto: tube when the labels are per-frame")

@@ -854,12 +854,11 @@ class TubeScorer:
         frames = np.unique(np.asarray(frames, dtype=np.int64))
         if not len(frames):
             return
-        pixels = np.asarray(box, dtype=np.float64) * [width, height, width, height]
+        boxes = np.repeat(np.asarray(box, dtype=np.float64).reshape(1, 4), len(frames), 0)
         if as_frames:
-            self.detections += [(video, int(f), int(class_id), float(score), *pixels) for f in frames]
+            self.add_frame_detections(video, class_id, frames, np.full(len(frames), float(score)), boxes, width, height)
         if as_tube:
-            self.pred_tubes.append(Tube(video, int(class_id), float(score), frames,
-                                        np.repeat(pixels[None], len(frames), 0)))
+            self.add_tube(video, class_id, score, frames, boxes, width, height)
 
     def add_frame_detections(self, video: str, class_id: int, frames, scores, boxes, width: int, height: int) -> None:
         """One query's detections at video ``frames`` (n,) with ``scores`` (n,) and normalised xyxy ``boxes`` (n, 4)

@@ -37,8 +37,9 @@ class Backbone(nn.Module):
     Input ``(B, 3, T, H, W)``; output tokens ``(B, N, hidden_dim)`` flattened in ``(t, h, w)`` order,
     ``N = T/8 * H/16 * W/16`` (rounded up).
 
-    With ``time_tokens`` (tube mode) ``T * h * w`` more tokens follow: layer1's output (full frame rate)
-    average-pooled to layer4's ``h x w`` grid (and to ``time_steps`` in time), projected (``time_proj``) and normalised (``time_norm``).
+    With ``time_tokens`` (tube mode) ``T * (g*h) * (g*w)`` more tokens follow (``g = time_grid``): layer1's output
+    (full frame rate) average-pooled to ``time_steps`` x layer4's grid made ``g`` times finer, projected
+    (``time_proj``) and normalised (``time_norm``); :meth:`STAR.split_tokens` divides them between decoder and locator.
     Why: at 8 frames layer4 has a single time step, so nothing in its tokens is tied to one frame; the
     time queries of a tube read when the actor acts from these (docs/EXPERIMENTS.md, "Tube mode").
     """
@@ -134,8 +135,9 @@ class Head(nn.Module):
 
 class Locator(nn.Module):
     """Tube mode with time tokens: where (actor q, step k) is, read from the attention of its decoder output over
-    its frame's time tokens. ``centres(hidden (B, Q, K, D), frame_memory (B, K, G, D))`` -> ``(B, Q, K, 2)``:
-    the attention-weighted mean ``(x, y)`` of the G grid cells' centres (a square grid). Why: the plain box head
+    its frame's time tokens. ``forward(hidden (B, Q, K, D), frame_memory (B, K, G, D))`` -> centres
+    ``(B, Q, K, 2)``, the attention-weighted mean ``(x, y)`` of the G grid cells' centres (a square grid), and the
+    attention logits. Why: the plain box head
     learnt per-class mean places for a long time (matched cx error 0.11 after 30 epochs); a box centre that is a
     weighted mean of cell centres moves with what the query attends to from the first step. The attention is also
     trained to pick the true centre's cell: a mean over two actors' cells would fall between them
@@ -369,12 +371,11 @@ def freeze_trunk_stages(model: STAR, num_stages: int) -> None:
             param.requires_grad_(False)
 
 
-def token_grid(model: STAR, num_frames: int, img_size: int, stages: int = 5) -> tuple[int, int, int]:
+def token_grid(model: STAR, num_frames: int, img_size: int) -> tuple[int, int, int]:
     """``(t, h, w)`` of the trunk's token grid for clips of ``num_frames`` frames of ``img_size`` px
-    (R(2+1)D-18: time / 8, space / 16, rounded up), read from one forward pass of the trunk's first ``stages``
-    stages (2: layer1's grid, whose time axis the tube mode's time tokens keep)."""
-    was_training = model.backbone.stem.training
-    trunk = model.backbone.stem[:stages]   # a new Sequential of the same modules
+    (R(2+1)D-18: time / 8, space / 16, rounded up), read from one forward pass of the trunk."""
+    trunk = model.backbone.stem
+    was_training = trunk.training
     trunk.eval()   # no BatchNorm statistics from this dummy clip
     try:
         with torch.no_grad():
@@ -387,7 +388,8 @@ def token_grid(model: STAR, num_frames: int, img_size: int, stages: int = 5) -> 
 
 def init_positions(model: STAR, num_frames: int, img_size: int) -> None:
     """:func:`init_position_table` for every token the model makes of ``num_frames`` x ``img_size`` clips: the
-    trunk's grid, and in tube mode the time tokens' ``(T, h, w)`` grid in the rows after it."""
+    trunk's grid, and in tube mode, in the rows after it, the decoder's time tokens ``(T, h, w)`` and then the
+    locator's ``(T, g*h, g*w)`` (:meth:`STAR.split_tokens`, :meth:`STAR.frame_memory`)."""
     grid = token_grid(model, num_frames, img_size)
     init_position_table(model, grid)
     if model.backbone.time_proj is not None:

