@@ -142,13 +142,19 @@ class SetCriterion(nn.Module):
 
     def loss_tube_labels(self, outputs, targets, indices) -> dict:
         """Tube mode: weighted CE over all ``B*Q*K`` (query, step) pairs; a matched query's target at step k is
-        its track's class there, or no_object where the track does not act; unmatched queries: no_object."""
+        its track's class there, or no_object where the track does not act (weight 1: when the actor acts is a
+        label, not filler); unmatched queries: no_object, weighted ``eos_coef``. Why: with ``eos_coef`` on a
+        track's idle steps too, calling them acting cost a tenth of the reverse, and the step scores stayed flat
+        across each window (docs/EXPERIMENTS.md, "Tube mode")."""
         logits = outputs["pred_logits"].float()                                  # (B, Q, K, C+1)
         target_classes = torch.full(logits.shape[:3], self.num_classes, dtype=torch.int64, device=logits.device)
         batch_idx, query_idx = _flat_indices(indices)
         labels = _matched(targets, indices, "track_labels", logits.device).long()
         target_classes[batch_idx, query_idx] = torch.where(labels >= 0, labels, self.num_classes)   # (matched, K)
-        loss = F.cross_entropy(logits.permute(0, 3, 1, 2), target_classes, self.class_weight)
+        weights = self.class_weight[target_classes]                              # (B, Q, K)
+        weights[batch_idx, query_idx] = 1.0
+        per_pair = F.cross_entropy(logits.permute(0, 3, 1, 2), target_classes, reduction="none")
+        loss = (per_pair * weights).sum() / weights.sum()
         acting = labels >= 0
         if acting.any():
             predicted = logits[batch_idx, query_idx].argmax(-1)

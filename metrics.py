@@ -78,7 +78,8 @@ def tube_outputs_to_predictions(logits: torch.Tensor, boxes: torch.Tensor) -> li
     per tube: the tube is one actor doing one thing, and summing over steps lets the steps where it clearly acts
     outvote the uncertain ones. The clip view that the clip-mode metrics read: ``scores (Q,)`` the best step score
     (a query is a detection when it acts at one step at least), ``labels (Q,)``, ``boxes (Q, 4)`` its box at that
-    step."""
+    step. ``step_probs (Q, K, C)``: every class's probability (tubes.join_tubes reads a joined tube's class from
+    them)."""
     probs = logits.softmax(-1)[..., :-1]                                   # (B, Q, K, C)
     labels = probs.sum(2).argmax(-1)                                       # (B, Q)
     step_scores = probs.gather(-1, labels[..., None, None].expand(*probs.shape[:3], 1)).squeeze(-1)   # (B, Q, K)
@@ -87,7 +88,7 @@ def tube_outputs_to_predictions(logits: torch.Tensor, boxes: torch.Tensor) -> li
     best_boxes = xyxy.gather(2, best_step[..., None, None].expand(-1, -1, 1, 4)).squeeze(2)     # (B, Q, 4)
     return [{"scores": scores[b].contiguous(), "labels": labels[b].long().contiguous(),
              "boxes": best_boxes[b].contiguous(), "step_scores": step_scores[b].contiguous(),
-             "step_boxes": xyxy[b].contiguous()} for b in range(logits.shape[0])]
+             "step_boxes": xyxy[b].contiguous(), "step_probs": probs[b].contiguous()} for b in range(logits.shape[0])]
 
 
 def _as_tensor(x, dtype) -> torch.Tensor:

@@ -53,10 +53,12 @@ class Backbone(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.time_grid = int(time_grid)   # the time tokens' grid is layer4's, this many times finer
         if time_tokens:
-            self.time_proj = nn.Conv3d(_out_channels(trunk.layer1), hidden_dim, kernel_size=1)
+            channels = _out_channels(nn.Sequential(*list(trunk.stem)[:3])) + _out_channels(trunk.layer1)
+            self.time_pixel = nn.Sequential(nn.Conv3d(channels, hidden_dim // 2, kernel_size=1), nn.ReLU())
+            self.time_proj = nn.Conv3d(hidden_dim // 2, hidden_dim, kernel_size=1)
             self.time_norm = nn.LayerNorm(hidden_dim)
         else:
-            self.time_proj = self.time_norm = None
+            self.time_pixel = self.time_proj = self.time_norm = None
 
     def forward(self, x: torch.Tensor, time_steps: int | None = None) -> torch.Tensor:
         """``time_steps``: the time tokens' steps (default: layer1's, the clip's frames)."""
@@ -64,14 +66,23 @@ class Backbone(nn.Module):
             features = self.proj(self.stem(x))                 # (B, D, t, h, w)
             tokens = features.flatten(2).transpose(1, 2)       # (B, t*h*w, D)
             return self.dropout(self.norm(tokens))
-        early = self.stem[1](self.stem[0](x))                  # layer1: (B, 64, T, H/2, W/2)
+        stem = list(self.stem[0])
+        look = _run(stem[:3], x)                               # the stem's spatial conv: (B, 45, T, H/2, W/2)
+        early = self.stem[1](_run(stem[3:], look))             # layer1: (B, 64, T, H/2, W/2)
         features = self.proj(self.stem[4](self.stem[3](self.stem[2](early))))
         # plain ints: ONNX exports adaptive pooling only to a constant size
         size = (int(time_steps or early.shape[2]), *(int(n) * self.time_grid for n in features.shape[3:]))
-        pooled = nn.functional.adaptive_avg_pool3d(early, size)
+        pooled = nn.functional.adaptive_avg_pool3d(self.time_pixel(torch.cat([look, early], 1)), size)
         time_tokens = self.time_proj(pooled).flatten(2).transpose(1, 2)   # (B, T*h*w, D)
         tokens = torch.cat([self.norm(features.flatten(2).transpose(1, 2)), self.time_norm(time_tokens)], 1)
         return self.dropout(tokens)
+
+
+def _run(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """``x`` through ``layers`` in order (a slice of R2Plus1dStem, which cannot slice itself)."""
+    for layer in layers:
+        x = layer(x)
+    return x
 
 
 def _out_channels(stage: nn.Module) -> int:

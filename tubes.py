@@ -19,6 +19,9 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
+# A joined actor changes class only where its windows' class probabilities outweigh this many nats (tubes.part_classes).
+CLASS_SWITCH_COST = 3.0
+
 
 @dataclasses.dataclass(eq=False)   # equal only to itself: numpy fields make == ambiguous
 class PredTube:
@@ -33,6 +36,9 @@ class PredTube:
         step_frames, step_scores: ``(s,)`` the video frame and score of each present step it is made of
             (a joined tube pools those of its parts).
         tube_id: unique in its video, numbered from 1 in order of first frame (:func:`number_tubes`); 0 = not yet.
+        step_probs, frame_probs: ``(s, C)`` and ``(n, C)`` every class's probability at its present steps and
+            frames (tube mode; None for a clip-mode detection, whose class is final), and ``class_names`` their
+            names: :func:`join_tubes` may give the tube another class from them.
     """
 
     class_id: int
@@ -44,6 +50,9 @@ class PredTube:
     step_frames: np.ndarray
     step_scores: np.ndarray
     tube_id: int = 0
+    step_probs: np.ndarray | None = None
+    frame_probs: np.ndarray | None = None
+    class_names: tuple = ()
 
     def middle_box(self) -> tuple:
         """The box at its middle frame (``frames[(n - 1) // 2]``): the one box of its predictions.csv row."""
@@ -90,6 +99,15 @@ def dense(pred: dict, frame_indices, span: tuple[int, int]) -> tuple[np.ndarray,
     return frames, scores, boxes
 
 
+def _class_probs(pred: dict, frame_indices, frames) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Every class's probability ``(Q, K, C)`` at the steps and ``(Q, n, C)`` at ``frames`` (interpolated), or
+    Nones when the prediction has no ``step_probs``."""
+    if "step_probs" not in pred:
+        return None, None
+    step_probs = pred["step_probs"].float().numpy()
+    return step_probs, np.stack([interpolate(frame_indices, p, frames) for p in step_probs])
+
+
 def clip_tubes(pred: dict, frame_indices, span: tuple[int, int], threshold: float,
                class_names: Sequence[str]) -> list[PredTube]:
     """The tubes of one clip: one per query present (step score >= ``threshold``) at one step at least.
@@ -100,6 +118,7 @@ def clip_tubes(pred: dict, frame_indices, span: tuple[int, int], threshold: floa
     frame_indices = np.asarray(frame_indices, dtype=np.int64)
     present = pred["step_scores"].float().numpy() >= threshold            # (Q, K)
     frames, scores, boxes = dense(pred, frame_indices, span)
+    step_probs, frame_probs = _class_probs(pred, frame_indices, frames)
     near = nearest_step(frame_indices, frames)                             # (n,)
     out = []
     for q in np.flatnonzero(present.any(1)):
@@ -109,8 +128,10 @@ def clip_tubes(pred: dict, frame_indices, span: tuple[int, int], threshold: floa
         steps = np.flatnonzero(present[q])
         step_scores = pred["step_scores"][q, steps].float().numpy()
         label = int(pred["labels"][q])
+        probs = {} if step_probs is None else {"step_probs": step_probs[q, steps], "frame_probs": frame_probs[q, on],
+                                               "class_names": tuple(class_names)}
         out.append(PredTube(label, class_names[label], float(step_scores.mean()), frames[on], boxes[q, on],
-                            scores[q, on], frame_indices[steps], step_scores))
+                            scores[q, on], frame_indices[steps], step_scores, **probs))
     return out
 
 
@@ -122,10 +143,10 @@ def constant_tube(class_id: int, class_name: str, score: float, box, frames) -> 
 
 
 def merge(parts: Sequence[PredTube]) -> PredTube:
-    """One tube from tubes of one actor (same class): the union of their frames. On a frame several of them have,
-    the box (and frame score) of the highest-scoring one: a box the network predicted, not a blend of two that may
-    disagree (the mean of two boxes on different parts of a moving actor frames neither); score: the mean of all
-    their present steps."""
+    """One tube from tubes of one actor (the class of the first part): the union of their frames. On a frame several
+    of them have, the box (and frame score) of the highest-scoring one: a box the network predicted, not a blend of
+    two that may disagree (the mean of two boxes on different parts of a moving actor frames neither); score: the
+    mean of all their present steps."""
     ranked = sorted(parts, key=lambda t: -t.score)
     frames = np.concatenate([t.frames for t in ranked])
     unique, first = np.unique(frames, return_index=True)   # first occurrence = the highest-scoring part's
@@ -133,8 +154,22 @@ def merge(parts: Sequence[PredTube]) -> PredTube:
     frame_scores = np.concatenate([t.frame_scores for t in ranked])[first]
     step_frames = np.concatenate([t.step_frames for t in parts])
     step_scores = np.concatenate([t.step_scores for t in parts])
+    probs = {}
+    if all(t.step_probs is not None for t in parts):
+        probs = {"step_probs": np.concatenate([t.step_probs for t in parts]),
+                 "frame_probs": np.concatenate([t.frame_probs for t in ranked])[first], "class_names": parts[0].class_names}
     return PredTube(parts[0].class_id, parts[0].class_name, float(step_scores.mean()), unique, boxes, frame_scores,
-                    step_frames, step_scores)
+                    step_frames, step_scores, **probs)
+
+
+def relabel(tube: PredTube, class_id: int) -> PredTube:
+    """``tube`` as class ``class_id``: its scores become that class's probabilities (needs ``step_probs``)."""
+    if class_id == tube.class_id:
+        return tube
+    step_scores = tube.step_probs[:, class_id]
+    return dataclasses.replace(tube, class_id=int(class_id), class_name=tube.class_names[class_id],
+                               score=float(step_scores.mean()), step_scores=step_scores,
+                               frame_scores=tube.frame_probs[:, class_id])
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -171,9 +206,11 @@ def split_gaps(tube: PredTube, max_gap: int) -> list[PredTube]:
         frames = tube.frames[idx]
         mine = (tube.step_frames >= frames[0]) & (tube.step_frames <= frames[-1])
         step_scores = tube.step_scores[mine] if mine.any() else tube.frame_scores[idx]
+        probs = {} if tube.step_probs is None else {"step_probs": tube.step_probs[mine],
+                                                    "frame_probs": tube.frame_probs[idx]}
         pieces.append(dataclasses.replace(tube, score=float(step_scores.mean()), frames=frames, boxes=tube.boxes[idx],
                                           frame_scores=tube.frame_scores[idx], step_frames=tube.step_frames[mine],
-                                          step_scores=step_scores, tube_id=0))
+                                          step_scores=step_scores, tube_id=0, **probs))
     return pieces
 
 
@@ -185,32 +222,78 @@ def number_tubes(tubes: Sequence[PredTube]) -> list[PredTube]:
     return ordered
 
 
-def join_tubes(clips: Sequence[Sequence[PredTube]], iou_threshold: float, max_gap: int) -> list[PredTube]:
-    """The tubes of a video's clips (in window order) joined into one tube per actor, numbered.
+def _may_link(track: PredTube, tube: PredTube) -> bool:
+    """Tubes of one class may join; tubes of two classes too when both carry every class's probabilities (tube
+    mode), since :func:`action_runs` then decides the class of each part."""
+    return track.class_id == tube.class_id or (track.step_probs is not None and tube.step_probs is not None)
 
-    Greedy: clip by clip, its tubes best score first; each joins the tube so far (not already extended by this
-    clip: two tubes of one clip are two queries, never one) of its class with the highest :func:`link_iou`, when
-    that is at least ``iou_threshold``, else starts its own. Joined parts become one tube (:func:`merge`); a tube
-    missing for more than ``max_gap`` frames is then cut (:func:`split_gaps`), so a short pause keeps the id and a
-    long one gives a new one."""
-    tracks: list[list[PredTube]] = []
+
+def link_actors(clips: Sequence[Sequence[PredTube]], iou_threshold: float, max_gap: int) -> list[list[PredTube]]:
+    """The tubes of a video's clips (in window order) grouped into actors: lists of parts in window order.
+
+    Greedy: clip by clip, its tubes best score first; each joins the actor so far (not already extended by this
+    clip: two tubes of one clip are two queries, never one) it may link to (:func:`_may_link`) with the highest
+    :func:`link_iou`, when that is at least ``iou_threshold``, else starts its own."""
+    actors: list[list[PredTube]] = []
     joined: list[PredTube] = []
     for tubes in clips:
         taken: set[int] = set()
         for tube in sorted(tubes, key=lambda t: -t.score):
             best, best_iou = None, -1.0
             for k, track in enumerate(joined):
-                if k in taken or track.class_id != tube.class_id:
+                if k in taken or not _may_link(track, tube):
                     continue
                 iou = link_iou(track, tube, max_gap)
                 if iou >= iou_threshold and iou > best_iou:
                     best, best_iou = k, iou
             if best is None:
-                tracks.append([tube])
+                actors.append([tube])
                 joined.append(tube)
                 best = len(joined) - 1
             else:
-                tracks[best].append(tube)
-                joined[best] = merge(tracks[best])
+                actors[best].append(tube)
+                joined[best] = merge(actors[best])
             taken.add(best)
+    return actors
+
+
+def part_classes(parts: Sequence[PredTube], switch_cost: float) -> np.ndarray:
+    """The class of each part of one actor (window order): the sequence of classes that best explains every
+    part's mean class probabilities (log-likelihood, one vote per part) less ``switch_cost`` nats per change of
+    class (Viterbi). Why: one window's class is a guess from ~1 s of motion; a lone window that disagrees with its
+    neighbours is noise, while a change the windows keep showing is a new action (a new tube)."""
+    evidence = np.stack([np.log(np.clip(p.step_probs.mean(0), 1e-6, None)) for p in parts])   # (n, C)
+    score, back = evidence[0].copy(), []
+    for row in evidence[1:]:
+        stay_or_switch = score[:, None] - switch_cost * (1 - np.eye(len(score)))   # (from, to)
+        back.append(stay_or_switch.argmax(0))
+        score = stay_or_switch.max(0) + row
+    classes = [int(score.argmax())]
+    for pointers in reversed(back):
+        classes.append(int(pointers[classes[-1]]))
+    return np.array(classes[::-1])
+
+
+def action_runs(parts: Sequence[PredTube], switch_cost: float) -> list[PredTube]:
+    """One actor's parts as tubes: each part takes its class from :func:`part_classes`, and consecutive parts of one
+    class become one tube (:func:`merge`)."""
+    if len(parts) == 1 or any(p.step_probs is None for p in parts):   # clip mode: one class, final
+        return [merge(parts)]
+    classes = part_classes(parts, switch_cost)
+    runs, start = [], 0
+    for i in range(1, len(parts) + 1):
+        if i == len(parts) or classes[i] != classes[start]:
+            runs.append(merge([relabel(p, classes[start]) for p in parts[start:i]]))
+            start = i
+    return runs
+
+
+def join_tubes(clips: Sequence[Sequence[PredTube]], iou_threshold: float, max_gap: int,
+               switch_cost: float = CLASS_SWITCH_COST) -> list[PredTube]:
+    """The tubes of a video's clips (in window order) joined into one tube per actor and action, numbered.
+
+    The parts of one actor (:func:`link_actors`) take their classes from :func:`action_runs`; parts of one class in a
+    row become one tube (:func:`merge`); a tube missing for more than ``max_gap`` frames is then cut
+    (:func:`split_gaps`), so a short pause keeps the id and a long one gives a new one."""
+    joined = [tube for parts in link_actors(clips, iou_threshold, max_gap) for tube in action_runs(parts, switch_cost)]
     return number_tubes([piece for tube in joined for piece in split_gaps(tube, max_gap)])

@@ -15,7 +15,7 @@ import metrics
 import model as M
 from losses import HungarianMatcher, build_criterion, num_target_boxes
 
-TUBE_KEYS = {"backbone.time_proj.weight", "backbone.time_proj.bias", "backbone.time_norm.weight",
+TUBE_KEYS = {"backbone.time_pixel.0.weight", "backbone.time_pixel.0.bias", "backbone.time_proj.weight", "backbone.time_proj.bias", "backbone.time_norm.weight",
              "backbone.time_norm.bias", "time_queries.weight", "locate.query.weight", "locate.query.bias",
              "locate.key.weight", "locate.key.bias"}
 SMALL = dict(num_queries=3, dim_feedforward=64, num_decoder_layers=2, max_positions=600)
@@ -63,7 +63,9 @@ def test_tube_layout_is_the_published_one_plus_the_tube_keys_and_records_its_mod
     clip, tube = M.STAR(2).state_dict(), M.STAR(2, tube_steps=8).state_dict()
     assert set(tube) - set(clip) == TUBE_KEYS and set(clip) <= set(tube)
     assert all(clip[k].shape == tube[k].shape for k in clip)
-    assert tube["time_queries.weight"].shape == (8, 256) and tube["backbone.time_proj.weight"].shape == (256, 64, 1, 1, 1)
+    assert tube["time_queries.weight"].shape == (8, 256) and tube["backbone.time_proj.weight"].shape == (256, 128, 1, 1, 1)
+    # per pixel: the stem's spatial conv (45 channels, one frame each) and layer1 (64)
+    assert tube["backbone.time_pixel.0.weight"].shape == (128, 45 + 64, 1, 1, 1)
     args = M.model_args_from(2, tube_steps=4, **SMALL)
     net = M.STAR(**args).eval()
     path = tmp_path / "tube.pth"
@@ -142,8 +144,12 @@ def test_a_track_absent_at_a_step_supervises_no_object_there_and_no_box():
     losses = criterion(out, [target])
     expected_classes = torch.full((1, 2, K), C)
     expected_classes[0, rows[0]] = torch.tensor([1, C, 1])
-    weight = torch.tensor([1.0, 1.0, 0.1])
-    expected = F.cross_entropy(out["pred_logits"].permute(0, 3, 1, 2), expected_classes, weight)
+    # the matched query's every step weighs 1, its idle step 1 too; the unmatched query's no_object steps 0.1
+    weight = torch.full((1, 2, K), 0.1)
+    weight[0, rows[0]] = 1.0
+    per_pair = torch.stack([F.cross_entropy(out["pred_logits"][0, q, k][None], expected_classes[0, q, k][None])
+                            for q in range(2) for k in range(K)]).view(1, 2, K)
+    expected = (per_pair * weight).sum() / weight.sum()
     assert float(losses["loss_ce"]) == pytest.approx(float(expected), rel=1e-6)
     assert float(losses["loss_bbox"]) == pytest.approx(0.0, abs=1e-7)     # the step-1 box (0.3 vs 0) is not a target
     assert num_target_boxes([target], tube=True) == 2 and num_target_boxes([target], tube=False) == 1

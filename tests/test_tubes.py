@@ -4,7 +4,9 @@ annotated video of a tiny tube-mode checkpoint (8 frames, 64 px, 4 queries) on s
 from __future__ import annotations
 
 import csv
+import itertools
 import math
+import types
 
 import av
 import numpy as np
@@ -154,6 +156,55 @@ def test_other_class_far_box_and_a_second_tube_of_one_window_do_not_join():
     joined = tubes.join_tubes([clips[0], duplicates], inference.JOIN_IOU, max_gap=10)
     assert [(t.tube_id, int(t.frames[0]), int(t.frames[-1]), round(t.score, 2)) for t in joined] == [
         (1, 0, 29, 0.85), (2, 10, 29, 0.7)]
+
+
+def _probable_clips(window_probs, windows):
+    """Per window: one actor (moving right), class probabilities ``window_probs[i]`` at every step."""
+    clips = []
+    for (first, end), probs in zip(windows, window_probs):
+        steps = first + video.sample_indices(end - first, 8)
+        probs = torch.tensor([[probs] * 8], dtype=torch.float32)              # (1, K, C)
+        label = int(probs.sum(1).argmax())
+        pred = _pred(probs[..., label].tolist(), [[_actor(f, 0.1) for f in steps]], [label])
+        pred["step_probs"] = probs
+        clips.append(tubes.clip_tubes(pred, steps, (first, end), 0.5, NAMES))
+    return clips
+
+
+def test_a_lone_window_of_another_class_joins_the_actors_tube_with_its_class():
+    windows = [(0, 20), (10, 30), (20, 40), (30, 50)]
+    clips = _probable_clips([[0.9, 0.05], [0.2, 0.75], [0.85, 0.1], [0.9, 0.05]], windows)
+    assert [c[0].class_name for c in clips] == ["fight", "collapse", "fight", "fight"]
+    (tube,) = tubes.join_tubes(clips, inference.JOIN_IOU, max_gap=10)
+    assert tube.class_name == "fight" and tube.frames.tolist() == list(range(50))
+    # the lone window's steps are scored as fight (0.2), not with its own best class's 0.75
+    assert tube.score == pytest.approx(np.mean([0.9, 0.2, 0.85, 0.9]))
+    assert tube.frame_probs.shape == (50, 2) and np.allclose(tube.frame_scores, tube.frame_probs[:, 0])
+
+
+def test_a_change_of_action_the_windows_keep_showing_starts_a_new_tube():
+    windows = [(10 * i, 10 * i + 20) for i in range(6)]
+    clips = _probable_clips([[0.9, 0.05]] * 3 + [[0.1, 0.85]] * 3, windows)
+    first, second = tubes.join_tubes(clips, inference.JOIN_IOU, max_gap=10)
+    assert (first.class_name, first.tube_id, second.class_name, second.tube_id) == ("fight", 1, "collapse", 2)
+    assert first.frames[0] == 0 and second.frames[-1] == 69 and second.frames[0] <= first.frames[-1] + 1
+    # no switching cost: every window keeps its own class
+    assert [t.class_name for t in tubes.join_tubes(clips, inference.JOIN_IOU, 10, switch_cost=0.0)] == [
+        "fight", "collapse"]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_part_classes_is_the_best_sequence_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    n, C, cost = 5, 3, float(rng.uniform(0.5, 4))
+    parts = [types.SimpleNamespace(step_probs=rng.dirichlet(np.ones(C) * 0.5, size=4)) for _ in range(n)]
+    evidence = np.log(np.clip(np.stack([p.step_probs.mean(0) for p in parts]), 1e-6, None))
+
+    def total(seq):
+        return sum(evidence[i, c] for i, c in enumerate(seq)) - cost * sum(a != b for a, b in zip(seq, seq[1:]))
+
+    best = max(itertools.product(range(C), repeat=n), key=total)
+    assert total(tubes.part_classes(parts, cost)) == pytest.approx(total(best))
 
 
 # --------------------------------------------------------------------------- evaluation
