@@ -37,11 +37,14 @@ class Backbone(nn.Module):
     Input ``(B, 3, T, H, W)``; output tokens ``(B, N, hidden_dim)`` flattened in ``(t, h, w)`` order,
     ``N = T/8 * H/16 * W/16`` (rounded up).
 
-    With ``time_tokens`` (tube mode) ``T * (g*h) * (g*w)`` more tokens follow (``g = time_grid``): layer1's output
-    (full frame rate) average-pooled to ``time_steps`` x layer4's grid made ``g`` times finer, projected
-    (``time_proj``) and normalised (``time_norm``); :meth:`STAR.split_tokens` divides them between decoder and locator.
-    Why: at 8 frames layer4 has a single time step, so nothing in its tokens is tied to one frame; the
-    time queries of a tube read when the actor acts from these (docs/EXPERIMENTS.md, "Tube mode").
+    With ``time_tokens`` (tube mode) ``T * (g*h) * (g*w)`` more tokens follow (``g = time_grid``): at every pixel of
+    the full frame rate, the stem's spatial conv (what frame k looks like, that frame alone) and layer1's output go
+    through a 1x1 conv + ReLU (``time_pixel``), are average-pooled to ``time_steps`` x layer4's grid made ``g`` times
+    finer, projected (``time_proj``) and normalised (``time_norm``); :meth:`STAR.split_tokens` divides them between
+    decoder and locator. Why: at 8 frames layer4 has a single time step, so nothing in its tokens is tied to one
+    frame; layer1 mixes ~11 sampled frames and, under the motion stem, answers to change only; a cell's share of
+    actor pixels is a non-linear feature, which a linear map of pooled features cannot give (docs/EXPERIMENTS.md,
+    "Tube mode").
     """
 
     def __init__(self, hidden_dim: int = 256, dropout: float = 0.1, time_tokens: bool = False, time_grid: int = 1):
@@ -70,8 +73,10 @@ class Backbone(nn.Module):
         look = _run(stem[:3], x)                               # the stem's spatial conv: (B, 45, T, H/2, W/2)
         early = self.stem[1](_run(stem[3:], look))             # layer1: (B, 64, T, H/2, W/2)
         features = self.proj(self.stem[4](self.stem[3](self.stem[2](early))))
+        if early.shape[2:] != look.shape[2:]:                  # a trunk whose layer1 strides (the tests' tiny one)
+            early = nn.functional.interpolate(early, size=look.shape[2:])
         # plain ints: ONNX exports adaptive pooling only to a constant size
-        size = (int(time_steps or early.shape[2]), *(int(n) * self.time_grid for n in features.shape[3:]))
+        size = (int(time_steps or look.shape[2]), *(int(n) * self.time_grid for n in features.shape[3:]))
         pooled = nn.functional.adaptive_avg_pool3d(self.time_pixel(torch.cat([look, early], 1)), size)
         time_tokens = self.time_proj(pooled).flatten(2).transpose(1, 2)   # (B, T*h*w, D)
         tokens = torch.cat([self.norm(features.flatten(2).transpose(1, 2)), self.time_norm(time_tokens)], 1)
