@@ -56,7 +56,7 @@ class Backbone(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.time_grid = int(time_grid)   # the time tokens' grid is layer4's, this many times finer
         if time_tokens:
-            channels = _out_channels(nn.Sequential(*list(trunk.stem)[:3])) + _out_channels(trunk.layer1)
+            channels = _out_channels(nn.Sequential(*_stem_parts(trunk.stem)[0])) + _out_channels(trunk.layer1)
             self.time_pixel = nn.Sequential(nn.Conv3d(channels, hidden_dim // 2, kernel_size=1), nn.ReLU())
             self.time_proj = nn.Conv3d(hidden_dim // 2, hidden_dim, kernel_size=1)
             self.time_norm = nn.LayerNorm(hidden_dim)
@@ -64,14 +64,14 @@ class Backbone(nn.Module):
             self.time_pixel = self.time_proj = self.time_norm = None
 
     def forward(self, x: torch.Tensor, time_steps: int | None = None) -> torch.Tensor:
-        """``time_steps``: the time tokens' steps (default: layer1's, the clip's frames)."""
+        """``time_steps``: the time tokens' steps (default: the stem's, the clip's frames)."""
         if self.time_proj is None:
             features = self.proj(self.stem(x))                 # (B, D, t, h, w)
             tokens = features.flatten(2).transpose(1, 2)       # (B, t*h*w, D)
             return self.dropout(self.norm(tokens))
-        stem = list(self.stem[0])
-        look = _run(stem[:3], x)                               # the stem's spatial conv: (B, 45, T, H/2, W/2)
-        early = self.stem[1](_run(stem[3:], look))             # layer1: (B, 64, T, H/2, W/2)
+        spatial, temporal = _stem_parts(self.stem[0])
+        look = _run(spatial, x)                                # the stem's spatial conv: (B, 45, T, H/2, W/2)
+        early = self.stem[1](_run(temporal, look))             # layer1: (B, 64, T, H/2, W/2)
         features = self.proj(self.stem[4](self.stem[3](self.stem[2](early))))
         if early.shape[2:] != look.shape[2:]:                  # a trunk whose layer1 strides (the tests' tiny one)
             early = nn.functional.interpolate(early, size=look.shape[2:])
@@ -81,6 +81,12 @@ class Backbone(nn.Module):
         time_tokens = self.time_proj(pooled).flatten(2).transpose(1, 2)   # (B, T*h*w, D)
         tokens = torch.cat([self.norm(features.flatten(2).transpose(1, 2)), self.time_norm(time_tokens)], 1)
         return self.dropout(tokens)
+
+
+def _stem_parts(stem: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """R(2+1)D's stem as (its spatial conv + BatchNorm + ReLU, one frame each; the rest: its temporal conv...)."""
+    layers = list(stem)
+    return layers[:3], layers[3:]
 
 
 def _run(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
