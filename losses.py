@@ -16,6 +16,7 @@ from torchvision.ops import box_convert, box_iou, generalized_box_iou
 
 PUBLISHED_WEIGHTS = {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
 LOCATE_WEIGHT = 1.0   # tube mode's locator cell loss (SetCriterion.loss_locate); absent from clip-mode outputs
+ACTING_WEIGHT = 1.0   # tube mode's actionness map loss and presence loss (SetCriterion.loss_acting)
 
 
 def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
@@ -203,6 +204,29 @@ class SetCriterion(nn.Module):
         cell = place[:, 1] * side + place[:, 0]
         return {"loss_locate": F.cross_entropy(logits[batch_idx, query_idx][acting], cell, reduction="sum") / num_boxes}
 
+    def loss_acting(self, outputs, targets, indices, num_boxes) -> dict:
+        """Tube mode's actionness map (``pred_acting (B, K, G)`` logits over a square grid of G cells per step) and
+        what the network reads from it (``pred_presence (B, Q, K)``, the map at the cells each (actor, step) attends
+        to). ``loss_acting``: binary CE of every cell of every step towards 1 where the cell holds an actor that
+        acts then (:func:`acting_cells`), summed / the number of such cells (at least ``B*K``). ``loss_presence``:
+        binary CE of each matched (query, step) towards whether its track acts then, the mean. Why plain CE: the
+        product with the class is thresholded at test time, so the map must be calibrated; under focal loss it
+        said 0.18 at acting actors, 0.09 at idle ones, and no tube passed 0.5 (docs/EXPERIMENTS.md, "Tube mode").
+        Nothing without ``pred_acting``."""
+        if "pred_acting" not in outputs:
+            return {}
+        logits = outputs["pred_acting"].float()
+        side = math.isqrt(logits.shape[-1])
+        target = torch.stack([acting_cells(t["track_labels"], t["track_boxes"], side) for t in targets]).to(logits.device)
+        # at least one acting cell per step: a batch of clips without action would otherwise weigh hundreds of times more
+        dense = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / max(float(target.sum()),
+                                                                                       logits.shape[0] * logits.shape[1])
+        batch_idx, query_idx = _flat_indices(indices)
+        presence = outputs["pred_presence"].float()[batch_idx, query_idx].clamp(1e-6, 1 - 1e-6)   # (P, K)
+        acting = (_matched(targets, indices, "track_labels", presence.device) >= 0).float()
+        matched = F.binary_cross_entropy(presence, acting) if presence.numel() else presence.sum() * 0.0
+        return {"loss_acting": dense, "loss_presence": matched}
+
     def loss_video(self, outputs, targets, indices, num_boxes) -> dict:
         """Video-level CE on ``video_logits (B, C+1)``: the target is spread evenly over the video's
         classes, or no_object for a video without action. No matching: it reaches the trunk directly.
@@ -221,7 +245,7 @@ class SetCriterion(nn.Module):
 
     def get_loss(self, name, outputs, targets, indices, num_boxes) -> dict:
         loss_fns = {"labels": self.loss_labels, "boxes": self.loss_boxes, "video": self.loss_video,
-                    "locate": self.loss_locate}
+                    "locate": self.loss_locate, "acting": self.loss_acting}
         return loss_fns[name](outputs, targets, indices, num_boxes)
 
     def forward(self, outputs: dict, targets: list[dict], num_boxes: float | None = None) -> dict:
@@ -235,7 +259,7 @@ class SetCriterion(nn.Module):
             losses.update(self.get_loss(name, outputs, targets, indices, num_boxes))
         for layer, aux in enumerate(outputs.get("aux_outputs", [])):
             aux_indices = self.matcher(aux, targets)
-            for name in self.losses:
+            for name in (n for n in self.losses if n != "acting"):   # the map is the same for every layer
                 terms = self.get_loss(name, aux, targets, aux_indices, num_boxes)
                 losses.update({f"{k}_{layer}": v for k, v in terms.items() if k.startswith("loss_")})
         return losses
@@ -243,6 +267,21 @@ class SetCriterion(nn.Module):
     def total(self, losses: dict) -> torch.Tensor:
         """The weighted sum that is trained on."""
         return sum(losses[k] * self.weight_dict[k] for k in losses if k in self.weight_dict)
+
+
+def acting_cells(labels: torch.Tensor, boxes: torch.Tensor, side: int) -> torch.Tensor:
+    """``(K, side*side)`` float, 1 at the cells (row-major, square grid over the frame) whose centre lies in the box of a
+    track acting at that step, and at the cell holding that box's centre (a box smaller than a cell). ``labels (M,
+    K)`` (-1 = not acting), ``boxes (M, K, 4)`` cxcywh normalised."""
+    steps = labels.shape[1]
+    target = torch.zeros(steps, side, side)
+    centres = (torch.arange(side, dtype=torch.float32) + 0.5) / side
+    for (cx, cy, w, h), (m, k) in zip(boxes[labels >= 0].float().tolist(), (labels >= 0).nonzero().tolist()):
+        inside_x = (centres - cx).abs() <= w / 2
+        inside_y = (centres - cy).abs() <= h / 2
+        target[k] = torch.maximum(target[k], (inside_y[:, None] & inside_x[None, :]).float())
+        target[k, min(int(cy * side), side - 1), min(int(cx * side), side - 1)] = 1.0
+    return target.flatten(1)
 
 
 def _matched(targets: list[dict], indices, key: str, device) -> torch.Tensor:
@@ -262,14 +301,17 @@ def build_criterion(num_classes: int, num_decoder_layers: int = 4, aux_loss: boo
     """The published recipe: matcher costs and loss weights 2 / 5 / 2, no-object weight 0.1,
     auxiliary losses on every earlier decoder layer with the same weights. ``video_loss_coef`` > 0
     adds the video-level class loss (:meth:`SetCriterion.loss_video`) with that weight. The matcher's
-    costs are the loss weights, except ``cost_class`` when given. ``tube``: the tube mode's locator loss too."""
+    costs are the loss weights, except ``cost_class`` when given. ``tube``: the tube mode's locator and actionness
+    losses too."""
     matcher = HungarianMatcher(weights["loss_ce"] if cost_class is None else cost_class,
                                weights["loss_bbox"], weights["loss_giou"])
     weight_dict = {**weights, **({"loss_locate": LOCATE_WEIGHT} if tube else {})}
     if aux_loss:
         for layer in range(num_decoder_layers - 1):
             weight_dict.update({f"{k}_{layer}": v for k, v in weight_dict.items() if not k[-1].isdigit()})
-    losses = ("labels", "boxes") + (("locate",) if tube else ())
+    if tube:   # the map is the same for every decoder layer: one term
+        weight_dict.update(loss_acting=ACTING_WEIGHT, loss_presence=ACTING_WEIGHT)
+    losses = ("labels", "boxes") + (("locate", "acting") if tube else ())
     if video_loss_coef > 0:
         weight_dict["loss_video"] = video_loss_coef
         losses += ("video",)

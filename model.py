@@ -38,7 +38,8 @@ class Backbone(nn.Module):
     ``N = T/8 * H/16 * W/16`` (rounded up).
 
     With ``time_tokens`` (tube mode) ``T * (g*h) * (g*w)`` more tokens follow (``g = time_grid``): at every pixel of
-    the full frame rate, the stem's spatial conv (what frame k looks like, that frame alone) and layer1's output go
+    the full frame rate, the stem's spatial conv (what frame k looks like, that frame alone), the stem's output (what
+    changes over frames k-1..k+1) and layer1's output go
     through a 1x1 conv + ReLU (``time_pixel``), are average-pooled to ``time_steps`` x layer4's grid made ``g`` times
     finer, projected (``time_proj``) and normalised (``time_norm``); :meth:`STAR.split_tokens` divides them between
     decoder and locator. Why: at 8 frames layer4 has a single time step, so nothing in its tokens is tied to one
@@ -56,7 +57,9 @@ class Backbone(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.time_grid = int(time_grid)   # the time tokens' grid is layer4's, this many times finer
         if time_tokens:
-            channels = _out_channels(nn.Sequential(*_stem_parts(trunk.stem)[0])) + _out_channels(trunk.layer1)
+            spatial, temporal = _stem_parts(trunk.stem)
+            channels = (_out_channels(nn.Sequential(*spatial)) + _out_channels(nn.Sequential(*temporal))
+                        + _out_channels(trunk.layer1))
             self.time_pixel = nn.Sequential(nn.Conv3d(channels, hidden_dim // 2, kernel_size=1), nn.ReLU())
             self.time_proj = nn.Conv3d(hidden_dim // 2, hidden_dim, kernel_size=1)
             self.time_norm = nn.LayerNorm(hidden_dim)
@@ -71,13 +74,14 @@ class Backbone(nn.Module):
             return self.dropout(self.norm(tokens))
         spatial, temporal = _stem_parts(self.stem[0])
         look = _run(spatial, x)                                # the stem's spatial conv: (B, 45, T, H/2, W/2)
-        early = self.stem[1](_run(temporal, look))             # layer1: (B, 64, T, H/2, W/2)
+        motion = _run(temporal, look)                          # the stem's output, frames k-1..k+1: (B, 64, T, H/2, W/2)
+        early = self.stem[1](motion)                           # layer1: (B, 64, T, H/2, W/2)
         features = self.proj(self.stem[4](self.stem[3](self.stem[2](early))))
         if early.shape[2:] != look.shape[2:]:                  # a trunk whose layer1 strides (the tests' tiny one)
             early = nn.functional.interpolate(early, size=look.shape[2:])
         # plain ints: ONNX exports adaptive pooling only to a constant size
         size = (int(time_steps or look.shape[2]), *(int(n) * self.time_grid for n in features.shape[3:]))
-        pooled = nn.functional.adaptive_avg_pool3d(self.time_pixel(torch.cat([look, early], 1)), size)
+        pooled = nn.functional.adaptive_avg_pool3d(self.time_pixel(torch.cat([look, motion, early], 1)), size)
         time_tokens = self.time_proj(pooled).flatten(2).transpose(1, 2)   # (B, T*h*w, D)
         tokens = torch.cat([self.norm(features.flatten(2).transpose(1, 2)), self.time_norm(time_tokens)], 1)
         return self.dropout(tokens)
@@ -181,6 +185,40 @@ class Locator(nn.Module):
         return scores.softmax(-1) @ centres, scores
 
 
+class Actionness(nn.Module):
+    """Tube mode with time tokens: how likely each cell of each step's frame holds an actor that acts then.
+    ``forward(frame_memory (B, K, G, D))`` -> logits ``(B, K, G)``: each fine time token through a linear layer and
+    ReLU, a conv over the cell's steps k-1..k+1, ReLU, a linear layer; trained densely and where each matched
+    (actor, step) reads it (losses.SetCriterion.loss_acting). :meth:`STAR.read` reads it at the cells each (actor, step) attends to. Why:
+    the decoder's step scores stayed flat across a window (a clip-wide "this is a jump"), on training clips too; a
+    cell of a few frames only knows that stretch of time, and every cell of every step is a label; one frame's
+    motion alone is ambiguous (a hop stands still at its top) (docs/EXPERIMENTS.md, "Tube mode")."""
+
+    def __init__(self, hidden_dim: int):
+        super().__init__()
+        width = hidden_dim // 4
+        self.cell = nn.Sequential(nn.Linear(hidden_dim, width), nn.ReLU())
+        self.time = nn.Conv1d(width, width, kernel_size=3, padding=1)   # each cell with its steps k-1..k+1
+        self.out = nn.Linear(width, 1)
+        nn.init.constant_(self.out.bias, -math.log(99.0))   # RetinaNet's prior: 1 % of the cells act, so the loss starts small
+
+    def forward(self, frame_memory: torch.Tensor) -> torch.Tensor:
+        batch, steps, cells, _ = frame_memory.shape
+        x = self.cell(frame_memory).permute(0, 2, 3, 1).flatten(0, 1)            # (B*G, width, K)
+        x = torch.relu(self.time(x)).unflatten(0, (batch, cells)).permute(0, 3, 1, 2)   # (B, K, G, width)
+        return self.out(x).squeeze(-1)
+
+
+def step_log_probs(logits: torch.Tensor, acting: torch.Tensor) -> torch.Tensor:
+    """Class log-probabilities ``(..., C+1)`` of (actor, step) pairs from the decoder's ``logits (..., C+1)`` and
+    the probability ``acting (...)`` that the actor acts at that step: ``P(c) = acting * p(c)``, ``P(no_object) =
+    1 - acting * (1 - p(no_object))``; softmax of the result gives these back."""
+    log_p = logits.float().log_softmax(-1)
+    acting = acting.float().clamp(1e-6, 1.0).unsqueeze(-1)
+    idle = (1 - acting * (1 - log_p[..., -1:].exp())).clamp(min=1e-6)
+    return torch.cat([log_p[..., :-1] + acting.log(), idle.log()], -1).to(logits.dtype)
+
+
 class STAR(nn.Module):
     """End-to-end action detector.
 
@@ -223,6 +261,7 @@ class STAR(nn.Module):
         # the trunk's own time steps at K frames: where the time tokens start in the memory (see step_mask)
         self.trunk_steps = token_grid(self, self.tube_steps, 32)[0] if time_tokens else 0
         self.locate = Locator(hidden_dim) if time_tokens else None
+        self.acting = Actionness(hidden_dim) if time_tokens else None
         self.decoder = Decoder(hidden_dim, nheads, dim_feedforward, dropout, num_decoder_layers)
         self.head = Head(hidden_dim, num_classes, dropout)
 
@@ -303,7 +342,10 @@ class STAR(nn.Module):
     def read(self, hidden: torch.Tensor, frames: torch.Tensor | None = None) -> dict:
         """The heads on decoder output ``(B, Q[*K], D)``; tube mode reshapes to ``(B, Q, K, ...)``. With time
         tokens (``frames``, :meth:`frame_memory`) the box centre is the :class:`Locator`'s plus the box head's
-        offset (its cx, cy output minus 0.5)."""
+        offset (its cx, cy output minus 0.5). In evaluation the class log-probabilities are :func:`step_log_probs`
+        of the decoder's logits and the :class:`Actionness` map averaged over the cells the locator attends to; in
+        training the decoder's own logits, so that its no_object keeps saying which queries are actors at all (with
+        the product trained, idle actors in videos without action scored as acting: 7 of 16 such videos)."""
         out = self.head(hidden)
         if not self.tube_steps:
             return out
@@ -312,8 +354,14 @@ class STAR(nn.Module):
             boxes = out["pred_boxes"]
             centres, cells = self.locate(hidden.unflatten(1, (-1, self.tube_steps)), frames)
             out["pred_boxes"] = torch.cat([(centres + boxes[..., :2] - 0.5).clamp(0.0, 1.0), boxes[..., 2:]], -1)
-            if self.training:   # for the criterion's loss_locate
-                out["pred_cells"] = cells
+            acting_map = self.acting(frames)                                              # (B, K, G) logits
+            if self.training:   # the criterion trains the decoder's classes and the map apart (loss_acting)
+                # the attention detached: a step is idle because the map says so, not because the locator looks away
+                presence = torch.einsum("bqkg,bkg->bqk", cells.detach().softmax(-1), acting_map.sigmoid())
+                out.update(pred_cells=cells, pred_acting=acting_map, pred_presence=presence)
+            else:
+                acting = torch.einsum("bqkg,bkg->bqk", cells.softmax(-1), acting_map.sigmoid())
+                out["pred_logits"] = step_log_probs(out["pred_logits"], acting)
         return out
 
     def use_channels_last(self) -> "STAR":

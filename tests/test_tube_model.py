@@ -13,11 +13,12 @@ from torchvision.ops import box_convert, generalized_box_iou
 import dataset
 import metrics
 import model as M
-from losses import HungarianMatcher, build_criterion, num_target_boxes
+from losses import HungarianMatcher, acting_cells, build_criterion, num_target_boxes
 
 TUBE_KEYS = {"backbone.time_pixel.0.weight", "backbone.time_pixel.0.bias", "backbone.time_proj.weight", "backbone.time_proj.bias", "backbone.time_norm.weight",
              "backbone.time_norm.bias", "time_queries.weight", "locate.query.weight", "locate.query.bias",
-             "locate.key.weight", "locate.key.bias"}
+             "locate.key.weight", "locate.key.bias", "acting.cell.0.weight", "acting.cell.0.bias",
+             "acting.time.weight", "acting.time.bias", "acting.out.weight", "acting.out.bias"}
 SMALL = dict(num_queries=3, dim_feedforward=64, num_decoder_layers=2, max_positions=600)
 
 
@@ -64,8 +65,8 @@ def test_tube_layout_is_the_published_one_plus_the_tube_keys_and_records_its_mod
     assert set(tube) - set(clip) == TUBE_KEYS and set(clip) <= set(tube)
     assert all(clip[k].shape == tube[k].shape for k in clip)
     assert tube["time_queries.weight"].shape == (8, 256) and tube["backbone.time_proj.weight"].shape == (256, 128, 1, 1, 1)
-    # per pixel: the stem's spatial conv (45 channels, one frame each) and layer1 (64)
-    assert tube["backbone.time_pixel.0.weight"].shape == (128, 45 + 64, 1, 1, 1)
+    # per pixel: the stem's spatial conv (45 channels, one frame each), its output (64) and layer1 (64)
+    assert tube["backbone.time_pixel.0.weight"].shape == (128, 45 + 64 + 64, 1, 1, 1)
     args = M.model_args_from(2, tube_steps=4, **SMALL)
     net = M.STAR(**args).eval()
     path = tmp_path / "tube.pth"
@@ -235,3 +236,55 @@ def test_locate_loss_is_the_cross_entropy_towards_the_true_centres_cell_where_th
     net = M.STAR(2, tube_steps=4, **SMALL).train()
     assert net(torch.randn(1, 4, 3, 64, 64))["pred_cells"].shape == (1, 3, 4, 64)   # the locator's 8x8 grid at 64 px
     assert "pred_cells" not in net.eval()(torch.randn(1, 4, 3, 64, 64))
+
+
+def test_step_probabilities_are_the_decoders_class_times_the_actionness():
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 0.0, 3.0]])                 # two (actor, step) pairs, C = 2
+    acting = torch.tensor([0.8, 0.1])
+    got = M.step_log_probs(logits, acting).softmax(-1)
+    p = logits.softmax(-1)
+    want = torch.stack([acting * p[:, 0], acting * p[:, 1], 1 - acting * (1 - p[:, 2])], -1)
+    assert torch.allclose(got, want, atol=1e-6) and torch.allclose(got.sum(-1), torch.ones(2))
+    # the network applies it: a map that says "not acting" everywhere leaves only no_object
+    torch.manual_seed(0)
+    net = M.STAR(2, tube_steps=4, **SMALL).eval()
+    with torch.no_grad():
+        net.acting.out.weight.zero_()
+        net.acting.out.bias.fill_(-20.0)
+        plain = net(torch.randn(1, 4, 3, 64, 64))["pred_logits"].softmax(-1)
+    assert torch.allclose(plain[..., -1], torch.ones(()), atol=1e-6)          # nothing acts: no_object everywhere
+
+
+def test_acting_cells_mark_the_cells_inside_an_acting_box_and_its_centre_cell():
+    labels = torch.tensor([[1, -1], [0, 0]])
+    boxes = torch.tensor([[[0.3, 0.4, 0.2, 0.3], [0.5, 0.5, 1.0, 1.0]],       # track 0 idle at step 1: not marked
+                          [[0.9, 0.9, 0.01, 0.01], [0.9, 0.9, 0.01, 0.01]]])   # smaller than a cell: its centre cell
+    got = acting_cells(labels, boxes, 4).view(2, 4, 4)
+    want = torch.zeros(2, 4, 4)
+    want[0, 1, 1] = 1.0                              # cell centres 0.125 / 0.375 / ...: x in [0.2, 0.4], y in [0.25, 0.55]
+    want[:, 3, 3] = 1.0
+    assert torch.equal(got, want)
+
+
+def test_acting_losses_are_the_cells_binary_ce_and_the_matched_steps_presence_ce_one_term_each():
+    labels, boxes = torch.tensor([[0, -1]]), torch.tensor([[[0.3, 0.4, 0.2, 0.3]] * 2])
+    target = {"track_labels": labels, "track_boxes": boxes, "labels": torch.tensor([0]), "boxes": boxes[:, 0]}
+    acting, presence = torch.randn(1, 2, 16), torch.tensor([[[0.9, 0.2], [0.5, 0.5]]])   # 2 queries x 2 steps
+    aux = {"pred_logits": torch.tensor([[[[3.0, 0.0]] * 2, [[0.0, 3.0]] * 2]]), "pred_boxes": torch.full((1, 2, 2, 4), 0.5),
+           "pred_acting": acting, "pred_presence": presence}
+    out = {**aux, "aux_outputs": [dict(aux)]}
+    criterion = build_criterion(1, num_decoder_layers=2, tube=True)
+    got = criterion(out, [target])
+    cells = acting_cells(labels, boxes, 4)[None]
+    assert float(cells.sum()) == 1.0
+    want = F.binary_cross_entropy_with_logits(acting, cells, reduction="sum") / 2.0   # 1 acting cell: the floor, B*K = 2
+    assert float(got["loss_acting"]) == pytest.approx(float(want), rel=1e-6)
+    # query 0 says the class of the track: it is matched; its track acts at step 0 only
+    assert float(got["loss_presence"]) == pytest.approx(-(np.log(0.9) + np.log(0.8)) / 2, rel=1e-5)
+    assert not {"loss_acting_0", "loss_presence_0"} & set(got)
+    assert {"loss_acting", "loss_presence"} <= set(criterion.weight_dict)
+    assert "loss_acting" not in build_criterion(1).weight_dict
+    net = M.STAR(2, tube_steps=4, **SMALL).train()
+    out = net(torch.randn(1, 4, 3, 64, 64))
+    assert out["pred_acting"].shape == (1, 4, 64) and out["pred_presence"].shape == (1, 3, 4)
+    assert not {"pred_acting", "pred_presence"} & set(net.eval()(torch.randn(1, 4, 3, 64, 64)))

@@ -244,7 +244,8 @@ def test_tube_mode_is_scored_per_frame_with_interpolated_boxes(tmp_path):
 
 @pytest.fixture(scope="module")
 def tube_checkpoint(tmp_path_factory):
-    """A tiny tube-mode checkpoint whose every query says collapse (p ~1) at every step with the box FIXED_BOX."""
+    """A tiny tube-mode checkpoint whose every query says collapse (p ~1) at every step with the box FIXED_BOX (the
+    decoder says collapse, the actionness map says acting everywhere)."""
     torch.manual_seed(0)
     net = star_model.STAR(2, **TUBE_ARGS).eval()
     with torch.no_grad():
@@ -254,6 +255,8 @@ def tube_checkpoint(tmp_path_factory):
         net.head.bbox_head[6].bias.copy_(torch.tensor([0.0, 0.0, math.log(0.4 / 0.6), math.log(0.4 / 0.6)]))
         net.locate.query.weight.zero_()   # the locator attends evenly: centre 0.5, and the head's offset is 0
         net.locate.query.bias.zero_()
+        net.acting.out.weight.zero_()   # every cell acts (p ~1)
+        net.acting.out.bias.fill_(20.0)
     ck = star_model.make_checkpoint(net, star_model.model_args_from(2, **TUBE_ARGS), NAMES, TUBE_PREP,
                                     raw_class_ids=[0, 1])
     path = tmp_path_factory.mktemp("tube_ckpt") / "tube.pth"
