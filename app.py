@@ -371,9 +371,9 @@ def model_line(app: DemoApp, model_path) -> str:
 
 def default_cut(info: dict | None) -> tuple[str, float, float]:
     """``(mode, window, stride)`` the page starts with: as the model was trained (test.py does the same)."""
-    trained = (info or {}).get("window_sec")
-    if trained:
-        return WINDOWS, float(trained), float(trained)
+    window, stride = inference.trained_cut(info or {})
+    if window:
+        return WINDOWS, window, stride
     return WHOLE, DEFAULT_WINDOW_SEC, DEFAULT_STRIDE_SEC
 
 

@@ -490,13 +490,16 @@ def span_frames(start_sec: float, end_sec: float, info: video.VideoInfo) -> np.n
 
 
 def add_tube_predictions(scorer: metrics.TubeScorer, res: VideoResult, width: int, height: int) -> None:
-    """A tube-mode video into ``scorer``: for frame-mAP every query of every clip at each frame of its clip's span,
-    with its interpolated box and step score (all queries, thresholded or not: recall counts in AP); for video-mAP
-    the video's joined tubes (:attr:`VideoResult.tubes`). Boxes in pixels."""
-    for pred, indices, span in zip(res.queries, res.frame_indices, res.frame_spans):
+    """A tube-mode video into ``scorer``: for frame-mAP every query at each frame, with its interpolated box and step
+    score (all queries, thresholded or not: recall counts in AP), from the one clip whose span's centre is nearest
+    that frame (overlapping windows would otherwise detect each frame twice); for video-mAP the video's joined
+    tubes (:attr:`VideoResult.tubes`). Boxes in pixels."""
+    centres = np.array([(a + b - 1) / 2 for a, b in res.frame_spans], dtype=float)
+    for clip, (pred, indices, span) in enumerate(zip(res.queries, res.frame_indices, res.frame_spans)):
         frames, scores, boxes = tubes.dense(pred, indices, span)
-        for label, q_scores, q_boxes in zip(pred["labels"].tolist(), scores, boxes):
-            scorer.add_frame_detections(res.name, label, frames, q_scores, q_boxes, width, height)
+        own = np.abs(frames[:, None] - centres[None]).argmin(1) == clip       # first of equally near clips
+        for label, q_scores, q_boxes in zip(pred["labels"].tolist(), scores[:, own], boxes[:, own]):
+            scorer.add_frame_detections(res.name, label, frames[own], q_scores, q_boxes, width, height)
     for t in res.tubes:
         scorer.add_tube(res.name, t.class_id, t.score, t.frames, t.boxes, width, height)
 
@@ -562,6 +565,18 @@ class Settings:
         if self.window_sec:
             return f"windows of {self.window_sec:g} s every {self.stride_sec:g} s"
         return "whole video = one clip"
+
+
+def trained_cut(info: dict) -> tuple[float | None, float | None]:
+    """``(window_sec, stride_sec)`` as the checkpoint ``info`` was trained (Nones: whole videos). A tube-mode
+    checkpoint strides half a window: each frame is then scored from a window it lies near the middle of, where its
+    steps see motion on both sides (unseen tube sample data: video-mAP@0.5 0.45 against 0.24 with windows end to end,
+    docs/EXPERIMENTS.md, "Tube mode")."""
+    window = info.get("window_sec")
+    if not window:
+        return None, None
+    tube = (info.get("model_args") or {}).get("tube_steps", 0) > 0
+    return float(window), float(window) / 2 if tube else float(window)
 
 
 def predict_clips(model, clips: torch.Tensor, device, dtype=None) -> list[dict]:

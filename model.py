@@ -189,10 +189,11 @@ class Actionness(nn.Module):
     """Tube mode with time tokens: how likely each cell of each step's frame holds an actor that acts then.
     ``forward(frame_memory (B, K, G, D))`` -> logits ``(B, K, G)``: each fine time token through a linear layer and
     ReLU, a conv over the cell's steps k-1..k+1, ReLU, a linear layer; trained densely and where each matched
-    (actor, step) reads it (losses.SetCriterion.loss_acting). :meth:`STAR.read` reads it at the cells each (actor, step) attends to. Why:
-    the decoder's step scores stayed flat across a window (a clip-wide "this is a jump"), on training clips too; a
-    cell of a few frames only knows that stretch of time, and every cell of every step is a label; one frame's
-    motion alone is ambiguous (a hop stands still at its top) (docs/EXPERIMENTS.md, "Tube mode")."""
+    (actor, step) reads it (losses.SetCriterion.loss_acting). :meth:`STAR.read` reads it at the cells each
+    (actor, step) attends to. Why: the decoder's step scores stayed flat across a window (a clip-wide "this is a
+    jump"), on training clips too; a cell of a few frames only knows that stretch of time, and every cell of every
+    step is a label; the conv over steps because one frame's motion alone is ambiguous (a hop stands still at its
+    top) (docs/EXPERIMENTS.md, "Tube mode")."""
 
     def __init__(self, hidden_dim: int):
         super().__init__()
@@ -207,6 +208,15 @@ class Actionness(nn.Module):
         x = self.cell(frame_memory).permute(0, 2, 3, 1).flatten(0, 1)            # (B*G, width, K)
         x = torch.relu(self.time(x)).unflatten(0, (batch, cells)).permute(0, 3, 1, 2)   # (B, K, G, width)
         return self.out(x).squeeze(-1)
+
+
+def _neighbourhood_max(cells: torch.Tensor) -> torch.Tensor:
+    """``cells (B, K, G)`` on a square grid -> the maximum over each cell's 3x3 neighbourhood, same shape. Why: the
+    presence is read where the locator looks, the actor's centre, and a swelling (wave) moves the actor's edges, not
+    its centre: the map said 0.31 at acting wave centres, 0.76-0.79 at hops and walks (docs/EXPERIMENTS.md)."""
+    side = math.isqrt(cells.shape[-1])
+    grid = cells.reshape(-1, 1, side, side)
+    return nn.functional.max_pool2d(grid, 3, stride=1, padding=1).reshape(cells.shape)
 
 
 def step_log_probs(logits: torch.Tensor, acting: torch.Tensor) -> torch.Tensor:
@@ -343,9 +353,10 @@ class STAR(nn.Module):
         """The heads on decoder output ``(B, Q[*K], D)``; tube mode reshapes to ``(B, Q, K, ...)``. With time
         tokens (``frames``, :meth:`frame_memory`) the box centre is the :class:`Locator`'s plus the box head's
         offset (its cx, cy output minus 0.5). In evaluation the class log-probabilities are :func:`step_log_probs`
-        of the decoder's logits and the :class:`Actionness` map averaged over the cells the locator attends to; in
-        training the decoder's own logits, so that its no_object keeps saying which queries are actors at all (with
-        the product trained, idle actors in videos without action scored as acting: 7 of 16 such videos)."""
+        of the decoder's logits and the presence: the :class:`Actionness` map (its 3x3 maximum) averaged over the
+        cells the locator attends to. In training they are the decoder's own logits, so that its no_object keeps
+        saying which queries are actors at all (with the product trained, idle actors in 7 of 16 videos without
+        action scored as acting), and the presence is returned for the criterion."""
         out = self.head(hidden)
         if not self.tube_steps:
             return out
@@ -355,13 +366,14 @@ class STAR(nn.Module):
             centres, cells = self.locate(hidden.unflatten(1, (-1, self.tube_steps)), frames)
             out["pred_boxes"] = torch.cat([(centres + boxes[..., :2] - 0.5).clamp(0.0, 1.0), boxes[..., 2:]], -1)
             acting_map = self.acting(frames)                                              # (B, K, G) logits
+            # in training the attention is detached: a step is idle because the map says so, not because the
+            # locator looks away
+            attention = (cells.detach() if self.training else cells).softmax(-1)
+            presence = torch.einsum("bqkg,bkg->bqk", attention, _neighbourhood_max(acting_map.sigmoid()))
             if self.training:   # the criterion trains the decoder's classes and the map apart (loss_acting)
-                # the attention detached: a step is idle because the map says so, not because the locator looks away
-                presence = torch.einsum("bqkg,bkg->bqk", cells.detach().softmax(-1), acting_map.sigmoid())
                 out.update(pred_cells=cells, pred_acting=acting_map, pred_presence=presence)
             else:
-                acting = torch.einsum("bqkg,bkg->bqk", cells.softmax(-1), acting_map.sigmoid())
-                out["pred_logits"] = step_log_probs(out["pred_logits"], acting)
+                out["pred_logits"] = step_log_probs(out["pred_logits"], presence)
         return out
 
     def use_channels_last(self) -> "STAR":

@@ -59,7 +59,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="long-video mode: predict windows of this many seconds (default: the checkpoint's "
                              "training windows when it was trained on windows, else the whole video = 1 clip)")
     parser.add_argument("--stride_sec", type=number(float, 0, strict=True), default=None,
-                        help="long-video mode: seconds between window starts (default: --window_sec)")
+                        help="long-video mode: seconds between window starts (default: --window_sec; a tube-mode "
+                             "checkpoint's own windows: half a window)")
     parser.add_argument("--labels", default=None, metavar="DATASET_DIR",
                         help="dataset folder in the training layout: score the predictions against its labels")
     parser.add_argument("--recursive", action="store_true", help="also look for videos in sub-folders")
@@ -98,9 +99,11 @@ def main(args) -> int:
     model, info, raw_ids = inference.load_model(args.model_path, device, args.class_names)
     if info["source"] == "onnx":   # onnxruntime runs the graph as exported; torch's autocast has nothing to do
         dtype, precision_note = None, f"onnxruntime {model.precision}"
-    window_sec = args.window_sec or info.get("window_sec")   # cut as the checkpoint was trained, unless told
+    window_sec, stride_sec = inference.trained_cut(info)     # cut as the checkpoint was trained, unless told
+    if args.window_sec:
+        window_sec, stride_sec = args.window_sec, None
     settings = inference.Settings(
-        args.score_threshold, window_sec, args.stride_sec, annotate=not args.no_annotate,
+        args.score_threshold, window_sec, args.stride_sec or stride_sec, annotate=not args.no_annotate,
         batch_size=args.batch_size or (8 if device.type == "cuda" else 1),
         workers=args.workers if args.workers is not None else (4 if device.type == "cuda" else 1), folder_fps=args.fps)
     labels = inference.load_labels(args.labels, info["class_names"], raw_ids, args.fps) if args.labels else None

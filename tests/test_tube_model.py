@@ -288,3 +288,13 @@ def test_acting_losses_are_the_cells_binary_ce_and_the_matched_steps_presence_ce
     out = net(torch.randn(1, 4, 3, 64, 64))
     assert out["pred_acting"].shape == (1, 4, 64) and out["pred_presence"].shape == (1, 3, 4)
     assert not {"pred_acting", "pred_presence"} & set(net.eval()(torch.randn(1, 4, 3, 64, 64)))
+
+
+def test_presence_reads_the_maps_3x3_maximum_brute_force():
+    torch.manual_seed(0)
+    cells = torch.rand(2, 3, 25)
+    got = M._neighbourhood_max(cells).view(2, 3, 5, 5)
+    grid = cells.view(2, 3, 5, 5)
+    for r, c in itertools.product(range(5), range(5)):
+        want = grid[..., max(r - 1, 0):r + 2, max(c - 1, 0):c + 2].amax((-2, -1))
+        assert torch.equal(got[..., r, c], want)

@@ -284,6 +284,35 @@ def _run(tmp_path, inputs, ckpt, *extra):
     return rc, out, rows, header, frame_rows
 
 
+def test_overlapping_windows_score_each_frame_once_from_the_window_it_is_most_central_in():
+    """Two windows of 8 frames, the second starting at frame 4 (centres 3.5 and 7.5): frames 0-5 come from the first
+    (frame 5.5 is the tie, to the first), 6-11 from the second; a frame never gets both windows' detections."""
+    first, second = _pred([[0.2] * 4], [[[0.1, 0.1, 0.5, 0.5]] * 4]), _pred([[0.7] * 4], [[[0.1, 0.1, 0.5, 0.5]] * 4])
+    res = inference.VideoResult(0, "v.mp4", "v.mp4", None, [], [first, second], 0.7,
+                                frame_indices=[np.array([0, 2, 4, 6]), np.array([4, 6, 8, 10])],
+                                frame_spans=[(0, 8), (4, 12)], tube_mode=True)
+
+    class Scorer:
+        def __init__(self):
+            self.frames = {}
+
+        def add_frame_detections(self, video, label, frames, scores, boxes, width, height):
+            for f, s in zip(frames.tolist(), scores.tolist()):
+                self.frames.setdefault(f, []).append(round(s, 3))
+
+        def add_tube(self, *args):
+            pass
+    scorer = Scorer()
+    inference.add_tube_predictions(scorer, res, 100, 50)
+    assert scorer.frames == {f: [0.2] if f <= 5 else [0.7] for f in range(12)}
+
+
+def test_a_tube_checkpoint_cuts_its_own_windows_half_overlapping():
+    assert inference.trained_cut({"window_sec": None}) == (None, None)
+    assert inference.trained_cut({"window_sec": 1.28, "model_args": {"tube_steps": 0}}) == (1.28, 1.28)
+    assert inference.trained_cut({"window_sec": 1.28, "model_args": {"tube_steps": 8}}) == (1.28, 0.64)
+
+
 def test_frames_csv_of_a_tube_checkpoint_whole_video(tmp_path, tube_checkpoint):
     inputs = tmp_path / "in"
     inputs.mkdir()
