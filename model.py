@@ -24,6 +24,7 @@ log = logging.getLogger("star")
 PUBLISHED_CLASS_NAMES = ("fight", "collapse")
 PUBLISHED_PREPROCESSING = {"num_frames": 16, "img_size": 224, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
 CLASS_LAYER = "head.class_head.3"
+ANCHOR_SPREAD = 0.25   # tube mode: how far (in frame widths) an actor query's anchor reaches (Locator)
 PRETRAINED_CHOICES = ("kinetics400", "none")
 
 
@@ -57,9 +58,8 @@ class Backbone(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.time_grid = int(time_grid)   # the time tokens' grid is layer4's, this many times finer
         if time_tokens:
-            spatial, temporal = _stem_parts(trunk.stem)
-            channels = (_out_channels(nn.Sequential(*spatial)) + _out_channels(nn.Sequential(*temporal))
-                        + _out_channels(trunk.layer1))
+            spatial = _stem_parts(trunk.stem)[0]
+            channels = _out_channels(nn.Sequential(*spatial)) + _out_channels(trunk.stem) + _out_channels(trunk.layer1)
             self.time_pixel = nn.Sequential(nn.Conv3d(channels, hidden_dim // 2, kernel_size=1), nn.ReLU())
             self.time_proj = nn.Conv3d(hidden_dim // 2, hidden_dim, kernel_size=1)
             self.time_norm = nn.LayerNorm(hidden_dim)
@@ -167,12 +167,19 @@ class Locator(nn.Module):
     learnt per-class mean places for a long time (matched cx error 0.11 after 30 epochs); a box centre that is a
     weighted mean of cell centres moves with what the query attends to from the first step. The attention is also
     trained to pick the true centre's cell: a mean over two actors' cells would fall between them
-    (docs/EXPERIMENTS.md, "Tube mode")."""
+    (docs/EXPERIMENTS.md, "Tube mode"). Each actor query has a learnt anchor ``(x, y)`` (``anchors (Q, 2)``, spread
+    over the frame at the start); the attention logits get ``-d^2 / (2 * ANCHOR_SPREAD^2)``, d the cell centre's
+    distance from it, as Anchor DETR's queries own a place. Why: without it every query of a two-actor clip looked
+    at the same actor, on training clips too, and the second actor was never found."""
 
-    def __init__(self, hidden_dim: int):
+    def __init__(self, hidden_dim: int, num_queries: int):
         super().__init__()
         self.query = nn.Linear(hidden_dim, hidden_dim)
         self.key = nn.Linear(hidden_dim, hidden_dim)
+        columns = math.ceil(math.sqrt(num_queries))
+        rows = math.ceil(num_queries / columns)
+        place = torch.arange(num_queries, dtype=torch.float32)
+        self.anchors = nn.Parameter(torch.stack([(place % columns + 0.5) / columns, (place // columns + 0.5) / rows], -1))
 
     def forward(self, hidden: torch.Tensor, frame_memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the centres ``(B, Q, K, 2)`` and the attention logits ``(B, Q, K, G)`` (trained towards the cell
@@ -182,6 +189,8 @@ class Locator(nn.Module):
         cells = (torch.arange(side, device=hidden.device, dtype=scores.dtype) + 0.5) / side
         ys, xs = torch.meshgrid(cells, cells, indexing="ij")
         centres = torch.stack([xs.flatten(), ys.flatten()], -1)                 # (G, 2) in (t, y, x) token order
+        distance = ((centres[None] - self.anchors[:, None].to(scores.dtype)) ** 2).sum(-1)   # (Q, G)
+        scores = scores - (distance / (2 * ANCHOR_SPREAD ** 2))[None, :, None]
         return scores.softmax(-1) @ centres, scores
 
 
@@ -199,15 +208,15 @@ class Actionness(nn.Module):
         super().__init__()
         width = hidden_dim // 4
         self.cell = nn.Sequential(nn.Linear(hidden_dim, width), nn.ReLU())
-        self.time = nn.Conv1d(width, width, kernel_size=3, padding=1)   # each cell with its steps k-1..k+1
+        # each cell with its steps k-1..k+1: a (3, 1, 1) conv over (steps, cells, 1), with no reshape for ONNX to fix the
+        # batch size in, and a 5-D weight as channels_last_3d wants
+        self.time = nn.Conv3d(width, width, kernel_size=(3, 1, 1), padding=(1, 0, 0))
         self.out = nn.Linear(width, 1)
         nn.init.constant_(self.out.bias, -math.log(99.0))   # RetinaNet's prior: 1 % of the cells act, so the loss starts small
 
     def forward(self, frame_memory: torch.Tensor) -> torch.Tensor:
-        batch, steps, cells, _ = frame_memory.shape
-        x = self.cell(frame_memory).permute(0, 2, 3, 1).flatten(0, 1)            # (B*G, width, K)
-        x = torch.relu(self.time(x)).unflatten(0, (batch, cells)).permute(0, 3, 1, 2)   # (B, K, G, width)
-        return self.out(x).squeeze(-1)
+        x = self.cell(frame_memory).permute(0, 3, 1, 2).unsqueeze(-1)            # (B, width, K, G, 1)
+        return self.out(torch.relu(self.time(x)).squeeze(-1).permute(0, 2, 3, 1)).squeeze(-1)
 
 
 def _neighbourhood_max(cells: torch.Tensor) -> torch.Tensor:
@@ -216,7 +225,7 @@ def _neighbourhood_max(cells: torch.Tensor) -> torch.Tensor:
     its centre: the map said 0.31 at acting wave centres, 0.76-0.79 at hops and walks (docs/EXPERIMENTS.md)."""
     side = math.isqrt(cells.shape[-1])
     grid = cells.reshape(-1, 1, side, side)
-    return nn.functional.max_pool2d(grid, 3, stride=1, padding=1).reshape(cells.shape)
+    return nn.functional.max_pool2d(grid, 3, stride=1, padding=1).reshape_as(cells)   # reshape_as: ONNX keeps B free
 
 
 def step_log_probs(logits: torch.Tensor, acting: torch.Tensor) -> torch.Tensor:
@@ -270,7 +279,7 @@ class STAR(nn.Module):
             self.time_queries = nn.Embedding(self.tube_steps, hidden_dim)
         # the trunk's own time steps at K frames: where the time tokens start in the memory (see step_mask)
         self.trunk_steps = token_grid(self, self.tube_steps, 32)[0] if time_tokens else 0
-        self.locate = Locator(hidden_dim) if time_tokens else None
+        self.locate = Locator(hidden_dim, num_queries) if time_tokens else None
         self.acting = Actionness(hidden_dim) if time_tokens else None
         self.decoder = Decoder(hidden_dim, nheads, dim_feedforward, dropout, num_decoder_layers)
         self.head = Head(hidden_dim, num_classes, dropout)

@@ -148,6 +148,8 @@ def test_a_tube_mode_checkpoint_gives_tubes_and_the_frames_csv(tmp_path):
     with torch.no_grad():
         net.head.class_head[3].bias.zero_()
         net.head.class_head[3].bias[1] = 20.0
+        net.acting.out.weight.zero_()      # the actionness map: acting everywhere
+        net.acting.out.bias.fill_(20.0)
     ck = star_model.make_checkpoint(net, star_model.model_args_from(2, **args), ["fight", "collapse"],
                                     {**TINY_PREP, "num_frames": 8})
     star_model.save_checkpoint(ck, tmp_path / "tube.pth")

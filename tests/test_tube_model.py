@@ -17,7 +17,7 @@ from losses import HungarianMatcher, acting_cells, build_criterion, num_target_b
 
 TUBE_KEYS = {"backbone.time_pixel.0.weight", "backbone.time_pixel.0.bias", "backbone.time_proj.weight", "backbone.time_proj.bias", "backbone.time_norm.weight",
              "backbone.time_norm.bias", "time_queries.weight", "locate.query.weight", "locate.query.bias",
-             "locate.key.weight", "locate.key.bias", "acting.cell.0.weight", "acting.cell.0.bias",
+             "locate.key.weight", "locate.key.bias", "locate.anchors", "acting.cell.0.weight", "acting.cell.0.bias",
              "acting.time.weight", "acting.time.bias", "acting.out.weight", "acting.out.bias"}
 SMALL = dict(num_queries=3, dim_feedforward=64, num_decoder_layers=2, max_positions=600)
 
@@ -298,3 +298,20 @@ def test_presence_reads_the_maps_3x3_maximum_brute_force():
     for r, c in itertools.product(range(5), range(5)):
         want = grid[..., max(r - 1, 0):r + 2, max(c - 1, 0):c + 2].amax((-2, -1))
         assert torch.equal(got[..., r, c], want)
+
+
+def test_each_actor_query_has_an_anchor_that_biases_where_it_looks():
+    torch.manual_seed(0)
+    locate = M.Locator(8, num_queries=12)
+    assert locate.anchors.shape == (12, 2) and len({tuple(a) for a in locate.anchors.tolist()}) == 12
+    assert ((locate.anchors > 0) & (locate.anchors < 1)).all()
+    with torch.no_grad():
+        locate.query.weight.zero_()
+        locate.query.bias.zero_()                                          # no content: only the anchors speak
+        centres, logits = locate(torch.randn(1, 12, 2, 8), torch.randn(1, 2, 16, 8))
+    grid = (torch.arange(4) + 0.5) / 4
+    cells = torch.stack(torch.meshgrid(grid, grid, indexing="xy"), -1).reshape(16, 2)    # (x, y), row-major
+    want = -((cells[None] - locate.anchors[:, None]) ** 2).sum(-1) / (2 * M.ANCHOR_SPREAD ** 2)
+    assert torch.allclose(logits[0, :, 0], want.detach(), atol=1e-5) and torch.allclose(logits[0, :, 1], want.detach(), atol=1e-5)
+    # the located centre leans towards each query's own anchor
+    assert ((centres[0, :, 0] - 0.5) * (locate.anchors - 0.5) >= -1e-6).all()

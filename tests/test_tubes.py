@@ -253,8 +253,9 @@ def tube_checkpoint(tmp_path_factory):
         net.head.class_head[3].bias[1] = 20.0
         net.head.bbox_head[6].weight.zero_()
         net.head.bbox_head[6].bias.copy_(torch.tensor([0.0, 0.0, math.log(0.4 / 0.6), math.log(0.4 / 0.6)]))
-        net.locate.query.weight.zero_()   # the locator attends evenly: centre 0.5, and the head's offset is 0
-        net.locate.query.bias.zero_()
+        net.locate.query.weight.zero_()   # the locator attends symmetrically about the middle: centre 0.5, and the
+        net.locate.query.bias.zero_()     # head's offset is 0
+        net.locate.anchors.fill_(0.5)
         net.acting.out.weight.zero_()   # every cell acts (p ~1)
         net.acting.out.bias.fill_(20.0)
     ck = star_model.make_checkpoint(net, star_model.model_args_from(2, **TUBE_ARGS), NAMES, TUBE_PREP,
