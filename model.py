@@ -315,9 +315,10 @@ class STAR(nn.Module):
         layer_outputs = self.decoder(queries.unsqueeze(0).expand(tokens.shape[0], -1, -1), memory,
                                      self.step_mask(memory.shape[1]))
         frames = None if fine is None else self.frame_memory(fine, memory.shape[1])
-        out = self.read(layer_outputs[-1], frames)
+        acting_map = None if frames is None else self.acting(frames)   # (B, K, G) logits: once, every layer reads it
+        out = self.read(layer_outputs[-1], frames, acting_map)
         if return_aux:
-            out["aux_outputs"] = [self.read(hidden, frames) for hidden in layer_outputs[:-1]]
+            out["aux_outputs"] = [self.read(hidden, frames, acting_map) for hidden in layer_outputs[:-1]]
         return out
 
     def split_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -358,10 +359,11 @@ class STAR(nn.Module):
         query_step = torch.arange(K, device=token_step.device).repeat(self.queries.num_embeddings)   # actor-major
         return (token_step[None] >= 0) & (token_step[None] != query_step[:, None])
 
-    def read(self, hidden: torch.Tensor, frames: torch.Tensor | None = None) -> dict:
+    def read(self, hidden: torch.Tensor, frames: torch.Tensor | None = None,
+             acting_map: torch.Tensor | None = None) -> dict:
         """The heads on decoder output ``(B, Q[*K], D)``; tube mode reshapes to ``(B, Q, K, ...)``. With time
-        tokens (``frames``, :meth:`frame_memory`) the box centre is the :class:`Locator`'s plus the box head's
-        offset (its cx, cy output minus 0.5). In evaluation the class log-probabilities are :func:`step_log_probs`
+        tokens (``frames``, :meth:`frame_memory`, and ``acting_map``, the :class:`Actionness` logits of those frames)
+        the box centre is the :class:`Locator`'s plus the box head's offset (its cx, cy output minus 0.5). In evaluation the class log-probabilities are :func:`step_log_probs`
         of the decoder's logits and the presence: the :class:`Actionness` map (its 3x3 maximum) averaged over the
         cells the locator attends to. In training they are the decoder's own logits, so that its no_object keeps
         saying which queries are actors at all (with the product trained, idle actors in 7 of 16 videos without
@@ -374,7 +376,6 @@ class STAR(nn.Module):
             boxes = out["pred_boxes"]
             centres, cells = self.locate(hidden.unflatten(1, (-1, self.tube_steps)), frames)
             out["pred_boxes"] = torch.cat([(centres + boxes[..., :2] - 0.5).clamp(0.0, 1.0), boxes[..., 2:]], -1)
-            acting_map = self.acting(frames)                                              # (B, K, G) logits
             # in training the attention is detached: a step is idle because the map says so, not because the
             # locator looks away
             attention = (cells.detach() if self.training else cells).softmax(-1)
