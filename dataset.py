@@ -1053,13 +1053,16 @@ class ActionDataset(torch.utils.data.Dataset):
     same sample gets the same augmentation and window in any worker or process, and after a
     resume. The same crop, flip and colour apply to every frame and every box of the clip.
     With ``still_prob`` > 0 a clip with an action becomes, with that probability, a still clip
-    without one (:func:`still_clip`).
+    without one (:func:`still_clip`). With ``clips_per_video = n`` every record is ``n`` samples (index
+    ``copy * len(records) + i``), each with its own window and augmentation; copy 0 is the sample of ``n = 1``.
     """
 
     def __init__(self, records, num_frames: int, img_size: int, augment: bool = False, seed: int = 0,
                  mean=video.IMAGENET_MEAN, std=video.IMAGENET_STD, still_prob: float = 0.0,
                  window_frames: int | None = None, window_sec: float | None = None,
-                 negative_prob: float = NEGATIVE_PROB):
+                 negative_prob: float = NEGATIVE_PROB, clips_per_video: int = 1):
+        if clips_per_video < 1:
+            raise ValueError(f"clips_per_video must be >= 1, got {clips_per_video}")
         if window_frames is not None and window_sec is not None:
             raise ValueError("give window_frames or window_sec, not both")
         if not 0.0 <= negative_prob <= 1.0:
@@ -1072,14 +1075,15 @@ class ActionDataset(torch.utils.data.Dataset):
         self.window_frames = None if window_frames is None else int(window_frames)
         self.window_sec = None if window_sec is None else float(window_sec)
         self.negative_prob = float(negative_prob)
+        self.clips_per_video = int(clips_per_video)
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.records) * self.clips_per_video
 
     @property
     def has_action(self) -> list[bool]:
         """Per-sample flag for :class:`BalancedBatchSampler`."""
-        return [r.has_action for r in self.records]
+        return [r.has_action for r in self.records] * self.clips_per_video
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -1089,11 +1093,12 @@ class ActionDataset(torch.utils.data.Dataset):
         :class:`EpochTaggedBatches` (persistent workers keep their own copy of this dataset, so
         ``set_epoch`` in the main process does not reach them)."""
         index, epoch = index if isinstance(index, tuple) else (index, self.epoch)
+        copy, index = divmod(index, len(self.records))
         # A video that fails now (disk, codec) must not kill a long run: log and use the next.
         for attempt in range(len(self.records)):
             i = (index + attempt) % len(self.records)
             try:
-                return self._load(i, epoch)
+                return self._load(i, epoch, copy)
             except video.VideoError as exc:
                 log.warning("skipping %s at training time: %s", self.records[i].video, exc)
         raise DatasetError("no video of the dataset could be decoded")
@@ -1122,9 +1127,9 @@ class ActionDataset(torch.utils.data.Dataset):
             frames, _ = video.decode_frames(record.path, idx)
         return frames, np.asarray(idx, np.int64)
 
-    def _load(self, i: int, epoch: int):
+    def _load(self, i: int, epoch: int, copy: int = 0):
         record = self.records[i]
-        rng = np.random.default_rng([self.seed, epoch, i]) if self.augment else None
+        rng = np.random.default_rng([self.seed, epoch, i, *([copy] if copy else [])]) if self.augment else None
         if record.tracks is None:
             frames, idx = self._decode(record, lambda n: self._indices(n, rng))
         else:

@@ -228,6 +228,20 @@ def _neighbourhood_max(cells: torch.Tensor) -> torch.Tensor:
     return nn.functional.max_pool2d(grid, 3, stride=1, padding=1).reshape_as(cells)   # reshape_as: ONNX keeps B free
 
 
+def box_cell_weights(boxes: torch.Tensor, side: int) -> torch.Tensor:
+    """``boxes (..., 4)`` normalised cxcywh -> ``(..., side*side)``: the share of each cell of a square grid (row-major,
+    ``(y, x)``) that the box covers, normalised to sum 1 (a box inside one cell gives that cell 1)."""
+    edges = torch.arange(side + 1, device=boxes.device, dtype=boxes.dtype) / side
+    lo, hi = edges[:-1], edges[1:]
+
+    def cover(centre, size):   # (...,) -> (..., side): length of each cell's interval inside [centre -+ size/2]
+        a, b = (centre - size / 2).unsqueeze(-1), (centre + size / 2).unsqueeze(-1)
+        return (torch.minimum(b, hi) - torch.maximum(a, lo)).clamp(min=0)
+    area = cover(boxes[..., 1], boxes[..., 3]).unsqueeze(-1) * cover(boxes[..., 0], boxes[..., 2]).unsqueeze(-2)
+    area = area.flatten(-2)
+    return area / area.sum(-1, keepdim=True).clamp(min=1e-12)
+
+
 def step_log_probs(logits: torch.Tensor, acting: torch.Tensor) -> torch.Tensor:
     """Class log-probabilities ``(..., C+1)`` of (actor, step) pairs from the decoder's ``logits (..., C+1)`` and
     the probability ``acting (...)`` that the actor acts at that step: ``P(c) = acting * p(c)``, ``P(no_object) =
@@ -281,6 +295,11 @@ class STAR(nn.Module):
         self.trunk_steps = token_grid(self, self.tube_steps, 32)[0] if time_tokens else 0
         self.locate = Locator(hidden_dim, num_queries) if time_tokens else None
         self.acting = Actionness(hidden_dim) if time_tokens else None
+        # class evidence of the trunk's tokens under each (actor, step)'s box (see read); zero: starts as the decoder alone
+        self.actor_class = nn.Linear(hidden_dim, num_classes + 1) if time_tokens else None
+        if self.actor_class is not None:
+            nn.init.zeros_(self.actor_class.weight)
+            nn.init.zeros_(self.actor_class.bias)
         self.decoder = Decoder(hidden_dim, nheads, dim_feedforward, dropout, num_decoder_layers)
         self.head = Head(hidden_dim, num_classes, dropout)
 
@@ -316,9 +335,11 @@ class STAR(nn.Module):
                                      self.step_mask(memory.shape[1]))
         frames = None if fine is None else self.frame_memory(fine, memory.shape[1])
         acting_map = None if frames is None else self.acting(frames)   # (B, K, G) logits: once, every layer reads it
-        out = self.read(layer_outputs[-1], frames, acting_map)
+        # the trunk's own tokens: the memory before the K * h * w pooled time tokens (split_tokens)
+        trunk = None if frames is None else memory_tokens[:, :self.trunk_steps * fine.shape[2] // self.backbone.time_grid ** 2]
+        out = self.read(layer_outputs[-1], frames, acting_map, trunk)
         if return_aux:
-            out["aux_outputs"] = [self.read(hidden, frames, acting_map) for hidden in layer_outputs[:-1]]
+            out["aux_outputs"] = [self.read(hidden, frames, acting_map, trunk) for hidden in layer_outputs[:-1]]
         return out
 
     def split_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -360,7 +381,7 @@ class STAR(nn.Module):
         return (token_step[None] >= 0) & (token_step[None] != query_step[:, None])
 
     def read(self, hidden: torch.Tensor, frames: torch.Tensor | None = None,
-             acting_map: torch.Tensor | None = None) -> dict:
+             acting_map: torch.Tensor | None = None, trunk: torch.Tensor | None = None) -> dict:
         """The heads on decoder output ``(B, Q[*K], D)``; tube mode reshapes to ``(B, Q, K, ...)``. With time
         tokens (``frames``, :meth:`frame_memory`, and ``acting_map``, the :class:`Actionness` logits of those frames)
         the box centre is the :class:`Locator`'s plus the box head's offset (its cx, cy output minus 0.5). In evaluation the class log-probabilities are :func:`step_log_probs`
@@ -376,6 +397,7 @@ class STAR(nn.Module):
             boxes = out["pred_boxes"]
             centres, cells = self.locate(hidden.unflatten(1, (-1, self.tube_steps)), frames)
             out["pred_boxes"] = torch.cat([(centres + boxes[..., :2] - 0.5).clamp(0.0, 1.0), boxes[..., 2:]], -1)
+            out["pred_logits"] = out["pred_logits"] + self.actor_class(self.box_features(trunk, out["pred_boxes"]))
             # in training the attention is detached: a step is idle because the map says so, not because the
             # locator looks away
             attention = (cells.detach() if self.training else cells).softmax(-1)
@@ -385,6 +407,17 @@ class STAR(nn.Module):
             else:
                 out["pred_logits"] = step_log_probs(out["pred_logits"], presence)
         return out
+
+    def box_features(self, trunk: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """The trunk's tokens ``(B, t*h*w, D)`` (mean over its t steps) averaged under each box ``(B, Q, K, 4)``
+        (cxcywh, detached: this trains the classes, not the boxes) -> ``(B, Q, K, D)``. Why: a linear probe on these
+        (ground-truth boxes) told unseen wave from jump windows apart 56 of 56, the mean over the whole frame 44, and
+        the decoder, which reads the trunk through attention, swapped the two in most unseen videos
+        (docs/EXPERIMENTS.md, "Tube mode")."""
+        places = trunk.shape[1] // self.trunk_steps
+        grid = trunk.unflatten(1, (self.trunk_steps, places)).mean(1)                  # (B, h*w, D)
+        weights = box_cell_weights(boxes.detach().to(grid.dtype), math.isqrt(places))   # (B, Q, K, h*w)
+        return torch.einsum("bqkg,bgd->bqkd", weights, grid)
 
     def use_channels_last(self) -> "STAR":
         """channels_last_3d weights, and the input converted to match inside ``forward``."""

@@ -40,6 +40,9 @@ WINDOW_STRIDE = 4
 # per-frame sample data, unseen frame-mAP@0.5 0.37 / video-mAP@0.5 0.15 against 0.33 / 0.10 with 2000, and 10 min
 # less; docs/EXPERIMENTS.md, "Tube mode").
 TUBE_DECODER_STEPS = 600
+# Per-frame datasets draw this many training windows from each video per epoch (main.py --clips_per_video): the field
+# trains on every annotated frame of a video, not one clip of it; with one, 30 epochs were 300 steps (docs/EXPERIMENTS.md).
+WINDOWS_PER_VIDEO = 2
 
 
 def recipe_name(args) -> str:

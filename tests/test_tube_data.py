@@ -298,6 +298,23 @@ def test_training_windows_are_redrawn_every_epoch_and_reproducible(tmp_path):
     assert dataset.window_length(records[0], window_sec=0.5) == 12   # 0.5 s at 25 fps, as window_spans cuts
 
 
+def test_clips_per_video_draws_more_windows_of_each_video_and_keeps_the_first(tmp_path):
+    lines = "".join(f"{f} 1 0 10 10 30 30\n" for f in range(10, 90, 10))
+    records, _, _ = _per_frame_dataset(tmp_path, lines, n=100)
+    one = dataset.ActionDataset(records, 4, 16, augment=True, window_frames=20, seed=2)
+    two = dataset.ActionDataset(records, 4, 16, augment=True, window_frames=20, seed=2, clips_per_video=2)
+    assert len(two) == 2 * len(one) and two.has_action == one.has_action * 2
+    windows = set()
+    for epoch in range(4):
+        first, second = two[(0, epoch)], two[(len(records), epoch)]
+        assert torch.equal(first[0], one[(0, epoch)][0])           # copy 0: the sample of one clip per video
+        assert second[1]["video"] == first[1]["video"]
+        windows.add((tuple(first[1]["frame_indices"].tolist()), tuple(second[1]["frame_indices"].tolist())))
+    assert any(a != b for a, b in windows)                         # the second copy draws its own window
+    with pytest.raises(ValueError, match="clips_per_video"):
+        dataset.ActionDataset(records, 4, 16, clips_per_video=0)
+
+
 def test_collate_keeps_per_step_targets(tmp_path):
     records, _, _ = _per_frame_dataset(tmp_path, "5 1 0 10 10 30 30\n9 1 0 12 10 32 30\n")
     ds = dataset.ActionDataset(records, 4, 16, window_frames=10)

@@ -18,7 +18,8 @@ from losses import HungarianMatcher, acting_cells, build_criterion, num_target_b
 TUBE_KEYS = {"backbone.time_pixel.0.weight", "backbone.time_pixel.0.bias", "backbone.time_proj.weight", "backbone.time_proj.bias", "backbone.time_norm.weight",
              "backbone.time_norm.bias", "time_queries.weight", "locate.query.weight", "locate.query.bias",
              "locate.key.weight", "locate.key.bias", "locate.anchors", "acting.cell.0.weight", "acting.cell.0.bias",
-             "acting.time.weight", "acting.time.bias", "acting.out.weight", "acting.out.bias"}
+             "acting.time.weight", "acting.time.bias", "acting.out.weight", "acting.out.bias", "actor_class.weight",
+             "actor_class.bias"}
 SMALL = dict(num_queries=3, dim_feedforward=64, num_decoder_layers=2, max_positions=600)
 
 
@@ -315,3 +316,39 @@ def test_each_actor_query_has_an_anchor_that_biases_where_it_looks():
     assert torch.allclose(logits[0, :, 0], want.detach(), atol=1e-5) and torch.allclose(logits[0, :, 1], want.detach(), atol=1e-5)
     # the located centre leans towards each query's own anchor
     assert ((centres[0, :, 0] - 0.5) * (locate.anchors - 0.5) >= -1e-6).all()
+
+
+def test_box_cell_weights_are_the_boxs_share_of_each_cell_brute_force():
+    torch.manual_seed(0)
+    boxes = torch.cat([torch.rand(20, 2), torch.rand(20, 2) * 0.6 + 0.01], -1)   # cxcywh, some past the frame's edge
+    side, fine = 5, 200                                                          # count a 200 x 200 pixel grid
+    centres = (torch.arange(fine) + 0.5) / fine
+    got = M.box_cell_weights(boxes, side)
+    for box, weights in zip(boxes, got):
+        cx, cy, w, h = box.tolist()
+        inside = ((centres[:, None] - cy).abs() <= h / 2) & ((centres[None] - cx).abs() <= w / 2)   # (y, x)
+        per_cell = inside.float().view(side, fine // side, side, fine // side).sum((1, 3)).flatten()
+        assert torch.allclose(weights, per_cell / per_cell.sum(), atol=0.02)
+    assert torch.equal(M.box_cell_weights(torch.tensor([0.1, 0.1, 0.02, 0.02]), 4), torch.eye(16)[0])   # inside one cell
+
+
+def test_the_trunk_under_each_box_adds_class_evidence_that_starts_at_zero():
+    torch.manual_seed(0)
+    net = M.STAR(2, tube_steps=4, **{**SMALL, "dropout": 0.0}).train()             # train: the raw class logits
+    assert not net.actor_class.weight.any() and not net.actor_class.bias.any()
+    x = torch.randn(1, 4, 3, 64, 64)
+    with torch.no_grad():
+        tokens = net.encode(x)
+        before = net.decode(tokens)
+        net.actor_class.weight.normal_()
+        after = net.decode(tokens)
+    # by hand: the trunk's tokens averaged under each predicted box, through the linear layer, added to the decoder's
+    places = tokens.shape[1] - 4 * 4 * 16                                        # before the time tokens
+    weights = M.box_cell_weights(after["pred_boxes"], int(places ** 0.5))
+    features = torch.einsum("bqkg,bgd->bqkd", weights, tokens[:, :places])
+    assert torch.allclose(net.box_features(tokens[:, :places], after["pred_boxes"]), features, atol=1e-6)
+    assert torch.allclose(after["pred_logits"] - before["pred_logits"], net.actor_class(features), atol=1e-5)
+    net.zero_grad()
+    net(x)["pred_logits"].sum().backward()
+    assert net.actor_class.weight.grad.abs().sum() > 0                            # the class loss trains it
+    assert M.STAR(2, tube_steps=4, time_tokens=False, **SMALL).actor_class is None
