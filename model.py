@@ -384,7 +384,8 @@ class STAR(nn.Module):
              acting_map: torch.Tensor | None = None, trunk: torch.Tensor | None = None) -> dict:
         """The heads on decoder output ``(B, Q[*K], D)``; tube mode reshapes to ``(B, Q, K, ...)``. With time
         tokens (``frames``, :meth:`frame_memory`, and ``acting_map``, the :class:`Actionness` logits of those frames)
-        the box centre is the :class:`Locator`'s plus the box head's offset (its cx, cy output minus 0.5). In evaluation the class log-probabilities are :func:`step_log_probs`
+        the box centre is the :class:`Locator`'s plus the box head's offset (its cx, cy output minus 0.5), and the class
+        logits add ``actor_class`` of :meth:`box_features` (the ``trunk`` tokens under that box). In evaluation the class log-probabilities are :func:`step_log_probs`
         of the decoder's logits and the presence: the :class:`Actionness` map (its 3x3 maximum) averaged over the
         cells the locator attends to. In training they are the decoder's own logits, so that its no_object keeps
         saying which queries are actors at all (with the product trained, idle actors in 7 of 16 videos without
