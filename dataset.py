@@ -736,6 +736,7 @@ MIN_BOX_KEEP = 0.6            # a crop must keep this fraction of every box's ar
 COLOUR_JITTER = 0.2           # brightness / contrast / saturation factors in 1 +- this
 CHANNEL_SWAP_PROB = 0.5       # random RGB order: colour must not identify a training video
 STILL_NOISE = 2.0             # grey levels of per-frame noise on still clips (cameras flicker)
+MAX_STRIP = 0.8               # side by side: a clip's strip (all its boxes) is at most this share of its width
 
 
 def jittered_indices(num_frames: int, T: int, rng: np.random.Generator) -> np.ndarray:
@@ -858,6 +859,49 @@ def still_clip(frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     frame = frames[rng.integers(len(frames))].astype(np.float32)
     noise = rng.normal(0.0, STILL_NOISE, size=frames.shape).astype(np.float32)
     return np.clip(np.rint(frame[None] + noise), 0, 255).astype(np.uint8)
+
+
+def _strip(acting: np.ndarray, boxes: np.ndarray, rng: np.random.Generator) -> tuple[float, float] | None:
+    """A random horizontal span ``(x1, x2)`` (normalised) holding every acting box, half the width or more (at
+    most MAX_STRIP); None when the boxes span more."""
+    if not acting.any():
+        x1 = rng.uniform(0.0, 0.5)
+        return x1, x1 + 0.5
+    lo, hi = float(boxes[acting][:, 0].min()), float(boxes[acting][:, 2].max())
+    width = max(0.5, hi - lo)
+    if width > MAX_STRIP:
+        return None
+    x1 = rng.uniform(max(0.0, hi - width), min(lo, 1.0 - width))
+    return x1, x1 + width
+
+
+def side_by_side(a: tuple, b: tuple, rng: np.random.Generator) -> tuple | None:
+    """Two augmented clips as one, each in a half of the frame: a scene with both clips' actors.
+
+    ``a``, ``b``: ``(frames (T, S, S, 3) uint8, acting (M, T) bool, boxes (M, T, 4) normalised xyxy)``. Each clip
+    gives a strip of its frames that holds all its acting boxes (:func:`_strip`), resized to half the width; ``a``
+    goes left or right at random. Returns the joined ``(frames, acting, boxes)`` (``a``'s rows first), or None when
+    a clip's boxes span more than MAX_STRIP of its width. Why: the field's scenes often hold several actors, while
+    most training windows hold one; the decoder must learn to give each its own query and box."""
+    strips = [_strip(a[1], a[2], rng), _strip(b[1], b[2], rng)]
+    if None in strips:
+        return None
+    size = a[0].shape[2]
+    left = size // 2
+    a_left = bool(rng.random() < 0.5)
+    parts, all_boxes = [], []
+    for (frames, acting, boxes), (x1, x2), at_left in zip((a, b), strips, (a_left, not a_left)):
+        width, offset = (left, 0) if at_left else (size - left, left)
+        p1, p2 = int(round(x1 * size)), max(int(round(x1 * size)) + 1, int(round(x2 * size)))
+        parts.append((offset, np.stack([cv2.resize(np.ascontiguousarray(f[:, p1:p2]), (width, f.shape[0]),
+                                                   interpolation=cv2.INTER_LINEAR) for f in frames])))
+        moved = boxes.copy()
+        scale = width / (p2 - p1)
+        for k in (0, 2):
+            moved[..., k] = ((boxes[..., k] * size - p1) * scale + offset).clip(offset, offset + width) / size
+        all_boxes.append(np.where(acting[..., None], moved, 0.0).astype(np.float32))
+    frames = np.concatenate([f for _, f in sorted(parts, key=lambda p: p[0])], axis=2)
+    return frames, np.concatenate([a[1], b[1]]), np.concatenate(all_boxes)
 
 
 def xyxy_to_cxcywh(boxes: np.ndarray) -> np.ndarray:
@@ -1055,18 +1099,21 @@ class ActionDataset(torch.utils.data.Dataset):
     With ``still_prob`` > 0 a clip with an action becomes, with that probability, a still clip
     without one (:func:`still_clip`). With ``clips_per_video = n`` every record is ``n`` samples (index
     ``copy * len(records) + i``), each with its own window and augmentation; copy 0 is the sample of ``n = 1``.
+    With ``pair_prob`` > 0 a training window of a per-frame record is, with that probability, shown beside a window
+    of another per-frame record (:func:`side_by_side`: each in a half of the frame, with all its tracks).
     """
 
     def __init__(self, records, num_frames: int, img_size: int, augment: bool = False, seed: int = 0,
                  mean=video.IMAGENET_MEAN, std=video.IMAGENET_STD, still_prob: float = 0.0,
                  window_frames: int | None = None, window_sec: float | None = None,
-                 negative_prob: float = NEGATIVE_PROB, clips_per_video: int = 1):
+                 negative_prob: float = NEGATIVE_PROB, clips_per_video: int = 1, pair_prob: float = 0.0):
         if clips_per_video < 1:
             raise ValueError(f"clips_per_video must be >= 1, got {clips_per_video}")
         if window_frames is not None and window_sec is not None:
             raise ValueError("give window_frames or window_sec, not both")
-        if not 0.0 <= negative_prob <= 1.0:
-            raise ValueError(f"negative_prob must be in [0, 1], got {negative_prob}")
+        for name, value in (("negative_prob", negative_prob), ("pair_prob", pair_prob)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
         self.records = list(records)
         self.num_frames, self.img_size = int(num_frames), int(img_size)
         self.augment, self.seed, self.epoch = bool(augment), int(seed), 0
@@ -1076,6 +1123,7 @@ class ActionDataset(torch.utils.data.Dataset):
         self.window_sec = None if window_sec is None else float(window_sec)
         self.negative_prob = float(negative_prob)
         self.clips_per_video = int(clips_per_video)
+        self.pair_prob = float(pair_prob)
 
     def __len__(self) -> int:
         return len(self.records) * self.clips_per_video
@@ -1130,6 +1178,14 @@ class ActionDataset(torch.utils.data.Dataset):
     def _load(self, i: int, epoch: int, copy: int = 0):
         record = self.records[i]
         rng = np.random.default_rng([self.seed, epoch, i, *([copy] if copy else [])]) if self.augment else None
+        frames, idx, (track_ids, classes, acting, boxes) = self._sample(record, rng)
+        if rng is not None and record.tracks is not None and self.pair_prob and rng.random() < self.pair_prob:
+            frames, track_ids, classes, acting, boxes = self._paired(i, rng, frames, track_ids, classes, acting, boxes)
+        clip = video.preprocess(frames, self.img_size, self.mean, self.std)
+        return clip, tube_target(record.video, idx, track_ids, classes, acting, boxes)
+
+    def _sample(self, record: VideoRecord, rng) -> tuple[np.ndarray, np.ndarray, tuple]:
+        """A record's frames (augmented to S x S with ``rng``), their indices and :func:`clip_tubes`' arrays."""
         if record.tracks is None:
             frames, idx = self._decode(record, lambda n: self._indices(n, rng))
         else:
@@ -1143,8 +1199,26 @@ class ActionDataset(torch.utils.data.Dataset):
             if len(classes) and rng.random() < self.still_prob:
                 frames, track_ids, classes = still_clip(frames, rng), track_ids[:0], classes[:0]
                 acting, boxes = acting[:0], boxes[:0]
-        clip = video.preprocess(frames, self.img_size, self.mean, self.std)
-        return clip, tube_target(record.video, idx, track_ids, classes, acting, boxes)
+        return frames, idx, (track_ids, classes, acting, boxes)
+
+    def _paired(self, i: int, rng, frames, track_ids, classes, acting, boxes) -> tuple:
+        """The sample beside a window of another per-frame video (:func:`side_by_side`); unchanged when none fits
+        or the other video cannot be decoded. Its tracks get ids after the sample's own."""
+        others = [j for j, r in enumerate(self.records) if j != i and r.tracks is not None]
+        if not others:
+            return frames, track_ids, classes, acting, boxes
+        other = self.records[others[int(rng.integers(len(others)))]]
+        try:
+            o_frames, _, (o_ids, o_classes, o_acting, o_boxes) = self._sample(other, rng)
+        except video.VideoError as exc:
+            log.warning("not pairing with %s: %s", other.video, exc)
+            return frames, track_ids, classes, acting, boxes
+        joined = side_by_side((frames, acting, boxes), (o_frames, o_acting, o_boxes), rng)
+        if joined is None:
+            return frames, track_ids, classes, acting, boxes
+        first_free = int(track_ids.max()) + 1 if len(track_ids) else 0
+        return (joined[0], np.concatenate([track_ids, o_ids + first_free]), np.concatenate([classes, o_classes]),
+                joined[1], joined[2])
 
 
 def collate(batch):

@@ -32,7 +32,7 @@ from losses import PUBLISHED_WEIGHTS, build_criterion
 from model import (PRETRAINED_CHOICES, STAR, CheckpointError, build_model, count_parameters, freeze_trunk_stages,
                    init_motion_stem, init_positions, load_for_finetuning, make_checkpoint, model_args_from,
                    save_checkpoint)
-from recipes import DECODER_STEPS_PER_EPOCH, WINDOWS_PER_VIDEO, WINDOW_STRIDE, add_recipe_defaults_to_help, apply_recipe
+from recipes import DECODER_STEPS_PER_EPOCH, PAIR_PROB, WINDOWS_PER_VIDEO, WINDOW_STRIDE, add_recipe_defaults_to_help, apply_recipe
 from runtime import UsageError, autocast_settings, init_distributed, number, resolve_device, setup_logging
 from video import DEFAULT_FOLDER_FPS, IMAGENET_MEAN, IMAGENET_STD, VideoInfo
 
@@ -106,6 +106,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--clips_per_video", type=number(int, 1), default=None,
                    help="training clips drawn from each video per epoch, each its own window and augmentation "
                         f"(default: {WINDOWS_PER_VIDEO} with per-frame labels, whose clips are windows of a longer video; else 1)")
+    p.add_argument("--pair_prob", type=number(float, 0, maximum=1), default=None,
+                   help="probability that a training window of a video with per-frame labels is shown beside another "
+                        "video's window, each in a half of the frame with its actors (several-actor scenes are rare "
+                        f"in most datasets; default: {PAIR_PROB} with per-frame labels, else 0)")
     p.add_argument("--negative_prob", type=float, default=0.2,
                    help="share of training windows placed away from every labelled actor (per-frame labels)")
     p.add_argument("--max_gap", type=number(int, 0), default=None,
@@ -164,14 +168,17 @@ def resolve_cutting(args, records) -> None:
         args.window_sec = round(WINDOW_STRIDE * args.num_frames / fps, 4)
     if args.clips_per_video is None:
         args.clips_per_video = WINDOWS_PER_VIDEO if per_frame else 1
-    log.info("mode %s; clips span %s; %d per video and epoch", args.mode,
-             f"{args.window_sec:g} s windows" if args.window_sec else "whole videos", args.clips_per_video)
+    if args.pair_prob is None:
+        args.pair_prob = PAIR_PROB if per_frame else 0.0
+    log.info("mode %s; clips span %s; %d per video and epoch; %g side by side", args.mode,
+             f"{args.window_sec:g} s windows" if args.window_sec else "whole videos", args.clips_per_video,
+             args.pair_prob)
 
 
 def make_loaders(args, train, val, rank: int, world: int):
     train_set = ActionDataset(train, args.num_frames, args.img_size, augment=not args.no_aug, seed=args.seed,
                               still_prob=args.still_prob, window_sec=args.window_sec, negative_prob=args.negative_prob,
-                              clips_per_video=args.clips_per_video)
+                              clips_per_video=args.clips_per_video, pair_prob=args.pair_prob)
     sampler = EpochTaggedBatches(BalancedBatchSampler(train_set.has_action, args.batch_size, args.seed, world, rank))
     # workers live for the whole run (starting them cost ~2 s per epoch); the batches carry the epoch
     kwargs = {"num_workers": args.workers, "collate_fn": collate, "persistent_workers": args.workers > 0}

@@ -92,8 +92,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 # ----------------------------------------------------------------------------- command line
 
 
-def number(kind=int, minimum: float = 0, strict: bool = False):
-    """An argparse ``type``: a finite ``kind`` (int or float) at least ``minimum`` (above it when ``strict``)."""
+def number(kind=int, minimum: float = 0, strict: bool = False, maximum: float = math.inf):
+    """An argparse ``type``: a finite ``kind`` (int or float) at least ``minimum`` (above it when ``strict``), at most
+    ``maximum``."""
     def parse(text: str):
         try:
             value = kind(text)
@@ -101,6 +102,8 @@ def number(kind=int, minimum: float = 0, strict: bool = False):
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
         if not math.isfinite(value) or value < minimum or (strict and value == minimum):
             raise argparse.ArgumentTypeError(f"must be {'above' if strict else 'at least'} {minimum:g}, got {text}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum:g}, got {text}")
         return value
     return parse
 

@@ -932,7 +932,7 @@ def test_per_frame_labels_train_the_tube_mode_by_default_with_its_decoder_phase(
     assert best["model_args"]["tube_steps"] == 4                       # no flag: per-frame labels choose tubes
     assert best["preprocessing"]["window_sec"] == pytest.approx(recipes.WINDOW_STRIDE * 4 / 25)   # 4 frames at 25 fps
     assert "mode tube" in log_text(out) and "decoder step 12/12" in log_text(out)
-    assert f"{recipes.WINDOWS_PER_VIDEO} per video and epoch" in log_text(out)   # a long video holds several windows
+    assert f"{recipes.WINDOWS_PER_VIDEO} per video and epoch; {recipes.PAIR_PROB:g} side by side" in log_text(out)
     net, info = star_model.load_checkpoint(out / "best_model.pth")
     with torch.no_grad():
         pred = net(torch.zeros(1, 4, 3, 64, 64))
@@ -947,7 +947,8 @@ def test_whole_video_labels_default_to_clip_mode_and_train_the_tube_mode_when_as
     assert run_main(sample_data, out, "--epochs", "1", "--mode", "tube") == 0
     best = torch.load(out / "best_model.pth", map_location="cpu", weights_only=True)
     assert best["model_args"]["tube_steps"] == 4 and best["preprocessing"]["window_sec"] is None
-    assert "1 per video and epoch" in log_text(reference_run) and "1 per video and epoch" in log_text(out)
+    for run in (reference_run, out):     # one clip per whole video, never beside another
+        assert "1 per video and epoch; 0 side by side" in log_text(run)
     row, = read_rows(out / "training_results.csv")
     assert float(row["train_loss_bbox"]) > 0                           # 5-field boxes supervise every step
 

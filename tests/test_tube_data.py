@@ -315,6 +315,92 @@ def test_clips_per_video_draws_more_windows_of_each_video_and_keeps_the_first(tm
         dataset.ActionDataset(records, 4, 16, clips_per_video=0)
 
 
+def _bright_boxes(frames):
+    """Bounding boxes (pixels xyxy, x2/y2 exclusive) of the bright pixels of each frame's left and right halves."""
+    out = []
+    for f in frames.mean(-1):
+        half = f.shape[1] // 2
+        row = []
+        for x0, part in ((0, f[:, :half]), (half, f[:, half:])):
+            ys, xs = np.nonzero(part > 127)
+            row.append(None if not len(xs) else np.array([xs.min() + x0, ys.min(), xs.max() + 1 + x0, ys.max() + 1]))
+        out.append(row)
+    return out
+
+
+def test_side_by_side_puts_each_clip_in_a_half_with_its_boxes_where_its_actor_is_drawn():
+    """Two clips, each a white box moving over T steps (one absent at step 0): the joined frames show each box in
+    its own half, and every target box lies on its drawn box within a pixel (the strips are resized)."""
+    S, T = 64, 4
+    rng = np.random.default_rng(0)
+    clips = []
+    for x0, w in ((6, 10), (30, 20)):
+        frames = np.zeros((T, S, S, 3), np.uint8)
+        boxes = np.zeros((1, T, 4), np.float32)
+        acting = np.ones((1, T), bool)
+        for t in range(T):
+            x1, y1 = x0 + 3 * t, 10 + 2 * t
+            frames[t, y1:y1 + 16, x1:x1 + w] = 255
+            boxes[0, t] = np.array([x1, y1, x1 + w, y1 + 16]) / S
+        clips.append((frames, acting, boxes))
+    clips[1][1][0, 0] = False                       # b's actor is drawn at step 0 but does not act there
+    clips[1][2][0, 0] = 0.0
+    sides = set()
+    for _ in range(10):
+        joined = dataset.side_by_side(clips[0], clips[1], rng)
+        assert joined is not None
+        frames, acting, boxes = joined
+        assert frames.shape == (T, S, S, 3) and acting.tolist() == [[True] * T, [False] + [True] * (T - 1)]
+        drawn = _bright_boxes(frames)
+        a_side = 0 if boxes[0, 0, 0] < 0.5 else 1
+        sides.add(a_side)
+        for t in range(T):
+            for row, side in ((0, a_side), (1, 1 - a_side)):
+                if acting[row, t]:
+                    assert np.abs(drawn[t][side] - boxes[row, t] * S).max() <= 1.0, (t, row, drawn[t], boxes[:, t] * S)
+                    assert (boxes[row, t, [0, 2]] * S >= side * S // 2 - 1e-4).all()
+                    assert (boxes[row, t, [0, 2]] * S <= (side + 1) * S // 2 + 1e-4).all()
+        assert not boxes[1, 0].any()                 # not acting: no box
+    assert sides == {0, 1}                           # either clip may go left
+
+
+def test_side_by_side_declines_boxes_wider_than_a_strip():
+    S, T = 32, 2
+    wide = np.zeros((1, T, 4), np.float32)
+    wide[0, :] = [0.0, 0.2, dataset.MAX_STRIP + 0.05, 0.6]
+    frames = np.zeros((T, S, S, 3), np.uint8)
+    empty = (frames, np.zeros((0, T), bool), np.zeros((0, T, 4), np.float32))
+    assert dataset.side_by_side((frames, np.ones((1, T), bool), wide), empty, np.random.default_rng(0)) is None
+    frames_, acting, boxes = dataset.side_by_side(empty, empty, np.random.default_rng(0))   # nobody acts: still pairs
+    assert frames_.shape == frames.shape and acting.shape == (0, T) and boxes.shape == (0, T, 4)
+
+
+def test_pair_prob_shows_windows_of_two_videos_in_one_clip(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    for name in ("a", "b"):
+        write_video(root / f"{name}.mp4", numbered_frames(60, 64, 48), fps=25)
+    _write(root, [("a.mp4", "a.txt"), ("b.mp4", "b.txt")],
+           {"a.txt": "".join(f"{f} 1 0 8 8 20 30\n" for f in [*range(0, 60, 5), 59]),
+            "b.txt": "".join(f"{f} 1 1 40 10 52 40\n" for f in [*range(0, 60, 5), 59])})
+    records, _, problems = dataset.load_dataset(root)
+    assert not problems
+    alone = dataset.ActionDataset(records, 4, 32, augment=True, window_frames=20, seed=3, negative_prob=0.0)
+    paired = dataset.ActionDataset(records, 4, 32, augment=True, window_frames=20, seed=3, negative_prob=0.0,
+                                   pair_prob=1.0)
+    for epoch in range(3):
+        clip, t = paired[(0, epoch)]
+        own = alone[(0, epoch)][1]
+        assert t["video"] == "a.mp4" and torch.equal(t["frame_indices"], own["frame_indices"])
+        assert t["track_ids"][0] == 1 and t["track_ids"][1] > 1        # b's track gets an id after a's
+        assert t["track_labels"].tolist() == [[0] * 4, [1] * 4]        # a's actor and b's, both acting throughout
+        left = t["track_boxes"][:, :, 0] < 0.5                         # box centres: one per half at every step
+        assert (left[0] != left[1]).all()
+        assert clip.shape == alone[(0, epoch)][0].shape
+    with pytest.raises(ValueError, match="pair_prob"):
+        dataset.ActionDataset(records, 4, 16, pair_prob=1.5)
+
+
 def test_collate_keeps_per_step_targets(tmp_path):
     records, _, _ = _per_frame_dataset(tmp_path, "5 1 0 10 10 30 30\n9 1 0 12 10 32 30\n")
     ds = dataset.ActionDataset(records, 4, 16, window_frames=10)
