@@ -366,8 +366,8 @@ def reset_decoder_side(model: STAR, model_args: dict, args) -> list[torch.nn.Par
     if args.position_init:
         init_positions(fresh, args.num_frames, args.img_size)
     parts = [part for part in ("pos_embedding", "queries", "time_queries", "decoder", "head", "locate", "acting",
-                                 "actor_class", "actor_size")
-             if getattr(model, part, None) is not None]   # time_queries ... actor_size: tube mode only
+                                 "actor_class")
+             if getattr(model, part, None) is not None]   # time_queries, locate, acting, actor_class: tube mode only
     for part in parts:
         getattr(model, part).load_state_dict(getattr(fresh, part).state_dict())
     return [p for part in parts for p in getattr(model, part).parameters()]

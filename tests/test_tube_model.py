@@ -19,8 +19,7 @@ TUBE_KEYS = {"backbone.time_pixel.0.weight", "backbone.time_pixel.0.bias", "back
              "backbone.time_norm.bias", "time_queries.weight", "locate.query.weight", "locate.query.bias",
              "locate.key.weight", "locate.key.bias", "locate.anchors", "acting.cell.0.weight", "acting.cell.0.bias",
              "acting.time.weight", "acting.time.bias", "acting.out.weight", "acting.out.bias", "actor_class.weight",
-             "actor_class.bias", "actor_size.cell.0.weight", "actor_size.cell.0.bias", "actor_size.space.weight",
-             "actor_size.space.bias", "actor_size.out.weight", "actor_size.out.bias"}
+             "actor_class.bias"}
 SMALL = dict(num_queries=3, dim_feedforward=64, num_decoder_layers=2, max_positions=600)
 
 
@@ -353,47 +352,3 @@ def test_the_trunk_under_each_box_adds_class_evidence_that_starts_at_zero():
     net(x)["pred_logits"].sum().backward()
     assert net.actor_class.weight.grad.abs().sum() > 0                            # the class loss trains it
     assert M.STAR(2, tube_steps=4, time_tokens=False, **SMALL).actor_class is None
-
-
-def test_each_frames_tokens_where_the_locator_looks_correct_the_box_size_from_zero():
-    """The SizeMap starts at zero (the box head's sizes unchanged); set, each (actor, step)'s (w, h) logits gain its
-    map read under the locator's attention, by hand: a 3x3 neighbourhood sum of each cell for the convolutions."""
-    torch.manual_seed(0)
-    net = M.STAR(2, tube_steps=4, **{**SMALL, "dropout": 0.0}).train()
-    size_map = net.actor_size
-    assert not size_map.out.weight.any() and not size_map.out.bias.any()
-    x = torch.randn(1, 4, 3, 64, 64)
-    with torch.no_grad():
-        tokens = net.encode(x)
-        before = net.decode(tokens)
-        size_map.out.weight.normal_(std=0.1)
-        size_map.out.bias.normal_()
-        seen = []
-        hook = net.locate.register_forward_hook(lambda module, args, out: seen.append(out[1]))
-        after = net.decode(tokens)
-        hook.remove()
-        memory, fine = net.split_tokens(tokens)
-        frames = net.frame_memory(fine, memory.shape[1])                         # (1, K, G, D)
-        side = int(frames.shape[2] ** 0.5)
-        cells = size_map.cell(frames).unflatten(2, (side, side))                 # (1, K, side, side, width)
-        padded = torch.nn.functional.pad(cells.permute(0, 1, 4, 2, 3), (1, 1, 1, 1))   # (1, K, width, side+2, side+2)
-        w = size_map.space.weight[:, :, 0]                                      # (out, in, 3, 3)
-        hidden = torch.stack([torch.stack([torch.einsum("kcij,ocij->ko", padded[0, :, :, r:r + 3, c:c + 3], w)
-                                           for c in range(side)], -1) for r in range(side)], -2)
-        hidden = torch.relu(hidden + size_map.space.bias[None, :, None, None])   # (K, width, side, side)
-        padded = torch.nn.functional.pad(hidden, (1, 1, 1, 1))
-        w = size_map.out.weight[:, :, 0]
-        by_hand = torch.stack([torch.stack([torch.einsum("kcij,ocij->ko", padded[:, :, r:r + 3, c:c + 3], w)
-                                            for c in range(side)], -1) for r in range(side)], -2)
-        by_hand = (by_hand + size_map.out.bias[None, :, None, None]).flatten(2).transpose(1, 2)   # (K, G, 2)
-        assert torch.allclose(size_map(frames)[0], by_hand, atol=1e-5)
-    attention = seen[0].softmax(-1)                # the last layer (read first, then the auxiliary ones): (1, Q, K, G)
-    old_wh, new_wh = before["pred_boxes"][..., 2:], after["pred_boxes"][..., 2:]
-    assert torch.equal(before["pred_boxes"][..., :2], after["pred_boxes"][..., :2])   # centres untouched
-    gained = torch.logit(new_wh.double()) - torch.logit(old_wh.double())          # (1, Q, K, 2)
-    expected = torch.einsum("bqkg,kgc->bqkc", attention, by_hand)
-    assert torch.allclose(gained.float(), expected, atol=2e-3) and expected.std() > 0.05
-    net.zero_grad()
-    net(x)["pred_boxes"].sum().backward()
-    assert size_map.out.weight.grad.abs().sum() > 0 and net.locate.query.weight.grad is not None
-    assert M.STAR(2, tube_steps=4, time_tokens=False, **SMALL).actor_size is None
