@@ -32,7 +32,8 @@ from losses import PUBLISHED_WEIGHTS, build_criterion
 from model import (PRETRAINED_CHOICES, STAR, CheckpointError, build_model, count_parameters, freeze_trunk_stages,
                    init_motion_stem, init_positions, load_for_finetuning, make_checkpoint, model_args_from,
                    save_checkpoint)
-from recipes import DECODER_STEPS_PER_EPOCH, PAIR_PROB, WINDOWS_PER_VIDEO, WINDOW_STRIDE, add_recipe_defaults_to_help, apply_recipe
+from recipes import (DECODER_STEPS_PER_EPOCH, PAIR_PROB, WINDOWS_PER_VIDEO, WINDOW_STRIDE, add_recipe_defaults_to_help,
+                     apply_recipe)
 from runtime import UsageError, autocast_settings, init_distributed, number, resolve_device, setup_logging
 from video import DEFAULT_FOLDER_FPS, IMAGENET_MEAN, IMAGENET_STD, VideoInfo
 
