@@ -23,6 +23,7 @@ by :class:`ActionDataset` hold normalised cxcywh, as the model and losses expect
 """
 from __future__ import annotations
 
+import bisect
 import csv
 import dataclasses
 import json
@@ -1124,6 +1125,7 @@ class ActionDataset(torch.utils.data.Dataset):
         self.negative_prob = float(negative_prob)
         self.clips_per_video = int(clips_per_video)
         self.pair_prob = float(pair_prob)
+        self.per_frame = [j for j, r in enumerate(self.records) if r.tracks is not None]   # _paired's partners
 
     def __len__(self) -> int:
         return len(self.records) * self.clips_per_video
@@ -1204,10 +1206,10 @@ class ActionDataset(torch.utils.data.Dataset):
     def _paired(self, i: int, rng, frames, track_ids, classes, acting, boxes) -> tuple:
         """The sample beside a window of another per-frame video (:func:`side_by_side`); unchanged when none fits
         or the other video cannot be decoded. Its tracks get ids after the sample's own."""
-        others = [j for j, r in enumerate(self.records) if j != i and r.tracks is not None]
-        if not others:
+        if len(self.per_frame) < 2:
             return frames, track_ids, classes, acting, boxes
-        other = self.records[others[int(rng.integers(len(others)))]]
+        pick = int(rng.integers(len(self.per_frame) - 1))   # any per-frame record but record i (one of them)
+        other = self.records[self.per_frame[pick + (pick >= bisect.bisect_left(self.per_frame, i))]]
         try:
             o_frames, _, (o_ids, o_classes, o_acting, o_boxes) = self._sample(other, rng)
         except video.VideoError as exc:

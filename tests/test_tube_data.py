@@ -1,5 +1,7 @@
 """Per-frame labels (tubes): parsing, checks, tracks and interpolation, windows, per-step targets,
 augmentation on hand-made tubes, frame folders in a dataset, and the per-frame sample data."""
+import types
+
 import cv2
 import numpy as np
 import pytest
@@ -399,6 +401,25 @@ def test_pair_prob_shows_windows_of_two_videos_in_one_clip(tmp_path):
         assert clip.shape == alone[(0, epoch)][0].shape
     with pytest.raises(ValueError, match="pair_prob"):
         dataset.ActionDataset(records, 4, 16, pair_prob=1.5)
+
+
+def test_a_paired_window_partners_any_other_per_frame_video():
+    """Records 1 and 4 have whole-video labels: the partner of record i is any per-frame record but i."""
+    records = [types.SimpleNamespace(tracks=None if k in (1, 4) else [], video=f"v{k}") for k in range(6)]
+    paired = dataset.ActionDataset(records, 4, 32, pair_prob=1.0)
+    asked = []
+
+    def undecodable(record, rng):   # the partner's window: record which, and stop there
+        asked.append(record.video)
+        raise video.VideoError(f"{record.video}: cannot decode")
+    paired._sample = undecodable
+    for i in (0, 2, 3, 5):
+        asked.clear()
+        for seed in range(40):
+            assert paired._paired(i, np.random.default_rng(seed), "frames", *"tcab") == ("frames", *"tcab")
+        assert set(asked) == {"v0", "v2", "v3", "v5"} - {f"v{i}"}
+    alone = dataset.ActionDataset(records[:2], 4, 32, pair_prob=1.0)   # one per-frame record: nobody to pair with
+    assert alone._paired(0, np.random.default_rng(0), "frames", *"tcab") == ("frames", *"tcab")
 
 
 def test_collate_keeps_per_step_targets(tmp_path):

@@ -12,6 +12,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from torchvision.ops import box_iou
 
 import inference
 import model as star_model
@@ -150,12 +151,66 @@ def test_other_class_far_box_and_a_second_tube_of_one_window_do_not_join():
               tubes.constant_tube(0, "fight", 0.8, far, range(10, 30))]]
     joined = tubes.join_tubes(clips, inference.JOIN_IOU, max_gap=10)
     assert [(t.tube_id, t.class_id, int(t.frames[0])) for t in joined] == [(1, 0, 0), (2, 1, 10), (3, 0, 10)]
-    # Two queries of one window on the same actor (no NMS): the better one continues the tube, the other is its own.
+    # Two queries of one window on the same actor are one actor: its tube goes on, with both queries' steps.
     duplicates = [tubes.constant_tube(0, "fight", 0.7, box, range(10, 30)),
                   tubes.constant_tube(0, "fight", 0.8, [0.11, 0.1, 0.51, 0.5], range(10, 30))]
     joined = tubes.join_tubes([clips[0], duplicates], inference.JOIN_IOU, max_gap=10)
-    assert [(t.tube_id, int(t.frames[0]), int(t.frames[-1]), round(t.score, 2)) for t in joined] == [
-        (1, 0, 29, 0.85), (2, 10, 29, 0.7)]
+    assert [(t.tube_id, int(t.frames[0]), int(t.frames[-1]), round(t.score, 2)) for t in joined] == [(1, 0, 29, 0.85)]
+    np.testing.assert_allclose(joined[0].boxes[[19, 20]], [box, [0.11, 0.1, 0.51, 0.5]])   # then the better query
+
+
+def _query_tube(probs, box, end=16):
+    """One query's tube over frames ``[0, end)`` of a clip, a step every 4 frames: class probabilities ``probs`` (C,)
+    at every step, its class the most probable."""
+    steps = list(range(0, end, 4))
+    step_probs = torch.tensor([probs] * len(steps), dtype=torch.float32)[None]      # (1, K, C)
+    label = int(step_probs.sum(1).argmax())
+    pred = _pred(step_probs[..., label].tolist(), [[box] * len(steps)], [label])
+    pred["step_probs"] = step_probs
+    (tube,) = tubes.clip_tubes(pred, steps, (0, end), 0.5, NAMES)
+    return tube
+
+
+def test_duplicate_queries_of_one_clip_are_the_best_one_over_all_their_frames():
+    """Two queries on one actor (IoU 0.90): fight 0.8 at frames 0-15 and collapse 0.75 (fight 0.2) at 0-23 -> one
+    fight tube at frames 0-23 scored 0.8, the second query's box and fight probability at frames 16-23; a third
+    query on another actor stays."""
+    a, a_shifted, b = [0.1, 0.1, 0.5, 0.5], [0.12, 0.1, 0.52, 0.5], [0.6, 0.1, 0.9, 0.5]
+    clip = [_query_tube([0.2, 0.75], a_shifted, end=24), _query_tube([0.8, 0.15], a), _query_tube([0.1, 0.7], b)]
+    assert tubes.link_iou(clip[0], clip[1], 0) == pytest.approx(0.152 / 0.168)
+    merged = tubes.merge_duplicates(clip, tubes.DUPLICATE_IOU, max_gap=10)
+    assert [(t.class_name, round(t.score, 3), len(t.step_scores)) for t in merged] == [("fight", 0.8, 4),
+                                                                                        ("collapse", 0.7, 4)]
+    assert merged[0].frames.tolist() == list(range(24))
+    np.testing.assert_allclose(merged[0].boxes, [a] * 16 + [a_shifted] * 8)
+    np.testing.assert_allclose(merged[0].frame_scores, [0.8] * 16 + [0.2] * 8, atol=1e-6)
+    np.testing.assert_allclose(merged[1].boxes, [b] * 16)
+    # Below the threshold they stay apart; a lone tube is returned as it was.
+    assert len(tubes.merge_duplicates(clip, 0.95, max_gap=10)) == 3
+    assert tubes.merge_duplicates(clip[2:], tubes.DUPLICATE_IOU, 10) == clip[2:]
+
+
+def test_link_iou_without_shared_frames_is_the_iou_where_the_tubes_come_nearest():
+    """Against the brute force nearest pair of frames (any of them on a tie), also for a tube lying inside the
+    other's pause."""
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        frames_a = np.sort(rng.choice(60, size=rng.integers(1, 12), replace=False))
+        rest = np.setdiff1d(np.arange(60), frames_a)
+        frames_b = np.sort(rng.choice(rest, size=rng.integers(1, 12), replace=False))
+        xy = rng.uniform(0, 0.5, size=(len(frames_a) + len(frames_b), 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(0.1, 0.5, size=xy.shape)], 1)
+        a, b = (tubes.PredTube(0, "fight", 0.9, f, box, np.ones(len(f)), f[:1], np.ones(1))
+                for f, box in ((frames_a, boxes[:len(frames_a)]), (frames_b, boxes[len(frames_a):])))
+        distance = np.abs(frames_a[:, None] - frames_b[None])
+        gap = distance.min() - 1
+        ious = box_iou(torch.tensor(a.boxes), torch.tensor(b.boxes)).numpy()[distance == distance.min()]   # ties
+        for max_gap in (0, 3, 60):
+            iou = tubes.link_iou(a, b, max_gap)
+            assert (min(abs(ious - iou)) < 1e-9) if gap <= max_gap else iou == 0.0
+    inside = tubes.constant_tube(0, "fight", 0.9, [0.1, 0.1, 0.5, 0.5], [10, 11])
+    around = tubes.constant_tube(0, "fight", 0.9, [0.1, 0.1, 0.5, 0.5], [0, 1, 20, 21])
+    assert tubes.link_iou(around, inside, 10) == tubes.link_iou(inside, around, 10) == pytest.approx(1.0)
 
 
 def _probable_clips(window_probs, windows):
@@ -320,17 +375,15 @@ def test_frames_csv_of_a_tube_checkpoint_whole_video(tmp_path, tube_checkpoint):
     write_video(inputs / "a.mp4", _moving_square(12), fps=6)
     rc, out, rows, header, frame_rows = _run(tmp_path, inputs, tube_checkpoint)
     assert rc == 0 and header == FRAME_FIELDS
-    assert len(rows) == 4 and {(r["pred_class"], r["start_sec"], r["end_sec"]) for r in rows} == {
-        ("collapse", "0.000", "2.000")}
-    assert len(frame_rows) == 4 * 12                                      # 4 tubes x every frame
-    assert [int(r["tube_id"]) for r in frame_rows] == [k for k in (1, 2, 3, 4) for _ in range(12)]
-    assert [int(r["frame"]) for r in frame_rows[:12]] == list(range(12))
+    # the 4 queries say the same box and class: one actor, one tube at every frame
+    assert [(r["pred_class"], r["start_sec"], r["end_sec"]) for r in rows] == [("collapse", "0.000", "2.000")]
+    assert [(int(r["tube_id"]), int(r["frame"])) for r in frame_rows] == [(1, f) for f in range(12)]
     assert frame_rows[7]["time_sec"] == "1.167" and frame_rows[7]["video_name"] == "a.mp4"
     for r in frame_rows:
         assert [float(r[k]) for k in ("x1", "y1", "x2", "y2")] == pytest.approx(FIXED_BOX, abs=5e-3)
         assert float(r["score"]) > 0.99
     log = next(out.parent.glob("test_log_*.txt")).read_text()
-    assert "predictions_frames.csv (48 rows, tube mode)" in log
+    assert "predictions_frames.csv (12 rows, tube mode)" in log
     annotated = out.parent / "annotated_videos" / "a.mp4"
     with av.open(str(annotated)) as container:
         decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
@@ -342,19 +395,16 @@ def test_frames_csv_of_a_tube_checkpoint_whole_video(tmp_path, tube_checkpoint):
 
 
 def test_frames_csv_of_a_tube_checkpoint_windows_joined(tmp_path, tube_checkpoint):
-    """40 frames at 10 fps in windows of 2 s every 1 s: each query's tubes of the 3 windows join into one."""
+    """40 frames at 10 fps in windows of 2 s every 1 s: the 4 queries (one box, one class) are one actor in each
+    window, and its tubes of the 3 windows join into one."""
     inputs = tmp_path / "in"
     inputs.mkdir()
     write_video(inputs / "long.mp4", _moving_square(40), fps=10)
     rc, out, rows, header, frame_rows = _run(tmp_path, inputs, tube_checkpoint, "--window_sec", "2",
                                              "--stride_sec", "1", "--no_annotate")
     assert rc == 0 and header == FRAME_FIELDS
-    assert len(rows) == 4 and {(r["start_sec"], r["end_sec"]) for r in rows} == {("0.000", "4.000")}
-    assert len(frame_rows) == 4 * 40
-    by_tube = {}
-    for r in frame_rows:
-        by_tube.setdefault(int(r["tube_id"]), []).append(int(r["frame"]))
-    assert by_tube == {k: list(range(40)) for k in (1, 2, 3, 4)}
+    assert len(rows) == 1 and {(r["start_sec"], r["end_sec"]) for r in rows} == {("0.000", "4.000")}
+    assert [(int(r["tube_id"]), int(r["frame"])) for r in frame_rows] == [(1, f) for f in range(40)]
 
 
 def test_frames_csv_of_a_clip_checkpoint_has_constant_boxes(tmp_path):
