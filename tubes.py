@@ -7,7 +7,8 @@ Frames are 0-based indices over the whole video; boxes are normalised xyxy in [0
   acting at one step at least, a tube over the frames of the clip's span (:func:`clip_tubes`): a frame belongs to
   it when its nearest step (ties: the earlier) is present (step score >= threshold); its box and score are the
   linear interpolation of the two surrounding steps' (held constant before the first / after the last step).
-- The clips of a long video (windows) are joined (:func:`join_tubes`): one actor keeps one ``tube_id``.
+- The clips of a long video (windows) are joined (:func:`join_tubes`): one actor keeps one ``tube_id``; two queries
+  of one clip on one actor are first one tube (:func:`merge_duplicates`).
 - A clip-mode prediction (one box per query per clip) is a tube with one constant box (:func:`constant_tube`).
 """
 from __future__ import annotations
@@ -321,9 +322,10 @@ def join_tubes(clips: Sequence[Sequence[PredTube]], iou_threshold: float, max_ga
                switch_cost: float = CLASS_SWITCH_COST) -> list[PredTube]:
     """The tubes of a video's clips (in window order) joined into one tube per actor and action, numbered.
 
-    The parts of one actor (:func:`link_actors`) take their classes from :func:`action_runs`; parts of one class in a
-    row become one tube (:func:`merge`); a tube missing for more than ``max_gap`` frames is then cut
-    (:func:`split_gaps`), so a short pause keeps the id and a long one gives a new one."""
+    Each clip's queries on one actor are one tube (:func:`merge_duplicates`). The parts of one actor
+    (:func:`link_actors`) take their classes from :func:`action_runs`; parts of one class in a row become one tube
+    (:func:`merge`); a tube missing for more than ``max_gap`` frames is then cut (:func:`split_gaps`), so a short
+    pause keeps the id and a long one gives a new one."""
     clips = [merge_duplicates(clip, DUPLICATE_IOU, max_gap) for clip in clips]
     joined = [tube for parts in link_actors(clips, iou_threshold, max_gap) for tube in action_runs(parts, switch_cost)]
     return number_tubes([piece for tube in joined for piece in split_gaps(tube, max_gap)])
