@@ -159,16 +159,21 @@ def test_other_class_far_box_and_a_second_tube_of_one_window_do_not_join():
     np.testing.assert_allclose(joined[0].boxes[[19, 20]], [box, [0.11, 0.1, 0.51, 0.5]])   # then the better query
 
 
-def _query_tube(probs, box, end=16):
-    """One query's tube over frames ``[0, end)`` of a clip, a step every 4 frames: class probabilities ``probs`` (C,)
-    at every step, its class the most probable."""
-    steps = list(range(0, end, 4))
-    step_probs = torch.tensor([probs] * len(steps), dtype=torch.float32)[None]      # (1, K, C)
+def _probable_tube(probs, steps, boxes, span):
+    """One query's tube in a clip covering ``span``, its step k at video frame ``steps[k]`` with box ``boxes[k]``:
+    class probabilities ``probs`` (C,) at every step, its class the most probable."""
+    step_probs = torch.tensor([[probs] * len(steps)], dtype=torch.float32)      # (1, K, C)
     label = int(step_probs.sum(1).argmax())
-    pred = _pred(step_probs[..., label].tolist(), [[box] * len(steps)], [label])
+    pred = _pred(step_probs[..., label].tolist(), [boxes], [label])
     pred["step_probs"] = step_probs
-    (tube,) = tubes.clip_tubes(pred, steps, (0, end), 0.5, NAMES)
+    (tube,) = tubes.clip_tubes(pred, steps, span, 0.5, NAMES)
     return tube
+
+
+def _query_tube(probs, box, end=16):
+    """:func:`_probable_tube` over frames ``[0, end)``, a step every 4 frames, one box throughout."""
+    steps = list(range(0, end, 4))
+    return _probable_tube(probs, steps, [box] * len(steps), (0, end))
 
 
 def test_duplicate_queries_of_one_clip_are_the_best_one_over_all_their_frames():
@@ -218,11 +223,7 @@ def _probable_clips(window_probs, windows):
     clips = []
     for (first, end), probs in zip(windows, window_probs):
         steps = first + video.sample_indices(end - first, 8)
-        probs = torch.tensor([[probs] * 8], dtype=torch.float32)              # (1, K, C)
-        label = int(probs.sum(1).argmax())
-        pred = _pred(probs[..., label].tolist(), [[_actor(f, 0.1) for f in steps]], [label])
-        pred["step_probs"] = probs
-        clips.append(tubes.clip_tubes(pred, steps, (first, end), 0.5, NAMES))
+        clips.append([_probable_tube(probs, steps, [_actor(f, 0.1) for f in steps], (first, end))])
     return clips
 
 
