@@ -24,6 +24,7 @@ from dataset import ActionDataset, collate
 from losses import is_tube_output, num_target_boxes
 from model import STAR, init_motion_stem, init_positions, motion_stem_conv, prepare_for_inference
 from runtime import UsageError, autocast
+from tubes import merge_duplicate_queries
 
 log = logging.getLogger("star")
 
@@ -237,6 +238,8 @@ def clip_metrics(preds: list[dict], targets: list[dict], records, class_names, t
     if any(r.per_frame for r in records):
         tubes = metrics.TubeScorer(len(class_names))
         for pred, t, record in zip(preds, targets, records):
+            if "step_scores" in pred:   # as test.py scores it
+                pred = merge_duplicate_queries(pred, threshold)
             frames = t["frame_indices"].cpu()
             tubes.add_clip_predictions(record.video, frames, pred, record.width, record.height, threshold=threshold)
             tubes.add_clip_truth(record.video, {k: t[k].cpu() for k in ("frame_indices", "track_labels", "track_boxes")},

@@ -595,7 +595,8 @@ def predict(model, loader, results: list[VideoResult], class_names, threshold: f
     for batch in loader:
         preds = []
         if batch.clips is not None:
-            preds = predict_clips(model, batch.clips, device, dtype)
+            preds = [tubes.merge_duplicate_queries(p, threshold) if "step_scores" in p else p
+                     for p in predict_clips(model, batch.clips, device, dtype)]
             clips_done += len(preds)
         pred_iter = iter(preds)
         for item in batch.items:

@@ -387,9 +387,12 @@ class STAR(nn.Module):
         the box centre is the :class:`Locator`'s plus the box head's offset (its cx, cy output minus 0.5), and the class
         logits add ``actor_class`` of :meth:`box_features` (the ``trunk`` tokens under that box). In evaluation the class log-probabilities are :func:`step_log_probs`
         of the decoder's logits and the presence: the :class:`Actionness` map (its 3x3 maximum) averaged over the
-        cells the locator attends to. In training they are the decoder's own logits, so that its no_object keeps
-        saying which queries are actors at all (with the product trained, idle actors in 7 of 16 videos without
-        action scored as acting), and the presence is returned for the criterion."""
+        (actor, step)'s box (:func:`box_cell_weights`). In training they are the decoder's own logits, so that its
+        no_object keeps saying which queries are actors at all (with the product trained, idle actors in 7 of 16
+        videos without action scored as acting), and the presence, the map averaged over the cells the locator
+        attends to, is returned for the criterion. Why the box at test time: the map is trained on every cell of an
+        acting box, and read at the centre it missed waves (whose edges move, their centre hardly): on two trained
+        runs and two unseen sets video-mAP@0.5 rose by 0.02-0.09 (docs/EXPERIMENTS.md, "seventh session")."""
         out = self.head(hidden)
         if not self.tube_steps:
             return out
@@ -399,14 +402,14 @@ class STAR(nn.Module):
             centres, cells = self.locate(hidden.unflatten(1, (-1, self.tube_steps)), frames)
             out["pred_boxes"] = torch.cat([(centres + boxes[..., :2] - 0.5).clamp(0.0, 1.0), boxes[..., 2:]], -1)
             out["pred_logits"] = out["pred_logits"] + self.actor_class(self.box_features(trunk, out["pred_boxes"]))
-            # in training the attention is detached: a step is idle because the map says so, not because the
-            # locator looks away
-            attention = (cells.detach() if self.training else cells).softmax(-1)
-            presence = torch.einsum("bqkg,bkg->bqk", attention, _neighbourhood_max(acting_map.sigmoid()))
+            acting = _neighbourhood_max(acting_map.sigmoid())
             if self.training:   # the criterion trains the decoder's classes and the map apart (loss_acting)
+                # the attention detached: a step is idle because the map says so, not because the locator looks away
+                presence = torch.einsum("bqkg,bkg->bqk", cells.detach().softmax(-1), acting)
                 out.update(pred_cells=cells, pred_acting=acting_map, pred_presence=presence)
-            else:
-                out["pred_logits"] = step_log_probs(out["pred_logits"], presence)
+            else:   # read over the whole box: a wave's edges move, its centre hardly (docs/EXPERIMENTS.md)
+                weights = box_cell_weights(out["pred_boxes"].to(acting.dtype), math.isqrt(acting.shape[-1]))
+                out["pred_logits"] = step_log_probs(out["pred_logits"], torch.einsum("bqkg,bkg->bqk", weights, acting))
         return out
 
     def box_features(self, trunk: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:

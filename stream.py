@@ -57,6 +57,7 @@ from tqdm import tqdm
 
 import inference
 import model as star_model
+import tubes
 import video
 from files import write_text
 from runtime import UsageError, autocast_settings, number, one_line, resolve_device, run_cli, setup_logging
@@ -669,6 +670,8 @@ class Predictor(threading.Thread):
     def predict(self, job: ClipJob) -> Prediction:
         clip = video.preprocess(job.frames, self.info["img_size"], self.info["mean"], self.info["std"])
         pred = inference.predict_clips(self.model, clip[None], self.device, self.dtype)[0]
+        if "step_scores" in pred:   # tube mode: a clip's queries on one actor are one detection, as in test.py
+            pred = tubes.merge_duplicate_queries(pred, self.threshold)
         dets = inference.detections_from_prediction(pred, self.info["class_names"], self.threshold,
                                                     job.start_sec, job.end_sec)
         best = float(pred["scores"].max()) if pred["scores"].numel() else 0.0

@@ -4,11 +4,11 @@ Frames are 0-based indices over the whole video; boxes are normalised xyxy in [0
 
 - A tube-mode prediction of one clip (:func:`metrics.outputs_to_predictions`: ``labels (Q,)``, ``step_scores
   (Q, K)``, ``step_boxes (Q, K, 4)``) whose step ``k`` shows video frame ``frame_indices[k]`` becomes, per query
-  acting at one step at least, a tube over the frames of the clip's span (:func:`clip_tubes`): a frame belongs to
+  acting at one step at least, a tube over the frames of the clip's span (:func:`clip_tubes`), its queries on one
+  actor first made one (:func:`merge_duplicate_queries`): a frame belongs to
   it when its nearest step (ties: the earlier) is present (step score >= threshold); its box and score are the
   linear interpolation of the two surrounding steps' (held constant before the first / after the last step).
-- The clips of a long video (windows) are joined (:func:`join_tubes`): one actor keeps one ``tube_id``; two queries
-  of one clip on one actor are first one tube (:func:`merge_duplicates`).
+- The clips of a long video (windows) are joined (:func:`join_tubes`): one actor keeps one ``tube_id``.
 - A clip-mode prediction (one box per query per clip) is a tube with one constant box (:func:`constant_tube`).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torchvision.ops import box_iou
 
 # A joined actor changes class only where its windows' class probabilities outweigh this many nats (tubes.part_classes).
 CLASS_SWITCH_COST = 3.0
-# Two tubes of one clip whose boxes overlap this much (link_iou) are one actor found by two queries (merge_duplicates).
+# Two queries of one clip whose boxes overlap this much (mean IoU over its steps) are one actor (merge_duplicate_queries).
 DUPLICATE_IOU = 0.5
 
 
@@ -165,33 +165,34 @@ def merge(parts: Sequence[PredTube]) -> PredTube:
                     step_frames, step_scores, **probs)
 
 
-def merge_duplicates(clip: Sequence[PredTube], iou_threshold: float, max_gap: int) -> list[PredTube]:
-    """One clip's tubes with each actor's duplicates merged: best score first, a tube joins the first group whose
-    leader (best tube) it continues (:func:`link_iou` >= ``iou_threshold``), else leads its own. A group of several
-    is its leader (class, score, steps) over every frame any of them has (:func:`merge`: the best one's box there,
-    the others scored by the leader's class). Why: in unseen two-actor videos two queries often followed one actor,
-    one of them saying jump, the other wave, both scored ~0.8; linked apart they were two tubes, one a false positive
-    (docs/EXPERIMENTS.md, "sixth session"). The leader's score stays: scoring the group by the class its members
-    favour together, which lowers a torn group's score, lost more true tubes than it removed false ones."""
-    groups: list[list[PredTube]] = []
-    for tube in sorted(clip, key=lambda t: -t.score):
-        group = next((g for g in groups if link_iou(g[0], tube, max_gap) >= iou_threshold), None)
-        if group is None:
-            groups.append([tube])
-        else:
-            group.append(tube)
-    merged = []
-    for lead, *others in groups:
-        if not others:
-            merged.append(lead)
-            continue
-        if lead.step_probs is not None and all(t.step_probs is not None for t in others):
-            others = [relabel(t, lead.class_id) for t in others]
-        union = merge([lead, *others])
-        merged.append(dataclasses.replace(union, class_id=lead.class_id, class_name=lead.class_name, score=lead.score,
-                                          step_frames=lead.step_frames, step_scores=lead.step_scores,
-                                          step_probs=lead.step_probs))
-    return merged
+def merge_duplicate_queries(pred: dict, threshold: float, iou_threshold: float = DUPLICATE_IOU) -> dict:
+    """A tube-mode clip prediction (:func:`metrics.tube_outputs_to_predictions`) with each actor's duplicate queries
+    merged into one query: the same keys, fewer queries, the best first.
+
+    The queries go best first (the mean of their step scores at the steps present at ``threshold``; then the best step
+    score), and each joins the first group whose leader's boxes it overlaps by ``iou_threshold`` on average over the
+    clip's steps (box IoU at each step), else leads a group of its own. A group is one query of its leader's class:
+    at each step the box and probabilities of the member most confident of that class. Why: two queries often
+    followed one actor (one saying jump, the other wave or jump again, both ~0.8, boxes at IoU ~0.9): in frame-mAP the
+    second is a false positive at a high score (a run's jump AP 0.77, 0.95 merged), and linked apart they were two
+    tubes (docs/EXPERIMENTS.md, "sixth session" and "seventh session")."""
+    scores, boxes, probs = pred["step_scores"].float(), pred["step_boxes"].float(), pred["step_probs"].float()
+    present = scores >= threshold
+    tube_score = (scores * present).sum(1) / present.sum(1).clamp(min=1)
+    order = np.lexsort((-scores.max(1).values.numpy(), -tube_score.numpy()))
+    overlap = torch.stack([box_iou(step, step) for step in boxes.unbind(1)]).mean(0)   # (Q, Q) mean over steps
+    groups: list[list[int]] = []
+    for q in order.tolist():
+        group = next((g for g in groups if overlap[g[0], q] >= iou_threshold), None)
+        groups.append([q]) if group is None else group.append(q)
+    labels = pred["labels"][[g[0] for g in groups]]
+    steps = torch.arange(scores.shape[1])
+    chosen = torch.stack([torch.tensor(g)[probs[g][:, :, c].argmax(0)] for g, c in zip(groups, labels.tolist())])
+    step_scores = probs[chosen, steps, labels[:, None]]                              # (G, K)
+    step_boxes = boxes[chosen, steps]                                                # (G, K, 4)
+    best, best_step = step_scores.max(1)
+    return {"scores": best, "labels": labels, "boxes": step_boxes[torch.arange(len(groups)), best_step],
+            "step_scores": step_scores, "step_boxes": step_boxes, "step_probs": probs[chosen, steps]}
 
 
 def relabel(tube: PredTube, class_id: int) -> PredTube:
@@ -322,10 +323,9 @@ def join_tubes(clips: Sequence[Sequence[PredTube]], iou_threshold: float, max_ga
                switch_cost: float = CLASS_SWITCH_COST) -> list[PredTube]:
     """The tubes of a video's clips (in window order) joined into one tube per actor and action, numbered.
 
-    Each clip's queries on one actor are one tube (:func:`merge_duplicates`). The parts of one actor
+    The parts of one actor
     (:func:`link_actors`) take their classes from :func:`action_runs`; parts of one class in a row become one tube
     (:func:`merge`); a tube missing for more than ``max_gap`` frames is then cut (:func:`split_gaps`), so a short
     pause keeps the id and a long one gives a new one."""
-    clips = [merge_duplicates(clip, DUPLICATE_IOU, max_gap) for clip in clips]
     joined = [tube for parts in link_actors(clips, iou_threshold, max_gap) for tube in action_runs(parts, switch_cost)]
     return number_tubes([piece for tube in joined for piece in split_gaps(tube, max_gap)])

@@ -256,6 +256,23 @@ def test_step_probabilities_are_the_decoders_class_times_the_actionness():
     assert torch.allclose(plain[..., -1], torch.ones(()), atol=1e-6)          # nothing acts: no_object everywhere
 
 
+def test_presence_at_test_time_is_the_map_averaged_over_each_box(monkeypatch):
+    """In evaluation the (actor, step)'s presence is the map's 3x3 maximum averaged over its predicted box (the
+    cells' shares of it), not where the locator looks."""
+    torch.manual_seed(0)
+    net = M.STAR(2, tube_steps=4, **SMALL).eval()
+    maps = torch.randn(1, 4, 64) * 3                                           # 8x8 grid at 64 px
+    monkeypatch.setattr(net.acting, "forward", lambda memory: maps)
+    seen, real = [], M.step_log_probs
+    monkeypatch.setattr(M, "step_log_probs", lambda logits, acting: seen.append(acting) or real(logits, acting))
+    with torch.no_grad():
+        out = net(torch.randn(1, 4, 3, 64, 64))
+    weights = M.box_cell_weights(out["pred_boxes"], 8)                         # (1, Q, K, 64)
+    want = torch.einsum("bqkg,bkg->bqk", weights, M._neighbourhood_max(maps.sigmoid()))
+    assert len(seen) == 1 and torch.allclose(seen[0], want, atol=1e-6)
+    assert want.std() > 0.01                                                    # boxes in different places read differently
+
+
 def test_acting_cells_mark_the_cells_inside_an_acting_box_and_its_centre_cell():
     labels = torch.tensor([[1, -1], [0, 0]])
     boxes = torch.tensor([[[0.3, 0.4, 0.2, 0.3], [0.5, 0.5, 1.0, 1.0]],       # track 0 idle at step 1: not marked

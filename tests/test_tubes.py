@@ -151,12 +151,12 @@ def test_other_class_far_box_and_a_second_tube_of_one_window_do_not_join():
               tubes.constant_tube(0, "fight", 0.8, far, range(10, 30))]]
     joined = tubes.join_tubes(clips, inference.JOIN_IOU, max_gap=10)
     assert [(t.tube_id, t.class_id, int(t.frames[0])) for t in joined] == [(1, 0, 0), (2, 1, 10), (3, 0, 10)]
-    # Two queries of one window on the same actor are one actor: its tube goes on, with both queries' steps.
-    duplicates = [tubes.constant_tube(0, "fight", 0.7, box, range(10, 30)),
-                  tubes.constant_tube(0, "fight", 0.8, [0.11, 0.1, 0.51, 0.5], range(10, 30))]
-    joined = tubes.join_tubes([clips[0], duplicates], inference.JOIN_IOU, max_gap=10)
-    assert [(t.tube_id, int(t.frames[0]), int(t.frames[-1]), round(t.score, 2)) for t in joined] == [(1, 0, 29, 0.85)]
-    np.testing.assert_allclose(joined[0].boxes[[19, 20]], [box, [0.11, 0.1, 0.51, 0.5]])   # then the better query
+    # Two tubes of one window are two queries, never one actor here: merge_duplicate_queries merges them before.
+    twins = [tubes.constant_tube(0, "fight", 0.7, box, range(10, 30)),
+             tubes.constant_tube(0, "fight", 0.8, [0.11, 0.1, 0.51, 0.5], range(10, 30))]
+    joined = tubes.join_tubes([clips[0], twins], inference.JOIN_IOU, max_gap=10)
+    assert [(t.tube_id, int(t.frames[0]), int(t.frames[-1]), round(t.score, 2)) for t in joined] == [
+        (1, 0, 29, 0.85), (2, 10, 29, 0.7)]
 
 
 def _probable_tube(probs, steps, boxes, span):
@@ -170,29 +170,36 @@ def _probable_tube(probs, steps, boxes, span):
     return tube
 
 
-def _query_tube(probs, box, end=16):
-    """:func:`_probable_tube` over frames ``[0, end)``, a step every 4 frames, one box throughout."""
-    steps = list(range(0, end, 4))
-    return _probable_tube(probs, steps, [box] * len(steps), (0, end))
+def _query_pred(probs, boxes) -> dict:
+    """A tube-mode clip prediction from each query's class probabilities ``probs (Q, K, C)`` and xyxy ``boxes (Q, 4)``
+    (one box at every step), as metrics.tube_outputs_to_predictions reads them."""
+    probs = torch.tensor(probs, dtype=torch.float32)
+    labels = probs.sum(1).argmax(-1)
+    step_scores = probs.gather(-1, labels[:, None, None].expand(-1, probs.shape[1], 1)).squeeze(-1)
+    pred = _pred(step_scores.tolist(), [[b] * probs.shape[1] for b in boxes], labels.tolist())
+    pred["step_probs"] = probs
+    return pred
 
 
-def test_duplicate_queries_of_one_clip_are_the_best_one_over_all_their_frames():
-    """Two queries on one actor (IoU 0.90): fight 0.8 at frames 0-15 and collapse 0.75 (fight 0.2) at 0-23 -> one
-    fight tube at frames 0-23 scored 0.8, the second query's box and fight probability at frames 16-23; a third
-    query on another actor stays."""
+def test_duplicate_queries_of_one_clip_are_one_query_of_the_best_ones_class():
+    """Two queries on one actor (box IoU 0.90): fight 0.8 at steps 0-2 (0.1 at step 3), and collapse 0.75 (fight 0.2)
+    at every step -> one fight query, the first's box and probabilities at steps 0-2, the second's at step 3 (more
+    sure of fight there); a third query on another actor stays; the best first."""
     a, a_shifted, b = [0.1, 0.1, 0.5, 0.5], [0.12, 0.1, 0.52, 0.5], [0.6, 0.1, 0.9, 0.5]
-    clip = [_query_tube([0.2, 0.75], a_shifted, end=24), _query_tube([0.8, 0.15], a), _query_tube([0.1, 0.7], b)]
-    assert tubes.link_iou(clip[0], clip[1], 0) == pytest.approx(0.152 / 0.168)
-    merged = tubes.merge_duplicates(clip, tubes.DUPLICATE_IOU, max_gap=10)
-    assert [(t.class_name, round(t.score, 3), len(t.step_scores)) for t in merged] == [("fight", 0.8, 4),
-                                                                                        ("collapse", 0.7, 4)]
-    assert merged[0].frames.tolist() == list(range(24))
-    np.testing.assert_allclose(merged[0].boxes, [a] * 16 + [a_shifted] * 8)
-    np.testing.assert_allclose(merged[0].frame_scores, [0.8] * 16 + [0.2] * 8, atol=1e-6)
-    np.testing.assert_allclose(merged[1].boxes, [b] * 16)
-    # Below the threshold they stay apart; a lone tube is returned as it was.
-    assert len(tubes.merge_duplicates(clip, 0.95, max_gap=10)) == 3
-    assert tubes.merge_duplicates(clip[2:], tubes.DUPLICATE_IOU, 10) == clip[2:]
+    twin, lead, other = [[0.2, 0.75]] * 4, [[0.8, 0.15]] * 3 + [[0.1, 0.1]], [[0.1, 0.7]] * 4
+    pred = _query_pred([twin, lead, other], [a_shifted, a, b])
+    merged = tubes.merge_duplicate_queries(pred, threshold=0.5)
+    assert merged["labels"].tolist() == [0, 1]
+    np.testing.assert_allclose(merged["step_scores"], [[0.8, 0.8, 0.8, 0.2], [0.7] * 4], atol=1e-6)
+    np.testing.assert_allclose(merged["step_boxes"], [[a, a, a, a_shifted], [b] * 4], atol=1e-6)
+    np.testing.assert_allclose(merged["step_probs"], [lead[:3] + twin[3:], other], atol=1e-6)
+    np.testing.assert_allclose(merged["scores"], [0.8, 0.7], atol=1e-6)
+    np.testing.assert_allclose(merged["boxes"], [a, b], atol=1e-6)
+    # Below the overlap asked for they stay apart, unchanged, the best (mean score where present) first.
+    apart = tubes.merge_duplicate_queries(pred, threshold=0.5, iou_threshold=0.95)
+    assert apart["labels"].tolist() == [0, 1, 1]
+    for key in ("step_scores", "step_boxes", "step_probs", "scores", "boxes"):
+        torch.testing.assert_close(apart[key], pred[key][[1, 0, 2]])
 
 
 def test_link_iou_without_shared_frames_is_the_iou_where_the_tubes_come_nearest():
