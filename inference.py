@@ -471,6 +471,8 @@ def evaluate_predictions(results: Sequence[VideoResult], labels_dir, model_names
     result = metrics.evaluate(preds, targets, list(model_names), threshold)
     if any(r.per_frame for r in records):
         result.update(score_tubes(results, by_path, to_model, len(model_names)))
+        for key in ("frame_ap50", "video_ap50"):
+            result[key] = dict(zip(model_names, result.get(key, [])))
     report = metrics.format_report(result, list(model_names))
     log.info("evaluation against %s (%d video(s) scored, %d predicted video(s) not in the dataset):\n%s",
              labels_dir, len(preds), unlabelled, report)
@@ -505,7 +507,8 @@ def add_tube_predictions(scorer: metrics.TubeScorer, res: VideoResult, width: in
 
 
 def score_tubes(results: Sequence[VideoResult], records_by_path: dict, to_model: Sequence[int], num_classes: int) -> dict:
-    """frame-mAP and video-mAP of whole videos against per-frame labels. Tube mode: :func:`add_tube_predictions`.
+    """frame-mAP and video-mAP (and per class: :meth:`metrics.TubeScorer.result`) of whole videos against per-frame
+    labels. Tube mode: :func:`add_tube_predictions`.
     Clip mode: frames: every query of every clip stands at each frame of its clip's span (one box per clip); tubes:
     the video's detections as written to predictions.csv (windows joined, above the threshold). The labels' tracks,
     interpolated as in training, are the ground truth."""
@@ -528,7 +531,7 @@ def score_tubes(results: Sequence[VideoResult], records_by_path: dict, to_model:
             for c in sorted({c for ids in labels for c in ids}):
                 acting = np.array([c in ids for ids in labels], bool)
                 scorer.add_truth(res.name, to_model[c], frames[acting], boxes[acting], record.width, record.height)
-    return scorer.result()
+    return scorer.result(per_class=True)
 
 
 def _json_default(value):

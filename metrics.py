@@ -514,29 +514,34 @@ def _fmt(value) -> str:
 
 
 def format_report(result: dict, class_names: Sequence[str]) -> str:
-    """Readable multi-line report of an :func:`evaluate` result."""
+    """Readable multi-line report of an :func:`evaluate` result. With frame-mAP (per-frame labels) it shows the tube
+    figures and per-class frame-AP@0.5 / video-AP@0.5 (``frame_ap50`` / ``video_ap50``, by class name) instead of the
+    whole-video box figures; the JSON keeps both."""
     lines = [
         f"videos: {result['num_videos']} ({result.get('num_positive', '?')} with actions), "
         f"threshold {result.get('threshold', 0.5):g}",
         f"video accuracy : {_fmt(result['video_acc'])}",
-        f"det-acc@0.5    : {_fmt(result['det_acc_50'])}",
-        f"mean IoU       : {_fmt(result['mean_iou'])}",
-        f"mAP@0.5        : {_fmt(result['map50'])}",
-        f"mAP@[.5:.95]   : {_fmt(result['map50_95'])}",
     ]
-    if "frame_map50" in result:   # per-frame labels (VOC all-point AP, as YOWOv2)
+    tubes = "frame_map50" in result   # per-frame labels (VOC all-point AP, as YOWOv2)
+    if tubes:   # the whole-video box figures would compare one box with the union of a tube's: meaningless here
         lines += [f"frame-mAP@0.5  : {_fmt(result['frame_map50'])}",
                   f"video-mAP@0.2  : {_fmt(result['video_map20'])}",
                   f"video-mAP@0.5  : {_fmt(result['video_map50'])}"]
+        columns, first, second = ("fAP50", "vAP50"), result.get("frame_ap50", {}), result.get("video_ap50", {})
+    else:
+        lines += [f"det-acc@0.5    : {_fmt(result['det_acc_50'])}",
+                  f"mean IoU       : {_fmt(result['mean_iou'])}",
+                  f"mAP@0.5        : {_fmt(result['map50'])}",
+                  f"mAP@[.5:.95]   : {_fmt(result['map50_95'])}"]
+        columns, first, second = ("AP50", "AP"), result["ap50"], result.get("ap50_95", {})
     lines.append("")
     names = _full_names(class_names, len(result["confusion_matrix"]))
     width = max(10, *(len(n) for n in names)) + 1
-    lines.append(f"{'class':<{width}} {'AP50':>7} {'AP':>7} {'prec':>7} {'recall':>7} {'F1':>7} {'support':>8}")
-    ap50_95 = result.get("ap50_95", {})
+    lines.append(f"{'class':<{width}} {columns[0]:>7} {columns[1]:>7} {'prec':>7} {'recall':>7} {'F1':>7} {'support':>8}")
     for name in names:
         pc = result["per_class"][name]
         lines.append(
-            f"{name:<{width}} {_fmt(result['ap50'].get(name)):>7} {_fmt(ap50_95.get(name)):>7} "
+            f"{name:<{width}} {_fmt(first.get(name)):>7} {_fmt(second.get(name)):>7} "
             f"{pc['precision']:>7.4f} {pc['recall']:>7.4f} {pc['f1']:>7.4f} {pc['support']:>8d}"
         )
     lines += ["", "confusion matrix (rows = ground truth, columns = predicted):"]
@@ -914,10 +919,15 @@ class TubeScorer:
                 on = row_labels == c
                 self.add_truth(video, int(c), frames[on], row_boxes[on], width, height, split_gaps=False)
 
-    def result(self) -> dict:
-        """``frame_map50``, ``video_map20``, ``video_map50`` (VOC all-point AP, mean over classes with GT)."""
+    def result(self, per_class: bool = False) -> dict:
+        """``frame_map50``, ``video_map20``, ``video_map50`` (VOC all-point AP, mean over classes with GT); with
+        ``per_class`` also ``frame_ap50`` and ``video_ap50``: C APs each (None for a class without GT)."""
         if not self.ground_truth:
             return {}
-        return {"frame_map50": frame_map(self.detections, self.ground_truth, self.num_classes, 0.5)["map"],
-                "video_map20": video_map(self.pred_tubes, self.gt_tubes, self.num_classes, 0.2)["map"],
-                "video_map50": video_map(self.pred_tubes, self.gt_tubes, self.num_classes, 0.5)["map"]}
+        frame = frame_map(self.detections, self.ground_truth, self.num_classes, 0.5)
+        video = {iou: video_map(self.pred_tubes, self.gt_tubes, self.num_classes, iou) for iou in (0.2, 0.5)}
+        result = {"frame_map50": frame["map"], "video_map20": video[0.2]["map"], "video_map50": video[0.5]["map"]}
+        if per_class:
+            result.update({key: [None if math.isnan(a) else a for a in aps]
+                           for key, aps in (("frame_ap50", frame["ap"]), ("video_ap50", video[0.5]["ap"]))})
+        return result

@@ -297,9 +297,12 @@ def test_tube_mode_is_scored_per_frame_with_interpolated_boxes(tmp_path):
     figures = inference.evaluate_predictions([res], data, NAMES, [3, 7], 0.5, tmp_path / "p.csv")
     assert figures["frame_map50"] == pytest.approx(0.75)
     assert figures["video_map20"] == figures["video_map50"] == 1.0
+    assert figures["frame_ap50"] == {"fight": None, "collapse": pytest.approx(0.75)}      # fight has no ground truth
+    assert figures["video_ap50"] == {"fight": None, "collapse": 1.0}
     report = (tmp_path / "p_metrics.txt").read_text()
     assert "frame-mAP@0.5  : 0.7500" in report and "video-mAP@0.2  : 1.0000" in report
-    assert "video-mAP@0.5  : 1.0000" in report
+    assert "video-mAP@0.5  : 1.0000" in report and "det-acc" not in report and "mAP@[.5:.95]" not in report
+    assert "fAP50" in report.splitlines()[6] and report.splitlines()[8].split()[:3] == ["collapse", "0.7500", "1.0000"]
 
 
 # --------------------------------------------------------------------------- through test.py
