@@ -470,7 +470,7 @@ def evaluate_predictions(results: Sequence[VideoResult], labels_dir, model_names
     unlabelled = sum(1 for r in results if not r.error) - len(preds)
     result = metrics.evaluate(preds, targets, list(model_names), threshold)
     if any(r.per_frame for r in records):
-        result.update(score_tubes(results, by_path, to_model, len(model_names)))
+        result.update(score_tubes(results, by_path, to_model, len(model_names), threshold))
         for key in ("frame_ap50", "video_ap50"):
             result[key] = dict(zip(model_names, result.get(key, [])))
     report = metrics.format_report(result, list(model_names))
@@ -491,13 +491,16 @@ def span_frames(start_sec: float, end_sec: float, info: video.VideoInfo) -> np.n
     return np.arange(first, last, dtype=np.int64)
 
 
-def add_tube_predictions(scorer: metrics.TubeScorer, res: VideoResult, width: int, height: int) -> None:
-    """A tube-mode video into ``scorer``: for frame-mAP every query at each frame, with its interpolated box and step
-    score (all queries, thresholded or not: recall counts in AP), from the one clip whose span's centre is nearest
-    that frame (overlapping windows would otherwise detect each frame twice); for video-mAP the video's joined
-    tubes (:attr:`VideoResult.tubes`). Boxes in pixels."""
+def add_tube_predictions(scorer: metrics.TubeScorer, res: VideoResult, width: int, height: int,
+                         threshold: float) -> None:
+    """A tube-mode video into ``scorer``: for frame-mAP every query at each frame (a clip's queries on one actor with
+    one class merged: :func:`tubes.merge_duplicate_queries`), with its interpolated box and step score (all queries,
+    thresholded or not: recall counts in AP), from the one clip whose span's centre is nearest that frame
+    (overlapping windows would otherwise detect each frame twice); for video-mAP the video's joined tubes
+    (:attr:`VideoResult.tubes`). Boxes in pixels."""
     centres = np.array([(a + b - 1) / 2 for a, b in res.frame_spans], dtype=float)
     for clip, (pred, indices, span) in enumerate(zip(res.queries, res.frame_indices, res.frame_spans)):
+        pred = tubes.merge_duplicate_queries(pred, threshold, same_class=True)
         frames, scores, boxes = tubes.dense(pred, indices, span)
         own = np.abs(frames[:, None] - centres[None]).argmin(1) == clip       # first of equally near clips
         for label, q_scores, q_boxes in zip(pred["labels"].tolist(), scores[:, own], boxes[:, own]):
@@ -506,7 +509,8 @@ def add_tube_predictions(scorer: metrics.TubeScorer, res: VideoResult, width: in
         scorer.add_tube(res.name, t.class_id, t.score, t.frames, t.boxes, width, height)
 
 
-def score_tubes(results: Sequence[VideoResult], records_by_path: dict, to_model: Sequence[int], num_classes: int) -> dict:
+def score_tubes(results: Sequence[VideoResult], records_by_path: dict, to_model: Sequence[int], num_classes: int,
+                threshold: float) -> dict:
     """frame-mAP and video-mAP (and per class: :meth:`metrics.TubeScorer.result`) of whole videos against per-frame
     labels. Tube mode: :func:`add_tube_predictions`.
     Clip mode: frames: every query of every clip stands at each frame of its clip's span (one box per clip); tubes:
@@ -518,7 +522,7 @@ def score_tubes(results: Sequence[VideoResult], records_by_path: dict, to_model:
         if record is None or res.error or not res.queries or not record.per_frame:
             continue
         if res.tube_mode:
-            add_tube_predictions(scorer, res, record.width, record.height)
+            add_tube_predictions(scorer, res, record.width, record.height, threshold)
         else:
             for pred, (start, end) in zip(res.queries, res.spans):
                 scorer.add_clip_predictions(res.name, span_frames(start, end, res.info), pred, record.width,
@@ -598,8 +602,7 @@ def predict(model, loader, results: list[VideoResult], class_names, threshold: f
     for batch in loader:
         preds = []
         if batch.clips is not None:
-            preds = [tubes.merge_duplicate_queries(p, threshold) if "step_scores" in p else p
-                     for p in predict_clips(model, batch.clips, device, dtype)]
+            preds = predict_clips(model, batch.clips, device, dtype)
             clips_done += len(preds)
         pred_iter = iter(preds)
         for item in batch.items:
@@ -617,8 +620,8 @@ def predict(model, loader, results: list[VideoResult], class_names, threshold: f
                 res.best_score = max(res.best_score, float(pred["scores"].max()) if pred["scores"].numel() else 0.0)
                 if "step_scores" in pred:   # tube mode: detections come from the joined tubes (finish_video)
                     res.tube_mode = True
-                    res.clip_tubes.append(tubes.clip_tubes(pred, item.frame_indices, item.frame_span, threshold,
-                                                           class_names))
+                    res.clip_tubes.append(tubes.clip_tubes(tubes.merge_duplicate_queries(pred, threshold),
+                                                           item.frame_indices, item.frame_span, threshold, class_names))
                 else:
                     res.detections += detections_from_prediction(pred, class_names, threshold,
                                                                  item.start_sec, item.end_sec)

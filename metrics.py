@@ -537,7 +537,8 @@ def format_report(result: dict, class_names: Sequence[str]) -> str:
     lines.append("")
     names = _full_names(class_names, len(result["confusion_matrix"]))
     width = max(10, *(len(n) for n in names)) + 1
-    lines.append(f"{'class':<{width}} {columns[0]:>7} {columns[1]:>7} {'prec':>7} {'recall':>7} {'F1':>7} {'support':>8}")
+    lines.append(f"{'class':<{width}} {columns[0]:>7} {columns[1]:>7} {'prec':>7} {'recall':>7} {'F1':>7} "
+                 f"{'support':>8}")
     for name in names:
         pc = result["per_class"][name]
         lines.append(

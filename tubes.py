@@ -22,7 +22,8 @@ from torchvision.ops import box_iou
 
 # A joined actor changes class only where its windows' class probabilities outweigh this many nats (tubes.part_classes).
 CLASS_SWITCH_COST = 3.0
-# Two queries of one clip whose boxes overlap this much (mean IoU over its steps) are one actor (merge_duplicate_queries).
+# Two queries of one clip whose boxes overlap this much (mean IoU over the steps) are one actor
+# (merge_duplicate_queries).
 DUPLICATE_IOU = 0.5
 
 
@@ -165,14 +166,18 @@ def merge(parts: Sequence[PredTube]) -> PredTube:
                     step_frames, step_scores, **probs)
 
 
-def merge_duplicate_queries(pred: dict, threshold: float, iou_threshold: float = DUPLICATE_IOU) -> dict:
+def merge_duplicate_queries(pred: dict, threshold: float, iou_threshold: float = DUPLICATE_IOU,
+                            same_class: bool = False) -> dict:
     """A tube-mode clip prediction (:func:`metrics.tube_outputs_to_predictions`) with each actor's duplicate queries
     merged into one query: the same keys, fewer queries, the best first.
 
     The queries go best first (the mean of their step scores at the steps present at ``threshold``; then the best step
     score), and each joins the first group whose leader's boxes it overlaps by ``iou_threshold`` on average over the
-    clip's steps (box IoU at each step), else leads a group of its own. A group is one query of its leader's class:
-    at each step the box and probabilities of the member most confident of that class. Why: two queries often
+    clip's steps (box IoU at each step; with ``same_class``, only a leader of its class), else leads a group of its
+    own. A group is one query of its leader's class: at each step the box and probabilities of the member most
+    confident of that class. Tubes merge across classes (one actor, one tube); frame-mAP, which ranks each class's
+    detections apart, within a class (a second class on an actor stays its own detection: across classes, frame-mAP
+    was 0.07 lower on one run whose leaders often had the wrong class). Why merge at all: two queries often
     followed one actor (one saying jump, the other wave or jump again, both ~0.8, boxes at IoU ~0.9): in frame-mAP the
     second is a false positive at a high score (a run's jump AP 0.77, 0.95 merged), and linked apart they were two
     tubes (docs/EXPERIMENTS.md, "sixth session" and "seventh session")."""
@@ -183,7 +188,8 @@ def merge_duplicate_queries(pred: dict, threshold: float, iou_threshold: float =
     overlap = torch.stack([box_iou(step, step) for step in boxes.unbind(1)]).mean(0)   # (Q, Q) mean over steps
     groups: list[list[int]] = []
     for q in order.tolist():
-        group = next((g for g in groups if overlap[g[0], q] >= iou_threshold), None)
+        group = next((g for g in groups if overlap[g[0], q] >= iou_threshold
+                      and not (same_class and pred["labels"][g[0]] != pred["labels"][q])), None)
         groups.append([q]) if group is None else group.append(q)
     labels = pred["labels"][[g[0] for g in groups]]
     steps = torch.arange(scores.shape[1])

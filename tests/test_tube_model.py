@@ -270,7 +270,7 @@ def test_presence_at_test_time_is_the_map_averaged_over_each_box(monkeypatch):
     weights = M.box_cell_weights(out["pred_boxes"], 8)                         # (1, Q, K, 64)
     want = torch.einsum("bqkg,bkg->bqk", weights, M._neighbourhood_max(maps.sigmoid()))
     assert len(seen) == 1 and torch.allclose(seen[0], want, atol=1e-6)
-    assert want.std() > 0.01                                                    # boxes in different places read differently
+    assert want.std() > 0.01                                  # boxes in different places read differently
 
 
 def test_acting_cells_mark_the_cells_inside_an_acting_box_and_its_centre_cell():

@@ -195,6 +195,10 @@ def test_duplicate_queries_of_one_clip_are_one_query_of_the_best_ones_class():
     np.testing.assert_allclose(merged["step_probs"], [lead[:3] + twin[3:], other], atol=1e-6)
     np.testing.assert_allclose(merged["scores"], [0.8, 0.7], atol=1e-6)
     np.testing.assert_allclose(merged["boxes"], [a, b], atol=1e-6)
+    # Within a class only (frame-mAP's merge): the collapse twin stays a query of its own, the fight one alone.
+    by_class = tubes.merge_duplicate_queries(pred, threshold=0.5, same_class=True)
+    assert by_class["labels"].tolist() == [0, 1, 1]
+    np.testing.assert_allclose(by_class["step_scores"], [[0.8, 0.8, 0.8, 0.1], [0.75] * 4, [0.7] * 4], atol=1e-6)
     # Below the overlap asked for they stay apart, unchanged, the best (mean score where present) first.
     apart = tubes.merge_duplicate_queries(pred, threshold=0.5, iou_threshold=0.95)
     assert apart["labels"].tolist() == [0, 1, 1]
@@ -286,6 +290,7 @@ def test_tube_mode_is_scored_per_frame_with_interpolated_boxes(tmp_path):
     (data / "action_challenge.csv").write_text("video_file,label_file\npos.mp4,pos.txt\n")
     gt, far = [0.1, 0.1, 0.5, 0.5], [0.6, 0.6, 1.0, 1.0]
     pred = _pred([[0.1, 0.9, 0.9, 0.1]], [[gt, gt, gt, far]], [1])
+    pred["step_probs"] = torch.stack([(1 - pred["step_scores"]) / 2, pred["step_scores"]], -1)   # collapse: the score
     steps, span = np.array([0, 2, 4, 7]), (0, 8)
     info = video.probe_video(data / "pos.mp4")
     res = inference.VideoResult(0, "pos.mp4", str(data / "pos.mp4"), info, [], [pred], 0.9, spans=[(0.0, 2.0)],
@@ -354,7 +359,8 @@ def _run(tmp_path, inputs, ckpt, *extra):
 def test_overlapping_windows_score_each_frame_once_from_the_window_it_is_most_central_in():
     """Two windows of 8 frames, the second starting at frame 4 (centres 3.5 and 7.5): frames 0-5 come from the first
     (frame 5.5 is the tie, to the first), 6-11 from the second; a frame never gets both windows' detections."""
-    first, second = _pred([[0.2] * 4], [[[0.1, 0.1, 0.5, 0.5]] * 4]), _pred([[0.7] * 4], [[[0.1, 0.1, 0.5, 0.5]] * 4])
+    box = [0.1, 0.1, 0.5, 0.5]
+    first, second = _query_pred([[[0.2, 0.1]] * 4], [box]), _query_pred([[[0.7, 0.1]] * 4], [box])
     res = inference.VideoResult(0, "v.mp4", "v.mp4", None, [], [first, second], 0.7,
                                 frame_indices=[np.array([0, 2, 4, 6]), np.array([4, 6, 8, 10])],
                                 frame_spans=[(0, 8), (4, 12)], tube_mode=True)
@@ -370,7 +376,7 @@ def test_overlapping_windows_score_each_frame_once_from_the_window_it_is_most_ce
         def add_tube(self, *args):
             pass
     scorer = Scorer()
-    inference.add_tube_predictions(scorer, res, 100, 50)
+    inference.add_tube_predictions(scorer, res, 100, 50, threshold=0.5)
     assert scorer.frames == {f: [0.2] if f <= 5 else [0.7] for f in range(12)}
 
 
