@@ -238,7 +238,7 @@ def clip_metrics(preds: list[dict], targets: list[dict], records, class_names, t
     if any(r.per_frame for r in records):
         tubes = metrics.TubeScorer(len(class_names))
         for pred, t, record in zip(preds, targets, records):
-            if "step_scores" in pred:   # as test.py scores it
+            if "step_scores" in pred:   # one query per actor, as test.py's tubes (its frame-mAP merges within a class)
                 pred = merge_duplicate_queries(pred, threshold)
             frames = t["frame_indices"].cpu()
             tubes.add_clip_predictions(record.video, frames, pred, record.width, record.height, threshold=threshold)

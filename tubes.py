@@ -4,10 +4,10 @@ Frames are 0-based indices over the whole video; boxes are normalised xyxy in [0
 
 - A tube-mode prediction of one clip (:func:`metrics.outputs_to_predictions`: ``labels (Q,)``, ``step_scores
   (Q, K)``, ``step_boxes (Q, K, 4)``) whose step ``k`` shows video frame ``frame_indices[k]`` becomes, per query
-  acting at one step at least, a tube over the frames of the clip's span (:func:`clip_tubes`), its queries on one
-  actor first made one (:func:`merge_duplicate_queries`): a frame belongs to
-  it when its nearest step (ties: the earlier) is present (step score >= threshold); its box and score are the
-  linear interpolation of the two surrounding steps' (held constant before the first / after the last step).
+  acting at one step at least, a tube over the frames of the clip's span (:func:`clip_tubes`; its queries on one
+  actor first made one by :func:`merge_duplicate_queries`): a frame belongs to it when its nearest step (ties: the
+  earlier) is present (step score >= threshold); its box and score are the linear interpolation of the two
+  surrounding steps' (held constant before the first / after the last step).
 - The clips of a long video (windows) are joined (:func:`join_tubes`): one actor keeps one ``tube_id``.
 - A clip-mode prediction (one box per query per clip) is a tube with one constant box (:func:`constant_tube`).
 """
