@@ -244,7 +244,7 @@ def clip_metrics(preds: list[dict], targets: list[dict], records, class_names, t
             tubes.add_clip_predictions(record.video, frames, pred, record.width, record.height, threshold=threshold)
             tubes.add_clip_truth(record.video, {k: t[k].cpu() for k in ("frame_indices", "track_labels", "track_boxes")},
                                  record.width, record.height)
-        result.update(tubes.result())
+        result.update(tubes.result(class_names))
     return result
 
 

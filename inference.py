@@ -470,9 +470,7 @@ def evaluate_predictions(results: Sequence[VideoResult], labels_dir, model_names
     unlabelled = sum(1 for r in results if not r.error) - len(preds)
     result = metrics.evaluate(preds, targets, list(model_names), threshold)
     if any(r.per_frame for r in records):
-        result.update(score_tubes(results, by_path, to_model, len(model_names), threshold))
-        for key in ("frame_ap50", "video_ap50"):
-            result[key] = dict(zip(model_names, result.get(key, [])))
+        result.update(score_tubes(results, by_path, to_model, list(model_names), threshold))
     report = metrics.format_report(result, list(model_names))
     log.info("evaluation against %s (%d video(s) scored, %d predicted video(s) not in the dataset):\n%s",
              labels_dir, len(preds), unlabelled, report)
@@ -509,14 +507,14 @@ def add_tube_predictions(scorer: metrics.TubeScorer, res: VideoResult, width: in
         scorer.add_tube(res.name, t.class_id, t.score, t.frames, t.boxes, width, height)
 
 
-def score_tubes(results: Sequence[VideoResult], records_by_path: dict, to_model: Sequence[int], num_classes: int,
-                threshold: float) -> dict:
+def score_tubes(results: Sequence[VideoResult], records_by_path: dict, to_model: Sequence[int],
+                class_names: Sequence[str], threshold: float) -> dict:
     """frame-mAP and video-mAP (and per class: :meth:`metrics.TubeScorer.result`) of whole videos against per-frame
     labels. Tube mode: :func:`add_tube_predictions`.
     Clip mode: frames: every query of every clip stands at each frame of its clip's span (one box per clip); tubes:
     the video's detections as written to predictions.csv (windows joined, above the threshold). The labels' tracks,
     interpolated as in training, are the ground truth."""
-    scorer = metrics.TubeScorer(num_classes)
+    scorer = metrics.TubeScorer(len(class_names))
     for res in results:
         record = records_by_path.get(os.path.realpath(res.path))
         if record is None or res.error or not res.queries or not record.per_frame:
@@ -535,7 +533,7 @@ def score_tubes(results: Sequence[VideoResult], records_by_path: dict, to_model:
             for c in sorted({c for ids in labels for c in ids}):
                 acting = np.array([c in ids for ids in labels], bool)
                 scorer.add_truth(res.name, to_model[c], frames[acting], boxes[acting], record.width, record.height)
-    return scorer.result(per_class=True)
+    return scorer.result(class_names)
 
 
 def _json_default(value):

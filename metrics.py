@@ -920,15 +920,15 @@ class TubeScorer:
                 on = row_labels == c
                 self.add_truth(video, int(c), frames[on], row_boxes[on], width, height, split_gaps=False)
 
-    def result(self, per_class: bool = False) -> dict:
-        """``frame_map50``, ``video_map20``, ``video_map50`` (VOC all-point AP, mean over classes with GT); with
-        ``per_class`` also ``frame_ap50`` and ``video_ap50``: C APs each (None for a class without GT)."""
+    def result(self, class_names: Sequence[str] | None = None) -> dict:
+        """``frame_map50``, ``video_map20``, ``video_map50`` (VOC all-point AP, mean over classes with GT); given the
+        C ``class_names``, also ``frame_ap50`` and ``video_ap50``: ``{name: AP}`` (None for a class without GT)."""
         if not self.ground_truth:
             return {}
         frame = frame_map(self.detections, self.ground_truth, self.num_classes, 0.5)
         video = {iou: video_map(self.pred_tubes, self.gt_tubes, self.num_classes, iou) for iou in (0.2, 0.5)}
         result = {"frame_map50": frame["map"], "video_map20": video[0.2]["map"], "video_map50": video[0.5]["map"]}
-        if per_class:
-            result.update({key: [None if math.isnan(a) else a for a in aps]
+        if class_names is not None:
+            result.update({key: {name: None if math.isnan(a) else a for name, a in zip(class_names, aps)}
                            for key, aps in (("frame_ap50", frame["ap"]), ("video_ap50", video[0.5]["ap"]))})
         return result

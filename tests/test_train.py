@@ -913,6 +913,10 @@ def test_per_frame_labels_train_on_windows_and_report_tube_metrics(tube_data, tm
     for key in ("frame_map50", "video_map20", "video_map50"):
         assert 0.0 <= float(row[key]) <= 1.0, key
     assert "frame-mAP@0.5" in log_text(out) and "video-mAP@0.5" in log_text(out)
+    full = json.loads((out / "val_metrics.json").read_text())            # per class, as test.py's report shows them
+    for key in ("frame_ap50", "video_ap50"):
+        assert set(full[key]) == set(star_model.load_checkpoint(out / "best_model.pth")[1]["class_names"]), key
+        assert all(v is None or 0.0 <= v <= 1.0 for v in full[key].values()), key
     best = torch.load(out / "best_model.pth", map_location="cpu", weights_only=True)
     assert best["preprocessing"]["window_sec"] == 0.8                  # test.py cuts its windows so by default
     _, info = star_model.load_checkpoint(out / "best_model.pth")
