@@ -82,13 +82,21 @@ def tube_outputs_to_predictions(logits: torch.Tensor, boxes: torch.Tensor) -> li
     them)."""
     probs = logits.softmax(-1)[..., :-1]                                   # (B, Q, K, C)
     labels = probs.sum(2).argmax(-1)                                       # (B, Q)
-    step_scores = probs.gather(-1, labels[..., None, None].expand(*probs.shape[:3], 1)).squeeze(-1)   # (B, Q, K)
     xyxy = box_convert(boxes, in_fmt="cxcywh", out_fmt="xyxy").clamp(0.0, 1.0)                  # (B, Q, K, 4)
+    return [tube_prediction(probs[b], labels[b], xyxy[b]) for b in range(logits.shape[0])]
+
+
+def tube_prediction(step_probs: torch.Tensor, labels: torch.Tensor, step_boxes: torch.Tensor) -> dict:
+    """One clip's tube-mode prediction (the keys of :func:`tube_outputs_to_predictions`) from every class's
+    probability ``step_probs (Q, K, C)``, each query's class ``labels (Q,)`` and normalised xyxy ``step_boxes
+    (Q, K, 4)``: ``step_scores`` is the class's probability at each step, the clip view its best step."""
+    labels = labels.long()
+    step_scores = step_probs.gather(-1, labels[:, None, None].expand(*step_probs.shape[:2], 1)).squeeze(-1)   # (Q, K)
     scores, best_step = step_scores.max(-1)
-    best_boxes = xyxy.gather(2, best_step[..., None, None].expand(-1, -1, 1, 4)).squeeze(2)     # (B, Q, 4)
-    return [{"scores": scores[b].contiguous(), "labels": labels[b].long().contiguous(),
-             "boxes": best_boxes[b].contiguous(), "step_scores": step_scores[b].contiguous(),
-             "step_boxes": xyxy[b].contiguous(), "step_probs": probs[b].contiguous()} for b in range(logits.shape[0])]
+    best_boxes = step_boxes[torch.arange(len(labels)), best_step]                                   # (Q, 4)
+    return {"scores": scores.contiguous(), "labels": labels.contiguous(), "boxes": best_boxes.contiguous(),
+            "step_scores": step_scores.contiguous(), "step_boxes": step_boxes.contiguous(),
+            "step_probs": step_probs.contiguous()}
 
 
 def _as_tensor(x, dtype) -> torch.Tensor:

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
+import metrics
+
 # A joined actor changes class only where its windows' class probabilities outweigh this many nats (tubes.part_classes).
 CLASS_SWITCH_COST = 3.0
 # Two queries of one clip whose boxes overlap this much (mean IoU over the steps) are one actor
@@ -194,11 +196,7 @@ def merge_duplicate_queries(pred: dict, threshold: float, iou_threshold: float =
     labels = pred["labels"][[g[0] for g in groups]]
     steps = torch.arange(scores.shape[1])
     chosen = torch.stack([torch.tensor(g)[probs[g][:, :, c].argmax(0)] for g, c in zip(groups, labels.tolist())])
-    step_scores = probs[chosen, steps, labels[:, None]]                              # (G, K)
-    step_boxes = boxes[chosen, steps]                                                # (G, K, 4)
-    best, best_step = step_scores.max(1)
-    return {"scores": best, "labels": labels, "boxes": step_boxes[torch.arange(len(groups)), best_step],
-            "step_scores": step_scores, "step_boxes": step_boxes, "step_probs": probs[chosen, steps]}
+    return metrics.tube_prediction(probs[chosen, steps], labels, boxes[chosen, steps])   # (G, K) member per step
 
 
 def relabel(tube: PredTube, class_id: int) -> PredTube:

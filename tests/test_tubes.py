@@ -159,26 +159,22 @@ def test_other_class_far_box_and_a_second_tube_of_one_window_do_not_join():
         (1, 0, 29, 0.85), (2, 10, 29, 0.7)]
 
 
-def _probable_tube(probs, steps, boxes, span):
-    """One query's tube in a clip covering ``span``, its step k at video frame ``steps[k]`` with box ``boxes[k]``:
-    class probabilities ``probs`` (C,) at every step, its class the most probable."""
-    step_probs = torch.tensor([[probs] * len(steps)], dtype=torch.float32)      # (1, K, C)
-    label = int(step_probs.sum(1).argmax())
-    pred = _pred(step_probs[..., label].tolist(), [boxes], [label])
-    pred["step_probs"] = step_probs
-    (tube,) = tubes.clip_tubes(pred, steps, span, 0.5, NAMES)
-    return tube
-
-
-def _query_pred(probs, boxes) -> dict:
-    """A tube-mode clip prediction from each query's class probabilities ``probs (Q, K, C)`` and xyxy ``boxes (Q, 4)``
-    (one box at every step), as metrics.tube_outputs_to_predictions reads them."""
+def _query_pred(probs, step_boxes) -> dict:
+    """A tube-mode clip prediction from each query's class probabilities ``probs (Q, K, C)`` and xyxy ``step_boxes
+    (Q, K, 4)``, its class the most probable summed over the steps, as metrics.tube_outputs_to_predictions reads it."""
     probs = torch.tensor(probs, dtype=torch.float32)
     labels = probs.sum(1).argmax(-1)
     step_scores = probs.gather(-1, labels[:, None, None].expand(-1, probs.shape[1], 1)).squeeze(-1)
-    pred = _pred(step_scores.tolist(), [[b] * probs.shape[1] for b in boxes], labels.tolist())
+    pred = _pred(step_scores.tolist(), step_boxes, labels.tolist())
     pred["step_probs"] = probs
     return pred
+
+
+def _probable_tube(probs, steps, boxes, span):
+    """One query's tube in a clip covering ``span``, its step k at video frame ``steps[k]`` with box ``boxes[k]``:
+    class probabilities ``probs`` (C,) at every step."""
+    (tube,) = tubes.clip_tubes(_query_pred([[probs] * len(steps)], [boxes]), steps, span, 0.5, NAMES)
+    return tube
 
 
 def test_duplicate_queries_of_one_clip_are_one_query_of_the_best_ones_class():
@@ -187,7 +183,7 @@ def test_duplicate_queries_of_one_clip_are_one_query_of_the_best_ones_class():
     sure of fight there); a third query on another actor stays; the best first."""
     a, a_shifted, b = [0.1, 0.1, 0.5, 0.5], [0.12, 0.1, 0.52, 0.5], [0.6, 0.1, 0.9, 0.5]
     twin, lead, other = [[0.2, 0.75]] * 4, [[0.8, 0.15]] * 3 + [[0.1, 0.1]], [[0.1, 0.7]] * 4
-    pred = _query_pred([twin, lead, other], [a_shifted, a, b])
+    pred = _query_pred([twin, lead, other], [[a_shifted] * 4, [a] * 4, [b] * 4])
     merged = tubes.merge_duplicate_queries(pred, threshold=0.5)
     assert merged["labels"].tolist() == [0, 1]
     np.testing.assert_allclose(merged["step_scores"], [[0.8, 0.8, 0.8, 0.2], [0.7] * 4], atol=1e-6)
@@ -360,7 +356,7 @@ def test_overlapping_windows_score_each_frame_once_from_the_window_it_is_most_ce
     """Two windows of 8 frames, the second starting at frame 4 (centres 3.5 and 7.5): frames 0-5 come from the first
     (frame 5.5 is the tie, to the first), 6-11 from the second; a frame never gets both windows' detections."""
     box = [0.1, 0.1, 0.5, 0.5]
-    first, second = _query_pred([[[0.2, 0.1]] * 4], [box]), _query_pred([[[0.7, 0.1]] * 4], [box])
+    first, second = _query_pred([[[0.2, 0.1]] * 4], [[box] * 4]), _query_pred([[[0.7, 0.1]] * 4], [[box] * 4])
     res = inference.VideoResult(0, "v.mp4", "v.mp4", None, [], [first, second], 0.7,
                                 frame_indices=[np.array([0, 2, 4, 6]), np.array([4, 6, 8, 10])],
                                 frame_spans=[(0, 8), (4, 12)], tube_mode=True)
