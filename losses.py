@@ -14,9 +14,12 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torchvision.ops import box_convert, box_iou, generalized_box_iou
 
+from model import box_cell_weights
+
 PUBLISHED_WEIGHTS = {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
 LOCATE_WEIGHT = 1.0   # tube mode's locator cell loss (SetCriterion.loss_locate); absent from clip-mode outputs
 ACTING_WEIGHT = 1.0   # tube mode's actionness map loss and presence loss (SetCriterion.loss_acting)
+ACTOR_CLASS_WEIGHT = 2.0   # tube mode's class of the trunk under each true box (SetCriterion.loss_actor_class)
 
 
 def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
@@ -227,6 +230,30 @@ class SetCriterion(nn.Module):
         matched = F.binary_cross_entropy(presence, acting) if presence.numel() else presence.sum() * 0.0
         return {"loss_acting": dense, "loss_presence": matched}
 
+    def loss_actor_class(self, outputs, targets, indices, num_boxes) -> dict:
+        """Tube mode's class evidence under the box (``actor_map (B, G, C+1)``: ``actor_class`` of each cell of the
+        trunk's square grid): at every (track, step) where the track acts, the map averaged over its true box
+        (:func:`model.box_cell_weights`, as :meth:`model.STAR.box_features` reads it under a predicted box), CE over
+        the C action classes only towards the track's class, the mean over those pairs. No matching: it reaches the
+        trunk under each actor directly, as an AVA detector classifies the features under an actor's box. The
+        actions only: whether the actor acts is the map's and the decoder's to say, and idle actors have no box.
+        Nothing without ``actor_map``."""
+        if "actor_map" not in outputs:
+            return {}
+        grid = outputs["actor_map"].float()                                      # (B, G, C+1)
+        side = math.isqrt(grid.shape[1])
+        logits, classes = [], []
+        for cells, t in zip(grid, targets):
+            labels = t["track_labels"].to(grid.device).long()
+            acting = labels >= 0
+            weights = box_cell_weights(t["track_boxes"].to(grid.device).float()[acting], side)   # (A, G)
+            logits.append(weights @ cells[:, :self.num_classes])
+            classes.append(labels[acting])
+        logits, classes = torch.cat(logits), torch.cat(classes)
+        if not classes.numel():
+            return {"loss_actor_class": grid.sum() * 0.0}                         # keeps the graph connected
+        return {"loss_actor_class": F.cross_entropy(logits, classes)}
+
     def loss_video(self, outputs, targets, indices, num_boxes) -> dict:
         """Video-level CE on ``video_logits (B, C+1)``: the target is spread evenly over the video's
         classes, or no_object for a video without action. No matching: it reaches the trunk directly.
@@ -245,7 +272,7 @@ class SetCriterion(nn.Module):
 
     def get_loss(self, name, outputs, targets, indices, num_boxes) -> dict:
         loss_fns = {"labels": self.loss_labels, "boxes": self.loss_boxes, "video": self.loss_video,
-                    "locate": self.loss_locate, "acting": self.loss_acting}
+                    "locate": self.loss_locate, "acting": self.loss_acting, "actor": self.loss_actor_class}
         return loss_fns[name](outputs, targets, indices, num_boxes)
 
     def forward(self, outputs: dict, targets: list[dict], num_boxes: float | None = None) -> dict:
@@ -259,7 +286,7 @@ class SetCriterion(nn.Module):
             losses.update(self.get_loss(name, outputs, targets, indices, num_boxes))
         for layer, aux in enumerate(outputs.get("aux_outputs", [])):
             aux_indices = self.matcher(aux, targets)
-            for name in (n for n in self.losses if n != "acting"):   # the map is the same for every layer
+            for name in (n for n in self.losses if n not in ("acting", "actor")):   # the maps are the same for every layer
                 terms = self.get_loss(name, aux, targets, aux_indices, num_boxes)
                 losses.update({f"{k}_{layer}": v for k, v in terms.items() if k.startswith("loss_")})
         return losses
@@ -310,8 +337,8 @@ def build_criterion(num_classes: int, num_decoder_layers: int = 4, aux_loss: boo
         for layer in range(num_decoder_layers - 1):
             weight_dict.update({f"{k}_{layer}": v for k, v in weight_dict.items() if not k[-1].isdigit()})
     if tube:   # the map is the same for every decoder layer: one term
-        weight_dict.update(loss_acting=ACTING_WEIGHT, loss_presence=ACTING_WEIGHT)
-    losses = ("labels", "boxes") + (("locate", "acting") if tube else ())
+        weight_dict.update(loss_acting=ACTING_WEIGHT, loss_presence=ACTING_WEIGHT, loss_actor_class=ACTOR_CLASS_WEIGHT)
+    losses = ("labels", "boxes") + (("locate", "acting", "actor") if tube else ())
     if video_loss_coef > 0:
         weight_dict["loss_video"] = video_loss_coef
         losses += ("video",)

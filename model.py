@@ -335,9 +335,10 @@ class STAR(nn.Module):
                                      self.step_mask(memory.shape[1]))
         frames = None if fine is None else self.frame_memory(fine, memory.shape[1])
         acting_map = None if frames is None else self.acting(frames)   # (B, K, G) logits: once, every layer reads it
-        # the trunk's own tokens: the memory before the K * h * w pooled time tokens (split_tokens)
-        trunk = None if frames is None else memory_tokens[:, :self.trunk_steps * fine.shape[2] // self.backbone.time_grid ** 2]
+        trunk = None if frames is None else self.trunk_tokens(memory_tokens, fine)
         out = self.read(layer_outputs[-1], frames, acting_map, trunk)
+        if self.training and trunk is not None:   # per-cell class evidence, for the criterion's loss_actor_class
+            out["actor_map"] = self.actor_class(self.trunk_grid(trunk))
         if return_aux:
             out["aux_outputs"] = [self.read(hidden, frames, acting_map, trunk) for hidden in layer_outputs[:-1]]
         return out
@@ -355,6 +356,11 @@ class STAR(nn.Module):
         fine = tokens[:, trunk:].unflatten(1, (K, side, g, side, g))          # (B, K, h, g, w, g, D)
         coarse = fine.mean((3, 5)).flatten(1, 3)                              # (B, K*h*w, D)
         return torch.cat([tokens[:, :trunk], coarse], 1), fine.flatten(2, 5)
+
+    def trunk_tokens(self, memory_tokens: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
+        """The trunk's own tokens ``(B, t*h*w, D)``: the memory before the ``K*h*w`` pooled time tokens (:meth:`split_tokens`'
+        outputs)."""
+        return memory_tokens[:, :self.trunk_steps * fine.shape[2] // self.backbone.time_grid ** 2]
 
     def frame_memory(self, fine: torch.Tensor, offset: int) -> torch.Tensor:
         """The fine time tokens ``(B, K, G, D)`` plus their rows of the position table (after the memory's
@@ -418,10 +424,13 @@ class STAR(nn.Module):
         (ground-truth boxes) told unseen wave from jump windows apart 56 of 56, the mean over the whole frame 44, and
         the decoder, which reads the trunk through attention, swapped the two in most unseen videos
         (docs/EXPERIMENTS.md, "Tube mode")."""
-        places = trunk.shape[1] // self.trunk_steps
-        grid = trunk.unflatten(1, (self.trunk_steps, places)).mean(1)                  # (B, h*w, D)
-        weights = box_cell_weights(boxes.detach().to(grid.dtype), math.isqrt(places))   # (B, Q, K, h*w)
+        grid = self.trunk_grid(trunk)                                                   # (B, h*w, D)
+        weights = box_cell_weights(boxes.detach().to(grid.dtype), math.isqrt(grid.shape[1]))   # (B, Q, K, h*w)
         return torch.einsum("bqkg,bgd->bqkd", weights, grid)
+
+    def trunk_grid(self, trunk: torch.Tensor) -> torch.Tensor:
+        """The trunk's tokens ``(B, t*h*w, D)`` averaged over its t steps -> ``(B, h*w, D)``, row-major cells."""
+        return trunk.unflatten(1, (self.trunk_steps, trunk.shape[1] // self.trunk_steps)).mean(1)
 
     def use_channels_last(self) -> "STAR":
         """channels_last_3d weights, and the input converted to match inside ``forward``."""

@@ -936,6 +936,7 @@ def test_per_frame_labels_train_the_tube_mode_by_default_with_its_decoder_phase(
     assert best["model_args"]["tube_steps"] == 4                       # no flag: per-frame labels choose tubes
     assert best["preprocessing"]["window_sec"] == pytest.approx(recipes.WINDOW_STRIDE * 4 / 25)   # 4 frames at 25 fps
     assert "mode tube" in log_text(out) and "decoder step 12/12" in log_text(out)
+    assert "the class under each true box fitted" in log_text(out)
     assert f"{recipes.WINDOWS_PER_VIDEO} per video and epoch; {recipes.PAIR_PROB:g} side by side" in log_text(out)
     net, info = star_model.load_checkpoint(out / "best_model.pth")
     with torch.no_grad():

@@ -3,6 +3,7 @@ are read from its outputs, and that the published layout is untouched by it."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -369,3 +370,60 @@ def test_the_trunk_under_each_box_adds_class_evidence_that_starts_at_zero():
     net(x)["pred_logits"].sum().backward()
     assert net.actor_class.weight.grad.abs().sum() > 0                            # the class loss trains it
     assert M.STAR(2, tube_steps=4, time_tokens=False, **SMALL).actor_class is None
+
+
+def test_actor_class_loss_is_the_ce_of_the_map_under_each_true_box_over_the_actions_only():
+    torch.manual_seed(0)
+    net = M.STAR(3, tube_steps=4, **{**SMALL, "dropout": 0.0}).train()
+    with torch.no_grad():
+        net.actor_class.weight.normal_()
+        net.actor_class.bias.normal_()
+    out = net(torch.randn(2, 4, 3, 64, 64))
+    grid = out["actor_map"]                                                      # (B, G, C+1)
+    assert grid.shape == (2, 16, 4)                                              # 64 px: a 4x4 trunk grid, 3 + 1 classes
+    labels = torch.tensor([[2, 2, -1, 0], [1, -1, -1, -1]])                      # clip 0: two tracks, one idle at 3 steps
+    boxes = torch.rand(2, 4, 4) * 0.5 + 0.25
+    targets = [{"track_labels": labels, "track_boxes": boxes, "labels": torch.tensor([2, 1]), "boxes": boxes[:, 0]},
+               {"track_labels": torch.zeros(0, 4, dtype=torch.long), "track_boxes": torch.zeros(0, 4, 4),
+                "labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}]
+    got = build_criterion(3, num_decoder_layers=2, tube=True)(out, targets)
+    # by hand: each acting (track, step)'s true box over the 4x4 cells, the map's 3 action logits, log-softmax
+    terms = []
+    for (m, k) in (labels >= 0).nonzero().tolist():
+        weights = M.box_cell_weights(boxes[m, k], 4)
+        logits = (weights[:, None] * grid[0, :, :3]).sum(0)
+        terms.append(-logits.log_softmax(-1)[labels[m, k]])
+    assert float(got["loss_actor_class"]) == pytest.approx(float(torch.stack(terms).mean()), rel=1e-5)
+    assert not any(k.startswith("loss_actor_class_") for k in got)               # one term: the map is every layer's
+    net.zero_grad()
+    got["loss_actor_class"].backward()
+    assert net.backbone.proj.weight.grad.abs().sum() > 0                         # it reaches the trunk
+    assert "actor_map" not in net.eval()(torch.randn(1, 4, 3, 64, 64))
+    assert "loss_actor_class" not in build_criterion(3).weight_dict
+
+
+def test_the_decoder_phase_fits_the_class_under_the_true_box_to_convergence():
+    import engine
+    torch.manual_seed(0)
+    net = M.STAR(3, tube_steps=4, **{**SMALL, "dropout": 0.0}).eval()
+    places = 16                                                                  # 64 px: a 4x4 trunk grid, 1 trunk step
+    tokens = torch.randn(24, places + 4 * 4 * places, 256) * 0.5
+    direction = torch.randn(3, 256)
+    targets = []
+    for i in range(len(tokens)):
+        c = i % 3
+        tokens[i, :places] += direction[c]                                       # the trunk says the class everywhere
+        labels = torch.tensor([[c, c, -1, c]])
+        boxes = torch.rand(1, 4, 4) * 0.4 + 0.3
+        targets.append({"track_labels": labels, "track_boxes": boxes})
+    assert engine.fit_actor_class(net, tokens, targets) == 1.0
+    assert not net.actor_class.weight[-1].any() and not net.actor_class.bias[-1].any()   # no_object: the decoder's
+    features, classes = engine.actor_box_features(net, tokens, targets)
+    assert features.shape == (24 * 3, 256) and classes.tolist() == [i % 3 for i in range(24) for _ in range(3)]
+    # the features are what the network reads under a box at inference: box_features on the true boxes
+    memory, fine = net.split_tokens(tokens[:1])
+    want = net.box_features(net.trunk_tokens(memory, fine), targets[0]["track_boxes"][None])[0, 0, [0, 1, 3]]
+    assert torch.allclose(features[:3], want, atol=1e-5)
+    assert (net.actor_class(features)[:, :3].argmax(-1) == classes).all()
+    assert math.isnan(engine.fit_actor_class(net, tokens[:2], [{"track_labels": torch.full((0, 4), -1),
+                                                                 "track_boxes": torch.zeros(0, 4, 4)}] * 2))
