@@ -295,7 +295,8 @@ class STAR(nn.Module):
         self.trunk_steps = token_grid(self, self.tube_steps, 32)[0] if time_tokens else 0
         self.locate = Locator(hidden_dim, num_queries) if time_tokens else None
         self.acting = Actionness(hidden_dim) if time_tokens else None
-        # class evidence of the trunk's tokens under each (actor, step)'s box (see read); zero: starts as the decoder alone
+        # class evidence of the trunk's tokens under each (actor, step)'s box (see read); zero: starts as the decoder alone.
+        # Trained under the true boxes too (losses.SetCriterion.loss_actor_class), fitted in the decoder phase (engine)
         self.actor_class = nn.Linear(hidden_dim, num_classes + 1) if time_tokens else None
         if self.actor_class is not None:
             nn.init.zeros_(self.actor_class.weight)
