@@ -22,7 +22,7 @@ from tqdm import tqdm
 import metrics
 from dataset import ActionDataset, collate
 from losses import is_tube_output, num_target_boxes
-from model import STAR, box_cell_weights, init_motion_stem, init_positions, motion_stem_conv, prepare_for_inference
+from model import STAR, acting_box_average, init_motion_stem, init_positions, motion_stem_conv, prepare_for_inference
 from runtime import UsageError, autocast
 from tubes import merge_duplicate_queries
 
@@ -395,7 +395,8 @@ def decoder_phase(model: STAR, model_args, criterion, train_set, val_set, class_
     if model.actor_class is not None:   # fitted to convergence on the frozen trunk, then kept
         accuracy = fit_actor_class(model, train_tokens, train_targets)
         log.info("decoder phase: the class under each true box fitted, %.1f %% right on the training clips", 100 * accuracy)
-        params = [p for p in params if all(p is not q for q in model.actor_class.parameters())]
+        model.actor_class.requires_grad_(False)
+        params = [p for p in params if p.requires_grad]
 
     def validate(step, loss):
         result = evaluate_tokens(model, criterion, val_tokens, val_targets, val_set.records, class_names,
@@ -412,16 +413,14 @@ def decoder_phase(model: STAR, model_args, criterion, train_set, val_set, class_
 def actor_box_features(model: STAR, tokens: torch.Tensor, targets: list[dict], batch_size: int = 32):
     """The trunk's tokens under every true box of cached clips, as :meth:`model.STAR.box_features` reads them:
     features ``(P, D)`` float32 and classes ``(P,)`` of every (track, step) where a track acts."""
-    features, classes = [], []
+    pairs = []
     for start in range(0, len(tokens), batch_size):
         memory, fine = model.split_tokens(tokens[start:start + batch_size].float())
         grid = model.trunk_grid(model.trunk_tokens(memory, fine))                   # (b, G, D)
-        side = math.isqrt(grid.shape[1])
-        for cells, t in zip(grid, targets[start:start + batch_size]):
-            acting = t["track_labels"] >= 0
-            features.append(box_cell_weights(t["track_boxes"][acting].float().to(cells.device), side) @ cells)
-            classes.append(t["track_labels"][acting].long())
-    return torch.cat(features), torch.cat(classes).to(tokens.device)
+        pairs += [acting_box_average(cells, t["track_labels"].to(cells.device), t["track_boxes"].to(cells.device))
+                  for cells, t in zip(grid, targets[start:start + batch_size])]
+    features, classes = (torch.cat(part) for part in zip(*pairs))
+    return features, classes
 
 
 def fit_actor_class(model: STAR, tokens: torch.Tensor, targets: list[dict], l2: float = 1e-3,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torchvision.ops import box_convert, box_iou, generalized_box_iou
 
-from model import box_cell_weights
+from model import acting_box_average
 
 PUBLISHED_WEIGHTS = {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
 LOCATE_WEIGHT = 1.0   # tube mode's locator cell loss (SetCriterion.loss_locate); absent from clip-mode outputs
@@ -241,15 +241,9 @@ class SetCriterion(nn.Module):
         if "actor_map" not in outputs:
             return {}
         grid = outputs["actor_map"].float()                                      # (B, G, C+1)
-        side = math.isqrt(grid.shape[1])
-        logits, classes = [], []
-        for cells, t in zip(grid, targets):
-            labels = t["track_labels"].to(grid.device).long()
-            acting = labels >= 0
-            weights = box_cell_weights(t["track_boxes"].to(grid.device).float()[acting], side)   # (A, G)
-            logits.append(weights @ cells[:, :self.num_classes])
-            classes.append(labels[acting])
-        logits, classes = torch.cat(logits), torch.cat(classes)
+        pairs = [acting_box_average(cells[:, :self.num_classes], t["track_labels"].to(grid.device),
+                                    t["track_boxes"].to(grid.device)) for cells, t in zip(grid, targets)]
+        logits, classes = (torch.cat(part) for part in zip(*pairs))
         if not classes.numel():
             return {"loss_actor_class": grid.sum() * 0.0}                         # keeps the graph connected
         return {"loss_actor_class": F.cross_entropy(logits, classes)}

@@ -242,6 +242,15 @@ def box_cell_weights(boxes: torch.Tensor, side: int) -> torch.Tensor:
     return area / area.sum(-1, keepdim=True).clamp(min=1e-12)
 
 
+def acting_box_average(cells: torch.Tensor, track_labels: torch.Tensor, track_boxes: torch.Tensor):
+    """``cells (G, X)`` of a square grid averaged over the box of every (track, step) where a track acts
+    (:func:`box_cell_weights`; ``track_labels (M, K)``, -1 = not acting; ``track_boxes (M, K, 4)`` cxcywh) ->
+    ``(A, X)`` and those pairs' classes ``(A,)``."""
+    acting = track_labels >= 0
+    weights = box_cell_weights(track_boxes[acting].to(cells), math.isqrt(cells.shape[0]))   # (A, G)
+    return weights @ cells, track_labels[acting].long()
+
+
 def step_log_probs(logits: torch.Tensor, acting: torch.Tensor) -> torch.Tensor:
     """Class log-probabilities ``(..., C+1)`` of (actor, step) pairs from the decoder's ``logits (..., C+1)`` and
     the probability ``acting (...)`` that the actor acts at that step: ``P(c) = acting * p(c)``, ``P(no_object) =
