@@ -24,7 +24,7 @@ from dataset import ActionDataset, collate
 from losses import is_tube_output, num_target_boxes
 from model import STAR, acting_box_average, init_motion_stem, init_positions, motion_stem_conv, prepare_for_inference
 from runtime import UsageError, autocast
-from tubes import merge_duplicate_queries
+from tubes import class_detections, merge_duplicate_queries
 
 log = logging.getLogger("star")
 
@@ -230,7 +230,9 @@ def evaluate(model, criterion, loader, device, amp_dtype, class_names, threshold
 
 def clip_metrics(preds: list[dict], targets: list[dict], records, class_names, threshold) -> dict:
     """Metrics of validation clips, one per record: the clip metrics on ``labels``/``boxes`` (cxcywh), and for
-    per-frame records frame-mAP@0.5 and video-mAP@0.2/0.5 at the clips' sampled frames (:class:`metrics.TubeScorer`)."""
+    per-frame records frame-mAP@0.5 and video-mAP@0.2/0.5 at the clips' sampled frames (:class:`metrics.TubeScorer`),
+    a tube-mode clip read as test.py reads it: every class of every query for frame-mAP, one query per actor for
+    tubes."""
     if not preds:
         return {}
     xyxy = [{"labels": t["labels"].cpu(), "boxes": box_convert(t["boxes"].cpu(), "cxcywh", "xyxy")} for t in targets]
@@ -238,10 +240,13 @@ def clip_metrics(preds: list[dict], targets: list[dict], records, class_names, t
     if any(r.per_frame for r in records):
         tubes = metrics.TubeScorer(len(class_names))
         for pred, t, record in zip(preds, targets, records):
-            if "step_scores" in pred:   # one query per actor, as test.py's tubes (its frame-mAP merges within a class)
-                pred = merge_duplicate_queries(pred, threshold)
             frames = t["frame_indices"].cpu()
-            tubes.add_clip_predictions(record.video, frames, pred, record.width, record.height, threshold=threshold)
+            if "step_scores" in pred:
+                for view in class_detections(pred, threshold):
+                    tubes.add_clip_predictions(record.video, frames, view, record.width, record.height, as_tube=False)
+                pred = merge_duplicate_queries(pred, threshold)
+            tubes.add_clip_predictions(record.video, frames, pred, record.width, record.height, threshold=threshold,
+                                       as_frames="step_scores" not in pred)
             tubes.add_clip_truth(record.video, {k: t[k].cpu() for k in ("frame_indices", "track_labels", "track_boxes")},
                                  record.width, record.height)
         result.update(tubes.result(class_names))
@@ -369,8 +374,8 @@ def reset_decoder_side(model: STAR, model_args: dict, args) -> list[torch.nn.Par
     if args.position_init:
         init_positions(fresh, args.num_frames, args.img_size)
     parts = [part for part in ("pos_embedding", "queries", "time_queries", "decoder", "head", "locate", "acting",
-                                 "actor_class")
-             if getattr(model, part, None) is not None]   # time_queries, locate, acting, actor_class: tube mode only
+                                 "actor_class", "actor_size")
+             if getattr(model, part, None) is not None]   # time_queries ... actor_size: tube mode only
     for part in parts:
         getattr(model, part).load_state_dict(getattr(fresh, part).state_dict())
     return [p for part in parts for p in getattr(model, part).parameters()]

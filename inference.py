@@ -51,6 +51,10 @@ NO_OBJECT = metrics.NO_OBJECT_NAME
 CSV_FIELDS = ("video_name", "pred_class", "score", "x1", "y1", "x2", "y2", "start_sec", "end_sec")
 JOIN_IOU = 0.3            # boxes of consecutive windows "overlap" when their IoU is at least this
 MAX_GAP_SEC = 1.0         # a tube missing this long at most (a pause, a window's edge) keeps its id
+# Tube mode: a joined tube shorter than this is dropped (ACT's tube builder: 15 frames, 0.6 s at 25 fps). Without it
+# one window's stray class on an actor (3-11 frames, scored 0.6-0.8) outranked true tubes: unseen video-mAP@0.5 0.64 /
+# 0.65 against 0.67 / 0.73 (docs/EXPERIMENTS.md, "ninth session").
+MIN_TUBE_SEC = 0.6
 FRAME_FIELDS = ("video_name", "tube_id", "frame", "time_sec", "pred_class", "score", "x1", "y1", "x2", "y2")
 # What a decoding worker may meet in an odd file besides VideoError (PyAV/FFmpeg, numpy, cv2).
 DECODE_ERRORS = (video.VideoError, av.error.FFmpegError, OSError, ValueError, EOFError, MemoryError, RuntimeError)
@@ -335,13 +339,15 @@ def tube_detection(tube: tubes.PredTube, fps: float) -> Detection:
 def finish_video(res: VideoResult, settings: "Settings") -> None:
     """Once all clips of a video are predicted: its tubes (joined across windows, numbered) and its detections
     (the predictions.csv rows, in tube_id order in tube mode). Tube mode: :func:`tubes.join_tubes`, a gap of
-    ``MAX_GAP_SEC`` (or the gap between windows when longer) bridged; clip mode: :func:`join_windows` as before,
-    each detection a tube with a constant box over its span."""
+    ``MAX_GAP_SEC`` (or the gap between windows when longer) bridged, tubes under ``MIN_TUBE_SEC`` (or the whole
+    video, when shorter) dropped; clip mode: :func:`join_windows` as before, each detection a tube with a constant box
+    over its span."""
     fps = res.info.fps
     between = settings.stride_sec - settings.window_sec if settings.window_sec else 0.0
     if res.tube_mode:
         max_gap = video.seconds_to_frames(max(MAX_GAP_SEC, between), fps)
-        res.tubes, res.clip_tubes = tubes.join_tubes(res.clip_tubes, JOIN_IOU, max_gap), []
+        min_frames = min(video.seconds_to_frames(MIN_TUBE_SEC, fps), max(1, res.info.num_frames))
+        res.tubes, res.clip_tubes = tubes.join_tubes(res.clip_tubes, JOIN_IOU, max_gap, min_frames=min_frames), []
         res.detections = [tube_detection(t, fps) for t in res.tubes]
         return
     if settings.window_sec:
@@ -491,18 +497,18 @@ def span_frames(start_sec: float, end_sec: float, info: video.VideoInfo) -> np.n
 
 def add_tube_predictions(scorer: metrics.TubeScorer, res: VideoResult, width: int, height: int,
                          threshold: float) -> None:
-    """A tube-mode video into ``scorer``: for frame-mAP every query at each frame (a clip's queries on one actor with
-    one class merged: :func:`tubes.merge_duplicate_queries`), with its interpolated box and step score (all queries,
+    """A tube-mode video into ``scorer``: for frame-mAP every query as a detection of every class at each frame
+    (:func:`tubes.class_detections`), with its interpolated box and that class's step probability (all queries,
     thresholded or not: recall counts in AP), from the one clip whose span's centre is nearest that frame
     (overlapping windows would otherwise detect each frame twice); for video-mAP the video's joined tubes
     (:attr:`VideoResult.tubes`). Boxes in pixels."""
     centres = np.array([(a + b - 1) / 2 for a, b in res.frame_spans], dtype=float)
     for clip, (pred, indices, span) in enumerate(zip(res.queries, res.frame_indices, res.frame_spans)):
-        pred = tubes.merge_duplicate_queries(pred, threshold, same_class=True)
-        frames, scores, boxes = tubes.dense(pred, indices, span)
-        own = np.abs(frames[:, None] - centres[None]).argmin(1) == clip       # first of equally near clips
-        for label, q_scores, q_boxes in zip(pred["labels"].tolist(), scores[:, own], boxes[:, own]):
-            scorer.add_frame_detections(res.name, label, frames[own], q_scores, q_boxes, width, height)
+        for view in tubes.class_detections(pred, threshold):
+            frames, scores, boxes = tubes.dense(view, indices, span)
+            own = np.abs(frames[:, None] - centres[None]).argmin(1) == clip       # first of equally near clips
+            for label, q_scores, q_boxes in zip(view["labels"].tolist(), scores[:, own], boxes[:, own]):
+                scorer.add_frame_detections(res.name, label, frames[own], q_scores, q_boxes, width, height)
     for t in res.tubes:
         scorer.add_tube(res.name, t.class_id, t.score, t.frames, t.boxes, width, height)
 

@@ -79,7 +79,7 @@ def tube_outputs_to_predictions(logits: torch.Tensor, boxes: torch.Tensor) -> li
     outvote the uncertain ones. The clip view that the clip-mode metrics read: ``scores (Q,)`` the best step score
     (a query is a detection when it acts at one step at least), ``labels (Q,)``, ``boxes (Q, 4)`` its box at that
     step. ``step_probs (Q, K, C)``: every class's probability (tubes.join_tubes reads a joined tube's class from
-    them)."""
+    them); ``step_acting (Q, K)`` their sum, the probability that the actor acts at each step (the tube's extent)."""
     probs = logits.softmax(-1)[..., :-1]                                   # (B, Q, K, C)
     labels = probs.sum(2).argmax(-1)                                       # (B, Q)
     xyxy = box_convert(boxes, in_fmt="cxcywh", out_fmt="xyxy").clamp(0.0, 1.0)                  # (B, Q, K, 4)
@@ -89,14 +89,15 @@ def tube_outputs_to_predictions(logits: torch.Tensor, boxes: torch.Tensor) -> li
 def tube_prediction(step_probs: torch.Tensor, labels: torch.Tensor, step_boxes: torch.Tensor) -> dict:
     """One clip's tube-mode prediction (the keys of :func:`tube_outputs_to_predictions`) from every class's
     probability ``step_probs (Q, K, C)``, each query's class ``labels (Q,)`` and normalised xyxy ``step_boxes
-    (Q, K, 4)``: ``step_scores`` is the class's probability at each step, the clip view its best step."""
+    (Q, K, 4)``: ``step_scores`` is the class's probability at each step, ``step_acting`` the sum of all classes'
+    (the actor acts, whatever it does), the clip view its best step."""
     labels = labels.long()
     step_scores = step_probs.gather(-1, labels[:, None, None].expand(*step_probs.shape[:2], 1)).squeeze(-1)   # (Q, K)
     scores, best_step = step_scores.max(-1)
     best_boxes = step_boxes[torch.arange(len(labels)), best_step]                                   # (Q, 4)
     return {"scores": scores.contiguous(), "labels": labels.contiguous(), "boxes": best_boxes.contiguous(),
             "step_scores": step_scores.contiguous(), "step_boxes": step_boxes.contiguous(),
-            "step_probs": step_probs.contiguous()}
+            "step_probs": step_probs.contiguous(), "step_acting": step_probs.sum(-1).contiguous()}
 
 
 def _as_tensor(x, dtype) -> torch.Tensor:
@@ -888,18 +889,21 @@ class TubeScorer:
         self.pred_tubes.append(Tube(video, int(class_id), float(score), frames, pixels))
 
     def add_clip_predictions(self, video: str, frames, pred: dict, width: int, height: int, as_tube: bool = True,
-                             threshold: float = 0.5) -> None:
+                             threshold: float = 0.5, as_frames: bool = True) -> None:
         """Every query of a clip-mode prediction ``{"scores", "labels", "boxes" (Q, 4)}`` at the clip's ``frames``.
-        A tube-mode prediction (``step_scores (Q, K)``, ``step_boxes (Q, K, 4)``, K = len(frames)) gives a detection
-        per query per step, and a tube of the steps where its score passes ``threshold``, scored by their mean."""
+        A tube-mode prediction (``step_scores (Q, K)``, ``step_acting (Q, K)``, ``step_boxes (Q, K, 4)``, K =
+        len(frames)) gives a detection per query per step (``as_frames``), and a tube of the steps where it acts
+        (``step_acting >= threshold``), scored by the mean of their step scores (``as_tube``)."""
         if "step_scores" not in pred:
             for score, label, box in zip(pred["scores"].tolist(), pred["labels"].tolist(), pred["boxes"].tolist()):
                 self.add_prediction(video, frames, label, score, box, width, height, as_tube=as_tube)
             return
         frames = np.asarray(frames, dtype=np.int64).reshape(-1)
-        for label, scores, boxes in zip(pred["labels"].tolist(), pred["step_scores"].numpy(), pred["step_boxes"].numpy()):
-            self.add_frame_detections(video, label, frames, scores, boxes, width, height)
-            on = scores >= threshold
+        for label, scores, acting, boxes in zip(pred["labels"].tolist(), pred["step_scores"].numpy(),
+                                                pred["step_acting"].numpy(), pred["step_boxes"].numpy()):
+            if as_frames:
+                self.add_frame_detections(video, label, frames, scores, boxes, width, height)
+            on = acting >= threshold
             if as_tube and on.any():   # repeated frames (a short video) keep their first step
                 kept, first = np.unique(frames[on], return_index=True)
                 self.add_tube(video, label, float(scores[on].mean()), kept, boxes[on][first], width, height)

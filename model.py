@@ -25,6 +25,7 @@ PUBLISHED_CLASS_NAMES = ("fight", "collapse")
 PUBLISHED_PREPROCESSING = {"num_frames": 16, "img_size": 224, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
 CLASS_LAYER = "head.class_head.3"
 ANCHOR_SPREAD = 0.25   # tube mode: how far (in frame widths) an actor query's anchor reaches (Locator)
+SIZE_EPS = 1e-4        # tube mode: box sizes are clamped to [eps, 1 - eps] before the SizeMap's logits are added
 PRETRAINED_CHOICES = ("kinetics400", "none")
 
 
@@ -219,6 +220,31 @@ class Actionness(nn.Module):
         return self.out(torch.relu(self.time(x)).squeeze(-1).permute(0, 2, 3, 1)).squeeze(-1)
 
 
+class SizeMap(nn.Module):
+    """Tube mode with time tokens: a box size correction at each cell of each step's frame. ``forward(frame_memory
+    (B, K, G, D))`` -> ``(B, K, G, 2)`` logits added to the box head's (w, h) logits where the :class:`Locator`
+    attends (:meth:`STAR.read`): each fine time token through a linear layer and ReLU, two 3x3 convs over its frame's
+    grid (the first with ReLU), the last at zero so the network starts as the box head alone. Why: the box head
+    reads the clip through the decoder and gave a wave actor (whose height swings by +-45 % in a second) about its
+    mean height at every step; a frame's own tokens around the actor see its extent at that frame
+    (docs/EXPERIMENTS.md, "Tube mode")."""
+
+    def __init__(self, hidden_dim: int):
+        super().__init__()
+        width = hidden_dim // 4
+        self.cell = nn.Sequential(nn.Linear(hidden_dim, width), nn.ReLU())
+        # (1, 3, 3) convs over (steps, rows, columns): no reshape of the batch, which ONNX would fix
+        self.space = nn.Conv3d(width, width, kernel_size=(1, 3, 3), padding=(0, 1, 1))
+        self.out = nn.Conv3d(width, 2, kernel_size=(1, 3, 3), padding=(0, 1, 1))
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, frame_memory: torch.Tensor) -> torch.Tensor:
+        side = math.isqrt(frame_memory.shape[2])
+        x = self.cell(frame_memory).permute(0, 3, 1, 2).unflatten(3, (side, side))   # (B, width, K, side, side)
+        return self.out(torch.relu(self.space(x))).flatten(3).permute(0, 2, 3, 1)
+
+
 def _neighbourhood_max(cells: torch.Tensor) -> torch.Tensor:
     """``cells (B, K, G)`` on a square grid -> the maximum over each cell's 3x3 neighbourhood, same shape. Why: the
     presence is read where the locator looks, the actor's centre, and a swelling (wave) moves the actor's edges, not
@@ -310,6 +336,7 @@ class STAR(nn.Module):
         if self.actor_class is not None:
             nn.init.zeros_(self.actor_class.weight)
             nn.init.zeros_(self.actor_class.bias)
+        self.actor_size = SizeMap(hidden_dim) if time_tokens else None
         self.decoder = Decoder(hidden_dim, nheads, dim_feedforward, dropout, num_decoder_layers)
         self.head = Head(hidden_dim, num_classes, dropout)
 
@@ -416,12 +443,16 @@ class STAR(nn.Module):
         if frames is not None:
             boxes = out["pred_boxes"]
             centres, cells = self.locate(hidden.unflatten(1, (-1, self.tube_steps)), frames)
-            out["pred_boxes"] = torch.cat([(centres + boxes[..., :2] - 0.5).clamp(0.0, 1.0), boxes[..., 2:]], -1)
+            # in training the attention is detached: a step is idle because the map says so, not because the
+            # locator looks away; and its size is what the frame shows there
+            attention = (cells.detach() if self.training else cells).softmax(-1)
+            size = torch.einsum("bqkg,bkgc->bqkc", attention, self.actor_size(frames))
+            size = (torch.logit(boxes[..., 2:].clamp(SIZE_EPS, 1 - SIZE_EPS)) + size).sigmoid()
+            out["pred_boxes"] = torch.cat([(centres + boxes[..., :2] - 0.5).clamp(0.0, 1.0), size], -1)
             out["pred_logits"] = out["pred_logits"] + self.actor_class(self.box_features(trunk, out["pred_boxes"]))
             acting = _neighbourhood_max(acting_map.sigmoid())
             if self.training:   # the criterion trains the decoder's classes and the map apart (loss_acting)
-                # the attention detached: a step is idle because the map says so, not because the locator looks away
-                presence = torch.einsum("bqkg,bkg->bqk", cells.detach().softmax(-1), acting)
+                presence = torch.einsum("bqkg,bkg->bqk", attention, acting)
                 out.update(pred_cells=cells, pred_acting=acting_map, pred_presence=presence)
             else:   # read over the whole box: a wave's edges move, its centre hardly (docs/EXPERIMENTS.md)
                 weights = box_cell_weights(out["pred_boxes"].to(acting.dtype), math.isqrt(acting.shape[-1]))

@@ -6,8 +6,8 @@ Frames are 0-based indices over the whole video; boxes are normalised xyxy in [0
   (Q, K)``, ``step_boxes (Q, K, 4)``) whose step ``k`` shows video frame ``frame_indices[k]`` becomes, per query
   acting at one step at least, a tube over the frames of the clip's span (:func:`clip_tubes`; its queries on one
   actor first made one by :func:`merge_duplicate_queries`): a frame belongs to it when its nearest step (ties: the
-  earlier) is present (step score >= threshold); its box and score are the linear interpolation of the two
-  surrounding steps' (held constant before the first / after the last step).
+  earlier) is present (the actor acts there: ``step_acting >= threshold``); its box and score are the linear
+  interpolation of the two surrounding steps' (held constant before the first / after the last step).
 - The clips of a long video (windows) are joined (:func:`join_tubes`): one actor keeps one ``tube_id``.
 - A clip-mode prediction (one box per query per clip) is a tube with one constant box (:func:`constant_tube`).
 """
@@ -116,13 +116,16 @@ def _class_probs(pred: dict, frame_indices, frames) -> tuple[np.ndarray | None, 
 
 def clip_tubes(pred: dict, frame_indices, span: tuple[int, int], threshold: float,
                class_names: Sequence[str]) -> list[PredTube]:
-    """The tubes of one clip: one per query present (step score >= ``threshold``) at one step at least.
+    """The tubes of one clip: one per query present at one step at least, where it acts (``step_acting >=
+    threshold``, whatever class).
 
     ``frame_indices (K,)``: the video frame step k shows; ``span = [first, end)``: the video frames the clip
     covers. A frame of the span is present when its :func:`nearest_step` is; the tube's score is the mean step
-    score over its present steps."""
+    score (its class's probability) over its present steps. Why the extent from acting, not the class: an actor
+    whose steps split between two classes (wave and jump) fell under the threshold at most of them, and its tube was
+    a fragment: unseen video-mAP@0.5 0.61 / 0.60 against 0.64 / 0.65 (docs/EXPERIMENTS.md, "ninth session")."""
     frame_indices = np.asarray(frame_indices, dtype=np.int64)
-    present = pred["step_scores"].float().numpy() >= threshold            # (Q, K)
+    present = pred["step_acting"].float().numpy() >= threshold            # (Q, K)
     frames, scores, boxes = dense(pred, frame_indices, span)
     step_probs, frame_probs = _class_probs(pred, frame_indices, frames)
     near = nearest_step(frame_indices, frames)                             # (n,)
@@ -168,21 +171,18 @@ def merge(parts: Sequence[PredTube]) -> PredTube:
                     step_frames, step_scores, **probs)
 
 
-def merge_duplicate_queries(pred: dict, threshold: float, iou_threshold: float = DUPLICATE_IOU,
-                            same_class: bool = False) -> dict:
+def merge_duplicate_queries(pred: dict, threshold: float, iou_threshold: float = DUPLICATE_IOU) -> dict:
     """A tube-mode clip prediction (:func:`metrics.tube_outputs_to_predictions`) with each actor's duplicate queries
     merged into one query: the same keys, fewer queries, the best first.
 
     The queries go best first (the mean of their step scores at the steps present at ``threshold``; then the best step
     score), and each joins the first group whose leader's boxes it overlaps by ``iou_threshold`` on average over the
-    clip's steps (box IoU at each step; with ``same_class``, only a leader of its class), else leads a group of its
-    own. A group is one query of its leader's class: at each step the box and probabilities of the member most
-    confident of that class. Tubes merge across classes (one actor, one tube); frame-mAP, which ranks each class's
-    detections apart, within a class (a second class on an actor stays its own detection: across classes, frame-mAP
-    was 0.07 lower on one run whose leaders often had the wrong class). Why merge at all: two queries often
-    followed one actor (one saying jump, the other wave or jump again, both ~0.8, boxes at IoU ~0.9): in frame-mAP the
-    second is a false positive at a high score (a run's jump AP 0.77, 0.95 merged), and linked apart they were two
-    tubes (docs/EXPERIMENTS.md, "sixth session" and "seventh session")."""
+    clip's steps (box IoU at each step), else leads a group of its own. A group is one query of its leader's class:
+    at each step the box and probabilities of the member most confident of that class. Tubes merge across classes
+    (one actor, one tube); frame-mAP reads every class of every query (:func:`class_detections`). Why merge at all:
+    two queries often followed one actor (one saying jump, the other wave or jump again, both ~0.8, boxes at IoU
+    ~0.9): in frame-mAP the second is a false positive at a high score (a run's jump AP 0.77, 0.95 merged), and linked
+    apart they were two tubes (docs/EXPERIMENTS.md, "sixth session" and "seventh session")."""
     scores, boxes, probs = pred["step_scores"].float(), pred["step_boxes"].float(), pred["step_probs"].float()
     present = scores >= threshold
     tube_score = (scores * present).sum(1) / present.sum(1).clamp(min=1)
@@ -190,13 +190,24 @@ def merge_duplicate_queries(pred: dict, threshold: float, iou_threshold: float =
     overlap = torch.stack([box_iou(step, step) for step in boxes.unbind(1)]).mean(0)   # (Q, Q) mean over steps
     groups: list[list[int]] = []
     for q in order.tolist():
-        group = next((g for g in groups if overlap[g[0], q] >= iou_threshold
-                      and not (same_class and pred["labels"][g[0]] != pred["labels"][q])), None)
+        group = next((g for g in groups if overlap[g[0], q] >= iou_threshold), None)
         groups.append([q]) if group is None else group.append(q)
     labels = pred["labels"][[g[0] for g in groups]]
     steps = torch.arange(scores.shape[1])
     chosen = torch.stack([torch.tensor(g)[probs[g][:, :, c].argmax(0)] for g, c in zip(groups, labels.tolist())])
     return metrics.tube_prediction(probs[chosen, steps], labels, boxes[chosen, steps])   # (G, K) member per step
+
+
+def class_detections(pred: dict, threshold: float) -> list[dict]:
+    """A tube-mode clip prediction as frame-mAP reads it: for each class c, the prediction with every query a
+    detection of c, scored at each step by its probability of c, each actor's queries merged
+    (:func:`merge_duplicate_queries`). Why every class: the field scores each box for every class (ACT's and YOWO's
+    frame detections), so an actor whose query leans to another class still ranks in c by its probability of c; with
+    one class per query, unseen wave frame-AP@0.5 was 0.27 against 0.38 (docs/EXPERIMENTS.md, "ninth session")."""
+    step_probs = pred["step_probs"]
+    classes = torch.zeros(step_probs.shape[0], dtype=torch.long)
+    return [merge_duplicate_queries(metrics.tube_prediction(step_probs, classes + c, pred["step_boxes"]), threshold)
+            for c in range(step_probs.shape[-1])]
 
 
 def relabel(tube: PredTube, class_id: int) -> PredTube:
@@ -324,12 +335,14 @@ def action_runs(parts: Sequence[PredTube], switch_cost: float) -> list[PredTube]
 
 
 def join_tubes(clips: Sequence[Sequence[PredTube]], iou_threshold: float, max_gap: int,
-               switch_cost: float = CLASS_SWITCH_COST) -> list[PredTube]:
+               switch_cost: float = CLASS_SWITCH_COST, min_frames: int = 1) -> list[PredTube]:
     """The tubes of a video's clips (in window order) joined into one tube per actor and action, numbered.
 
     The parts of one actor
     (:func:`link_actors`) take their classes from :func:`action_runs`; parts of one class in a row become one tube
     (:func:`merge`); a tube missing for more than ``max_gap`` frames is then cut (:func:`split_gaps`), so a short
-    pause keeps the id and a long one gives a new one."""
+    pause keeps the id and a long one gives a new one. A tube spanning fewer than ``min_frames`` frames (first to
+    last) is dropped before the numbering, as ACT's tube builder drops those under 15 frames."""
     joined = [tube for parts in link_actors(clips, iou_threshold, max_gap) for tube in action_runs(parts, switch_cost)]
-    return number_tubes([piece for tube in joined for piece in split_gaps(tube, max_gap)])
+    pieces = [piece for tube in joined for piece in split_gaps(tube, max_gap)]
+    return number_tubes([p for p in pieces if p.frames[-1] - p.frames[0] + 1 >= min_frames])

@@ -20,7 +20,8 @@ TUBE_KEYS = {"backbone.time_pixel.0.weight", "backbone.time_pixel.0.bias", "back
              "backbone.time_norm.bias", "time_queries.weight", "locate.query.weight", "locate.query.bias",
              "locate.key.weight", "locate.key.bias", "locate.anchors", "acting.cell.0.weight", "acting.cell.0.bias",
              "acting.time.weight", "acting.time.bias", "acting.out.weight", "acting.out.bias", "actor_class.weight",
-             "actor_class.bias"}
+             "actor_class.bias", "actor_size.cell.0.weight", "actor_size.cell.0.bias", "actor_size.space.weight",
+             "actor_size.space.bias", "actor_size.out.weight", "actor_size.out.bias"}
 SMALL = dict(num_queries=3, dim_feedforward=64, num_decoder_layers=2, max_positions=600)
 
 
@@ -186,21 +187,22 @@ def test_tube_class_is_the_best_summed_over_steps_and_step_scores_follow_it():
     (pred,) = metrics.outputs_to_predictions({"pred_logits": probs.log()[None], "pred_boxes": boxes[None]})
     assert pred["labels"].tolist() == [0]
     assert torch.allclose(pred["step_scores"], torch.tensor([[0.1, 0.7, 0.6]]))
+    assert torch.allclose(pred["step_acting"], torch.tensor([[0.7, 0.8, 0.7]]))   # any class: 1 - p(no_object)
     assert pred["scores"].tolist() == pytest.approx([0.7])                # the clip view: the best step
     assert torch.allclose(pred["boxes"], torch.tensor([[0.3, 0.4, 0.5, 0.6]]))   # its box there, xyxy
     assert pred["step_boxes"].shape == (1, 3, 4)
 
 
-def test_tube_scorer_takes_a_detection_per_step_and_a_tube_of_the_steps_above_threshold():
+def test_tube_scorer_takes_a_detection_per_step_and_a_tube_of_the_steps_where_it_acts():
     pred = {"scores": torch.tensor([0.9]), "labels": torch.tensor([1]), "boxes": torch.tensor([[0.1, 0.1, 0.5, 0.5]]),
-            "step_scores": torch.tensor([[0.9, 0.2, 0.7]]),
+            "step_scores": torch.tensor([[0.9, 0.2, 0.4]]), "step_acting": torch.tensor([[0.95, 0.3, 0.6]]),
             "step_boxes": torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.1, 0.0, 0.6, 0.5], [0.2, 0.0, 0.7, 0.5]]])}
     scorer = metrics.TubeScorer(2)
     scorer.add_clip_predictions("v", [0, 5, 10], pred, 100, 10, threshold=0.5)
     assert [(d[1], d[2], round(d[3], 2), round(d[4], 4)) for d in scorer.detections] == [(0, 1, 0.9, 0.0), (5, 1, 0.2, 10.0),
-                                                                               (10, 1, 0.7, 20.0)]
-    (tube,) = scorer.pred_tubes
-    assert tube.frames.tolist() == [0, 10] and tube.score == pytest.approx(0.8) and tube.class_id == 1
+                                                                               (10, 1, 0.4, 20.0)]
+    (tube,) = scorer.pred_tubes   # step 2 acts (0.6) though its class says 0.4: in the tube, scored by the class
+    assert tube.frames.tolist() == [0, 10] and tube.score == pytest.approx(0.65) and tube.class_id == 1
 
 
 def test_each_step_reads_only_its_own_frames_time_tokens():
@@ -427,3 +429,47 @@ def test_the_decoder_phase_fits_the_class_under_the_true_box_to_convergence():
     assert (net.actor_class(features)[:, :3].argmax(-1) == classes).all()
     assert math.isnan(engine.fit_actor_class(net, tokens[:2], [{"track_labels": torch.full((0, 4), -1),
                                                                  "track_boxes": torch.zeros(0, 4, 4)}] * 2))
+
+
+def test_each_frames_tokens_where_the_locator_looks_correct_the_box_size_from_zero():
+    """The SizeMap starts at zero (the box head's sizes unchanged); set, each (actor, step)'s (w, h) logits gain its
+    map read under the locator's attention, by hand: a 3x3 neighbourhood sum of each cell for the convolutions."""
+    torch.manual_seed(0)
+    net = M.STAR(2, tube_steps=4, **{**SMALL, "dropout": 0.0}).train()
+    size_map = net.actor_size
+    assert not size_map.out.weight.any() and not size_map.out.bias.any()
+    x = torch.randn(1, 4, 3, 64, 64)
+    with torch.no_grad():
+        tokens = net.encode(x)
+        before = net.decode(tokens)
+        size_map.out.weight.normal_(std=0.1)
+        size_map.out.bias.normal_()
+        seen = []
+        hook = net.locate.register_forward_hook(lambda module, args, out: seen.append(out[1]))
+        after = net.decode(tokens)
+        hook.remove()
+        memory, fine = net.split_tokens(tokens)
+        frames = net.frame_memory(fine, memory.shape[1])                         # (1, K, G, D)
+        side = int(frames.shape[2] ** 0.5)
+        cells = size_map.cell(frames).unflatten(2, (side, side))                 # (1, K, side, side, width)
+        padded = torch.nn.functional.pad(cells.permute(0, 1, 4, 2, 3), (1, 1, 1, 1))   # (1, K, width, side+2, side+2)
+        w = size_map.space.weight[:, :, 0]                                      # (out, in, 3, 3)
+        hidden = torch.stack([torch.stack([torch.einsum("kcij,ocij->ko", padded[0, :, :, r:r + 3, c:c + 3], w)
+                                           for c in range(side)], -1) for r in range(side)], -2)
+        hidden = torch.relu(hidden + size_map.space.bias[None, :, None, None])   # (K, width, side, side)
+        padded = torch.nn.functional.pad(hidden, (1, 1, 1, 1))
+        w = size_map.out.weight[:, :, 0]
+        by_hand = torch.stack([torch.stack([torch.einsum("kcij,ocij->ko", padded[:, :, r:r + 3, c:c + 3], w)
+                                            for c in range(side)], -1) for r in range(side)], -2)
+        by_hand = (by_hand + size_map.out.bias[None, :, None, None]).flatten(2).transpose(1, 2)   # (K, G, 2)
+        assert torch.allclose(size_map(frames)[0], by_hand, atol=1e-5)
+    attention = seen[0].softmax(-1)                # the last layer (read first, then the auxiliary ones): (1, Q, K, G)
+    old_wh, new_wh = before["pred_boxes"][..., 2:], after["pred_boxes"][..., 2:]
+    assert torch.equal(before["pred_boxes"][..., :2], after["pred_boxes"][..., :2])   # centres untouched
+    gained = torch.logit(new_wh.double()) - torch.logit(old_wh.double())          # (1, Q, K, 2)
+    expected = torch.einsum("bqkg,kgc->bqkc", attention, by_hand)
+    assert torch.allclose(gained.float(), expected, atol=2e-3) and expected.std() > 0.05
+    net.zero_grad()
+    net(x)["pred_boxes"].sum().backward()
+    assert size_map.out.weight.grad.abs().sum() > 0 and net.locate.query.weight.grad is not None
+    assert M.STAR(2, tube_steps=4, time_tokens=False, **SMALL).actor_size is None

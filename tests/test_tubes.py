@@ -36,7 +36,7 @@ def _pred(step_scores, step_boxes, labels=None) -> dict:
     boxes = torch.tensor(step_boxes, dtype=torch.float32).reshape(*scores.shape, 4)
     labels = torch.zeros(len(scores), dtype=torch.int64) if labels is None else torch.tensor(labels)
     return {"scores": scores.max(1).values, "labels": labels, "boxes": boxes[:, 0], "step_scores": scores,
-            "step_boxes": boxes}
+            "step_boxes": boxes, "step_acting": scores}   # one class: acting is its probability
 
 
 # --------------------------------------------------------------------------- one clip
@@ -144,6 +144,16 @@ def test_a_short_pause_keeps_the_id_a_long_one_gives_a_new_one():
     assert (first.score, second.score) == (pytest.approx(0.8), pytest.approx(0.7))
 
 
+def test_joined_tubes_shorter_than_min_frames_are_dropped_before_numbering():
+    """Two actors far apart: one for frames 0-13 (14 frames), one for 20-34 (15): at min_frames 15 only the second
+    stays, numbered 1; at the default both."""
+    short = tubes.constant_tube(0, "fight", 0.9, [0.1, 0.1, 0.3, 0.3], range(0, 14))
+    long = tubes.constant_tube(1, "collapse", 0.5, [0.6, 0.6, 0.9, 0.9], range(20, 35))
+    (kept,) = tubes.join_tubes([[short, long]], inference.JOIN_IOU, max_gap=10, min_frames=15)
+    assert (kept.tube_id, kept.class_id, int(kept.frames[0])) == (1, 1, 20)
+    assert [t.tube_id for t in tubes.join_tubes([[short, long]], inference.JOIN_IOU, max_gap=10)] == [1, 2]
+
+
 def test_other_class_far_box_and_a_second_tube_of_one_window_do_not_join():
     box, far = [0.1, 0.1, 0.5, 0.5], [0.6, 0.6, 0.9, 0.9]
     clips = [[tubes.constant_tube(0, "fight", 0.9, box, range(0, 20))],
@@ -166,7 +176,7 @@ def _query_pred(probs, step_boxes) -> dict:
     labels = probs.sum(1).argmax(-1)
     step_scores = probs.gather(-1, labels[:, None, None].expand(-1, probs.shape[1], 1)).squeeze(-1)
     pred = _pred(step_scores.tolist(), step_boxes, labels.tolist())
-    pred["step_probs"] = probs
+    pred["step_probs"], pred["step_acting"] = probs, probs.sum(-1)
     return pred
 
 
@@ -175,6 +185,17 @@ def _probable_tube(probs, steps, boxes, span):
     class probabilities ``probs`` (C,) at every step."""
     (tube,) = tubes.clip_tubes(_query_pred([[probs] * len(steps)], [boxes]), steps, span, 0.5, NAMES)
     return tube
+
+
+def test_a_tube_spans_the_steps_where_its_actor_acts_whatever_class_each_says():
+    """One actor acting at steps 1-3 (P(no_object) 0.2-0.3) whose steps split between two classes (0.4 / 0.35,
+    0.3 / 0.4...): none passes 0.5 for one class, yet the tube covers steps 1-3, its score the mean of its class's
+    (fight, the more probable summed) probabilities there; step 0 (no_object 0.9) stays out."""
+    box = [0.1, 0.1, 0.5, 0.5]
+    pred = _query_pred([[[0.05, 0.05], [0.4, 0.35], [0.3, 0.4], [0.45, 0.35]]], [[box] * 4])
+    (tube,) = tubes.clip_tubes(pred, [0, 10, 20, 30], (0, 40), 0.5, NAMES)
+    assert tube.class_id == 0 and tube.frames.tolist() == list(range(6, 40))   # frame 5: a tie, to step 0
+    assert tube.score == pytest.approx((0.4 + 0.3 + 0.45) / 3)
 
 
 def test_duplicate_queries_of_one_clip_are_one_query_of_the_best_ones_class():
@@ -191,10 +212,13 @@ def test_duplicate_queries_of_one_clip_are_one_query_of_the_best_ones_class():
     np.testing.assert_allclose(merged["step_probs"], [lead[:3] + twin[3:], other], atol=1e-6)
     np.testing.assert_allclose(merged["scores"], [0.8, 0.7], atol=1e-6)
     np.testing.assert_allclose(merged["boxes"], [a, b], atol=1e-6)
-    # Within a class only (frame-mAP's merge): the collapse twin stays a query of its own, the fight one alone.
-    by_class = tubes.merge_duplicate_queries(pred, threshold=0.5, same_class=True)
-    assert by_class["labels"].tolist() == [0, 1, 1]
-    np.testing.assert_allclose(by_class["step_scores"], [[0.8, 0.8, 0.8, 0.1], [0.75] * 4, [0.7] * 4], atol=1e-6)
+    # frame-mAP's view, one per class: every query a detection of that class, each actor's queries merged, at each
+    # step the member most sure of the class (the lead's fight 0.1 at step 3 gives way to the twin's 0.2).
+    fight, collapse = tubes.class_detections(pred, threshold=0.5)
+    assert fight["labels"].tolist() == [0, 0] and collapse["labels"].tolist() == [1, 1]
+    np.testing.assert_allclose(fight["step_scores"], [[0.8, 0.8, 0.8, 0.2], [0.1] * 4], atol=1e-6)
+    np.testing.assert_allclose(collapse["step_scores"], [[0.75] * 4, [0.7] * 4], atol=1e-6)
+    np.testing.assert_allclose(collapse["step_boxes"], [[a_shifted] * 4, [b] * 4], atol=1e-6)
     # Below the overlap asked for they stay apart, unchanged, the best (mean score where present) first.
     apart = tubes.merge_duplicate_queries(pred, threshold=0.5, iou_threshold=0.95)
     assert apart["labels"].tolist() == [0, 1, 1]
@@ -354,7 +378,8 @@ def _run(tmp_path, inputs, ckpt, *extra):
 
 def test_overlapping_windows_score_each_frame_once_from_the_window_it_is_most_central_in():
     """Two windows of 8 frames, the second starting at frame 4 (centres 3.5 and 7.5): frames 0-5 come from the first
-    (frame 5.5 is the tie, to the first), 6-11 from the second; a frame never gets both windows' detections."""
+    (frame 5.5 is the tie, to the first), 6-11 from the second; a frame never gets both windows' detections. Each
+    query is a detection of every class, scored by that class's probability."""
     box = [0.1, 0.1, 0.5, 0.5]
     first, second = _query_pred([[[0.2, 0.1]] * 4], [[box] * 4]), _query_pred([[[0.7, 0.1]] * 4], [[box] * 4])
     res = inference.VideoResult(0, "v.mp4", "v.mp4", None, [], [first, second], 0.7,
@@ -367,13 +392,13 @@ def test_overlapping_windows_score_each_frame_once_from_the_window_it_is_most_ce
 
         def add_frame_detections(self, video, label, frames, scores, boxes, width, height):
             for f, s in zip(frames.tolist(), scores.tolist()):
-                self.frames.setdefault(f, []).append(round(s, 3))
+                self.frames.setdefault(f, []).append((label, round(s, 3)))
 
         def add_tube(self, *args):
             pass
     scorer = Scorer()
     inference.add_tube_predictions(scorer, res, 100, 50, threshold=0.5)
-    assert scorer.frames == {f: [0.2] if f <= 5 else [0.7] for f in range(12)}
+    assert scorer.frames == {f: [(0, 0.2), (1, 0.1)] if f <= 5 else [(0, 0.7), (1, 0.1)] for f in range(12)}
 
 
 def test_a_tube_checkpoint_cuts_its_own_windows_half_overlapping():
