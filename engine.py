@@ -244,9 +244,10 @@ def clip_metrics(preds: list[dict], targets: list[dict], records, class_names, t
             if "step_scores" in pred:
                 for view in class_detections(pred, threshold):
                     tubes.add_clip_predictions(record.video, frames, view, record.width, record.height, as_tube=False)
-                pred = merge_duplicate_queries(pred, threshold)
-            tubes.add_clip_predictions(record.video, frames, pred, record.width, record.height, threshold=threshold,
-                                       as_frames="step_scores" not in pred)
+                tubes.add_clip_predictions(record.video, frames, merge_duplicate_queries(pred, threshold), record.width,
+                                           record.height, threshold=threshold, as_frames=False)
+            else:
+                tubes.add_clip_predictions(record.video, frames, pred, record.width, record.height, threshold=threshold)
             tubes.add_clip_truth(record.video, {k: t[k].cpu() for k in ("frame_indices", "track_labels", "track_boxes")},
                                  record.width, record.height)
         result.update(tubes.result(class_names))

@@ -372,12 +372,13 @@ class STAR(nn.Module):
                                      self.step_mask(memory.shape[1]))
         frames = None if fine is None else self.frame_memory(fine, memory.shape[1])
         acting_map = None if frames is None else self.acting(frames)   # (B, K, G) logits: once, every layer reads it
+        size_map = None if frames is None else self.actor_size(frames)   # (B, K, G, 2) logits: once, likewise
         trunk = None if frames is None else self.trunk_tokens(memory_tokens, fine)
-        out = self.read(layer_outputs[-1], frames, acting_map, trunk)
+        out = self.read(layer_outputs[-1], frames, acting_map, trunk, size_map)
         if self.training and trunk is not None:   # per-cell class evidence, for the criterion's loss_actor_class
             out["actor_map"] = self.actor_class(self.trunk_grid(trunk))
         if return_aux:
-            out["aux_outputs"] = [self.read(hidden, frames, acting_map, trunk) for hidden in layer_outputs[:-1]]
+            out["aux_outputs"] = [self.read(hidden, frames, acting_map, trunk, size_map) for hidden in layer_outputs[:-1]]
         return out
 
     def split_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -424,12 +425,14 @@ class STAR(nn.Module):
         return (token_step[None] >= 0) & (token_step[None] != query_step[:, None])
 
     def read(self, hidden: torch.Tensor, frames: torch.Tensor | None = None,
-             acting_map: torch.Tensor | None = None, trunk: torch.Tensor | None = None) -> dict:
+             acting_map: torch.Tensor | None = None, trunk: torch.Tensor | None = None,
+             size_map: torch.Tensor | None = None) -> dict:
         """The heads on decoder output ``(B, Q[*K], D)``; tube mode reshapes to ``(B, Q, K, ...)``. With time
         tokens (``frames``, :meth:`frame_memory`, and ``acting_map``, the :class:`Actionness` logits of those frames)
-        the box centre is the :class:`Locator`'s plus the box head's offset (its cx, cy output minus 0.5), and the class
-        logits add ``actor_class`` of :meth:`box_features` (the ``trunk`` tokens under that box). In evaluation the class log-probabilities are :func:`step_log_probs`
-        of the decoder's logits and the presence: the :class:`Actionness` map (its 3x3 maximum) averaged over the
+        the box centre is the :class:`Locator`'s plus the box head's offset (its cx, cy output minus 0.5), its size the
+        box head's with ``size_map`` (the :class:`SizeMap`'s logits of those frames) added where the locator attends,
+        and the class logits add ``actor_class`` of :meth:`box_features` (the ``trunk`` tokens under that box). In
+        evaluation the class log-probabilities are :func:`step_log_probs` of the decoder's logits and the presence: the :class:`Actionness` map (its 3x3 maximum) averaged over the
         (actor, step)'s box (:func:`box_cell_weights`). In training they are the decoder's own logits, so that its
         no_object keeps saying which queries are actors at all (with the product trained, idle actors in 7 of 16
         videos without action scored as acting), and the presence, the map averaged over the cells the locator
@@ -446,7 +449,7 @@ class STAR(nn.Module):
             # in training the attention is detached: a step is idle because the map says so, not because the
             # locator looks away; and its size is what the frame shows there
             attention = (cells.detach() if self.training else cells).softmax(-1)
-            size = torch.einsum("bqkg,bkgc->bqkc", attention, self.actor_size(frames))
+            size = torch.einsum("bqkg,bkgc->bqkc", attention, size_map)
             size = (torch.logit(boxes[..., 2:].clamp(SIZE_EPS, 1 - SIZE_EPS)) + size).sigmoid()
             out["pred_boxes"] = torch.cat([(centres + boxes[..., :2] - 0.5).clamp(0.0, 1.0), size], -1)
             out["pred_logits"] = out["pred_logits"] + self.actor_class(self.box_features(trunk, out["pred_boxes"]))
