@@ -108,6 +108,21 @@ def number(kind=int, minimum: float = 0, strict: bool = False, maximum: float = 
     return parse
 
 
+def writable_dir(path, flag: str = "--output_dir"):
+    """``path`` created if missing and checked writable (a file made and removed there); a UsageError naming ``flag``
+    and the folder otherwise, so that a CLI stops before any work instead of failing at its first write."""
+    import pathlib
+    import tempfile
+    path = pathlib.Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise UsageError(f"{flag} {path}: cannot write there ({one_line(err, path)})") from None
+    return path
+
+
 EXIT_USAGE = 2   # bad flags, model or input: one line and this exit code
 
 
