@@ -34,7 +34,7 @@ import inference  # noqa: E402
 import model as star_model  # noqa: E402
 import video  # noqa: E402
 from runtime import (UsageError, autocast_settings, number, one_line, resolve_device, run_cli,  # noqa: E402
-                     setup_logging)
+                     setup_logging, writable_dir)
 
 log = logging.getLogger("star.app")
 
@@ -493,6 +493,8 @@ def load_app(args, device, dtype, work_dir) -> tuple[DemoApp, pathlib.Path | Non
 def main(args) -> int:
     """Load the model once, make the examples, serve the page until interrupted."""
     setup_logging()
+    if args.examples_dir:   # the default cache folder may be unwritable: the page then goes without samples
+        writable_dir(args.examples_dir, "--examples_dir")
     device = resolve_device(args.device)
     dtype, precision_note = autocast_settings(device, args.precision)
     work_dir = pathlib.Path(tempfile.mkdtemp(prefix="star_app_"))

@@ -38,7 +38,7 @@ import torch
 import backend
 import model as star_model
 import video
-from runtime import UsageError, one_line
+from runtime import UsageError, one_line, writable_dir
 
 EXIT_ERROR = 2
 DEFAULT_OPSET = 17          # LayerNormalization is one op from 17 on; onnxruntime >= 1.14 runs it
@@ -545,10 +545,9 @@ def main(args) -> int:
     validate_args(args)
     require_deploy_packages()
     out_path = Path(args.output)
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"--output {out_path}: cannot create its folder ({err.strerror})") from None
+    writable_dir(out_path.parent, "--output")   # before the model is loaded: a bad folder costs no export
+    if args.int8:
+        writable_dir(int8_path(args).parent, "--int8_output")
     net, info = load_network(args)
     print(f"exporting {describe(args, info)} -> {out_path}")
     clips, source = check_clips(args, info)

@@ -60,7 +60,8 @@ import model as star_model
 import tubes
 import video
 from files import write_text
-from runtime import UsageError, autocast_settings, number, one_line, resolve_device, run_cli, setup_logging
+from runtime import (UsageError, autocast_settings, number, one_line, resolve_device, run_cli, setup_logging,
+                     writable_dir)
 
 log = logging.getLogger("star.stream")
 
@@ -877,13 +878,19 @@ class StreamRun:
 
 
 def _output_path(path) -> pathlib.Path:
-    """``--output``'s path with its folder made; UsageError when it cannot be."""
+    """``--output``'s path with its folder made and checked writable; UsageError when it is not."""
     path = pathlib.Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"--output {path}: cannot create its folder ({err.strerror or err})") from None
+    writable_dir(path.parent, "--output")
     return path
+
+
+def check_output_folders(args) -> None:
+    """Every output's folder (``--output``, ``--events``, ``--stats_json``) made and writable, before the model is
+    loaded: an unwritable folder is one line naming it, not a failure after the stream ran."""
+    for flag in ("output", "events", "stats_json"):
+        path = getattr(args, flag)
+        if path:
+            writable_dir(pathlib.Path(path).parent, f"--{flag}")
 
 
 def run_stream(spec: SourceSpec, model, info: dict, settings: StreamSettings, device, dtype=None,
@@ -989,6 +996,7 @@ def summary(stats: StreamStats, settings: StreamSettings) -> None:
 
 def main(args) -> int:
     setup_logging()
+    check_output_folders(args)
     spec = parse_source(args.source, parse_options(args.source_option))
     settings = settings_from_args(args)
     if args.threads:

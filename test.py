@@ -27,7 +27,7 @@ import inference
 import model as star_model
 import video
 from runtime import (UsageError, autocast_settings, gather, init_distributed, number, resolve_device, run_cli,
-                     setup_logging)
+                     setup_logging, writable_dir)
 
 log = logging.getLogger("star.test")
 
@@ -70,17 +70,24 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def prepare_output(args, rank: int) -> tuple[pathlib.Path, pathlib.Path | None]:
-    """Create the output folder, start logging; returns ``(output file, log file or None)``."""
+    """Create the output folders and check them writable (the annotated videos' too), start logging; returns
+    ``(output file, log file or None)``. An unwritable folder stops the run here, before the model is loaded."""
     out = pathlib.Path(args.output_file)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"--output_file {out}: cannot create its folder ({err.strerror})") from None
+    writable_dir(out.parent, "--output_file")
+    if not args.no_annotate:
+        writable_dir(annotated_folder(args), "--annotated_dir")
     stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
     log_path = out.parent / f"test_log_{stamp}.txt" if rank == 0 else None
     setup_logging(log_path, rank)
     log.info("command: %s", " ".join(sys.argv))
     return out, log_path
+
+
+def annotated_folder(args) -> pathlib.Path:
+    """``--annotated_dir``, else ``annotated_videos/`` beside the output file."""
+    if args.annotated_dir:
+        return pathlib.Path(args.annotated_dir)
+    return pathlib.Path(args.output_file).parent / "annotated_videos"
 
 
 def main(args) -> int:
@@ -89,7 +96,7 @@ def main(args) -> int:
     out, log_path = prepare_output(args, rank)
     device = resolve_device(args.device, local_rank)
     dtype, precision_note = autocast_settings(device, args.precision)
-    annotated_dir = pathlib.Path(args.annotated_dir) if args.annotated_dir else out.parent / "annotated_videos"
+    annotated_dir = annotated_folder(args)
     videos = inference.list_videos(args.input_dir, args.recursive, exclude=None if args.no_annotate else annotated_dir)
     if not videos:
         raise UsageError(f"--input_dir {args.input_dir}: no videos ({' '.join(video.VIDEO_EXTENSIONS)}, any case, "
