@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -93,11 +94,40 @@ def read_metadata(meta: dict, path) -> dict:
         info["model_args"] = star_model.model_args_from(**info["model_args"])
     except (KeyError, ValueError, TypeError) as err:
         raise star_model.CheckpointError(f"{path}: incomplete STAR metadata ({type(err).__name__}: {err})") from None
+    problems = metadata_problems(info)
+    if problems:
+        raise star_model.CheckpointError(f"{path}: impossible STAR metadata: {'; '.join(problems)}")
     info["class_names"] = [str(n) for n in info["class_names"]]
     for key in OPTIONAL_META_KEYS:
         if key in meta:
             info[key] = json.loads(meta[key])
     return {**info, "source": "onnx", "checkpoint": None}
+
+
+def _whole(value, low: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _finite_triple(value) -> bool:
+    return (isinstance(value, list) and len(value) == 3
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
+
+
+def metadata_problems(info: dict) -> list[str]:
+    """What in an export's metadata no STAR graph can have (a hand-edited or foreign file): sizes that are not whole
+    numbers >= 1, a mean or std that is not 3 finite numbers (std above 0), class names that do not match the class
+    count. Caught at load time, so the pipeline never builds a clip the graph cannot take."""
+    problems = [f"{key} {info[key]!r} (must be a whole number >= 1)" for key in ("num_frames", "img_size")
+                if not _whole(info[key])]
+    for key in ("mean", "std"):
+        if not _finite_triple(info[key]) or (key == "std" and min(info[key]) <= 0):
+            problems.append(f"{key} {info[key]!r} (must be 3 finite numbers{', above 0' if key == 'std' else ''})")
+    classes = info["model_args"].get("num_classes")
+    if not _whole(classes):
+        problems.append(f"num_classes {classes!r} (must be a whole number >= 1)")
+    elif not isinstance(info["class_names"], list) or len(info["class_names"]) != classes:
+        problems.append(f"class_names {info['class_names']!r} (must be {classes} names)")
+    return problems
 
 
 class OnnxModel:
@@ -140,6 +170,22 @@ class OnnxModel:
             raise star_model.CheckpointError(
                 f"{self.path}: not a STAR graph (inputs {inputs}, outputs {outputs}; expected {INPUT_NAME!r} -> "
                 f"{', '.join(OUTPUT_NAMES)})")
+        self._check_shapes()
+
+    def _check_shapes(self) -> None:
+        """The graph's fixed input sizes must be the metadata's ``(T, 3, S, S)`` and its class logits ``C+1`` wide:
+        a file that disagrees with itself is refused here, not at its first clip."""
+        dims = list(self.session.get_inputs()[0].shape)
+        if len(dims) != 5 or any(_fixed(d) and d != want for d, want in zip(dims[1:], self.input_shape)):
+            raise star_model.CheckpointError(
+                f"{self.path}: the graph takes clips of shape {_shape_text(dims)} but its metadata says "
+                f"(B, {', '.join(map(str, self.input_shape))}) (num_frames, 3, img_size, img_size)")
+        logits = {o.name: list(o.shape) for o in self.session.get_outputs()}[OUTPUT_NAMES[0]]
+        width = self.info["model_args"]["num_classes"] + 1
+        if logits and _fixed(logits[-1]) and logits[-1] != width:
+            raise star_model.CheckpointError(
+                f"{self.path}: the graph gives {logits[-1]} class logits but its metadata names "
+                f"{width - 1} classes (+ no_object)")
 
     def info_with_names(self, class_names=None) -> dict:
         """A copy of ``info``, with ``class_names`` overriding the stored ones (same count, else an error)."""
@@ -182,6 +228,15 @@ class OnnxModel:
 
     def __repr__(self) -> str:
         return f"OnnxModel({os.fspath(self.path)!r}, precision={self.precision}, providers={self.providers})"
+
+
+def _fixed(dim) -> bool:
+    """A graph dimension of fixed size (a free one is a name or None)."""
+    return isinstance(dim, int) and dim > 0
+
+
+def _shape_text(dims) -> str:
+    return "(" + ", ".join(str(d) if _fixed(d) else "B" if k == 0 else str(d) for k, d in enumerate(dims)) + ")"
 
 
 def _ort_message(err: BaseException) -> str:

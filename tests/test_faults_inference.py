@@ -123,3 +123,69 @@ def test_stream_refuses_unwritable_outputs_before_loading_the_model(tmp_path, mo
     captured = capsys.readouterr()
     lines = error_lines(captured.out + captured.err)
     assert rc == 2 and len(lines) == 1 and flag in lines[0] and str(blocked.parent) in lines[0], lines
+
+
+# --------------------------------------------------------------------------- 2. impossible ONNX metadata
+
+
+def tiny_onnx(path, frames: int = 4, size: int = 64, queries: int = 3, classes: int = 2, **meta_changes):
+    """A hand-made STAR-shaped ONNX graph (no trunk): ``clips (B, frames, 3, size, size)`` -> per-frame means ->
+    ``pred_logits (B, queries, classes + 1)`` and sigmoid ``pred_boxes (B, queries, 4)``, with export.py's metadata
+    for TINY_PREP (4 frames, 64 px) changed by ``meta_changes``."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    w_logits = numpy_helper.from_array(rng.normal(size=(frames, queries * (classes + 1))).astype(np.float32), "wl")
+    w_boxes = numpy_helper.from_array(rng.normal(size=(frames, queries * 4)).astype(np.float32), "wb")
+    shape_l = numpy_helper.from_array(np.array([0, queries, classes + 1], np.int64), "sl")
+    shape_b = numpy_helper.from_array(np.array([0, queries, 4], np.int64), "sb")
+    nodes = [helper.make_node("ReduceMean", ["clips"], ["m"], axes=[2, 3, 4], keepdims=0),
+             helper.make_node("MatMul", ["m", "wl"], ["l"]), helper.make_node("Reshape", ["l", "sl"], ["pred_logits"]),
+             helper.make_node("MatMul", ["m", "wb"], ["b"]), helper.make_node("Sigmoid", ["b"], ["bs"]),
+             helper.make_node("Reshape", ["bs", "sb"], ["pred_boxes"])]
+    graph = helper.make_graph(
+        nodes, "tiny_star",
+        [helper.make_tensor_value_info("clips", TensorProto.FLOAT, ["batch", frames, 3, size, size])],
+        [helper.make_tensor_value_info("pred_logits", TensorProto.FLOAT, ["batch", queries, classes + 1]),
+         helper.make_tensor_value_info("pred_boxes", TensorProto.FLOAT, ["batch", queries, 4])],
+        initializer=[w_logits, w_boxes, shape_l, shape_b])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    info = {**TINY_PREP, "class_names": ["fight", "collapse"],
+            "model_args": star_model.model_args_from(2, num_queries=queries), **meta_changes}
+    export.set_metadata(proto, export.metadata(info, "fp32", "tiny.pth"))
+    onnx.save(proto, str(path))
+    return path
+
+
+@needs_onnx
+def test_a_consistent_hand_made_onnx_graph_loads_and_runs(tmp_path):
+    net, info = backend.load_model(tiny_onnx(tmp_path / "ok.onnx"))
+    out = net(torch.zeros(2, 4, 3, 64, 64))
+    assert info["img_size"] == 64 and out["pred_logits"].shape == (2, 3, 3) and out["pred_boxes"].shape == (2, 3, 4)
+
+
+@needs_onnx
+@pytest.mark.parametrize("graph, changes, expected", [
+    ({}, {"img_size": 0}, "img_size 0 (must be a whole number >= 1)"),
+    ({}, {"num_frames": -3}, "num_frames -3"),
+    ({}, {"std": [0.2, 0.0, 0.2]}, "std [0.2, 0.0, 0.2]"),
+    ({}, {"class_names": ["only_one"]}, "class_names ['only_one'] (must be 2 names)"),
+    ({"frames": 8}, {}, "the graph takes clips of shape (B, 8, 3, 64, 64) but its metadata says (B, 4, 3, 64, 64)"),
+    ({"size": 32}, {}, "the graph takes clips of shape (B, 4, 3, 32, 32)"),
+    ({"classes": 4}, {}, "the graph gives 5 class logits but its metadata names 2 classes"),
+])
+def test_impossible_onnx_metadata_is_refused_at_load_with_what_is_wrong(tmp_path, graph, changes, expected):
+    path = tiny_onnx(tmp_path / "bad.onnx", **graph, **changes)
+    with pytest.raises(star_model.CheckpointError) as err:
+        backend.load_model(path)
+    assert "\n" not in str(err.value) and str(err.value).startswith(str(path)) and expected in str(err.value)
+
+
+@needs_onnx
+def test_test_py_refuses_an_onnx_graph_that_disagrees_with_its_metadata(tmp_path):
+    inputs = videos(tmp_path / "in", count=1)
+    rc, text = run_test_py("--input_dir", inputs, "--output_file", tmp_path / "out" / "p.csv", "--model_path",
+                           tiny_onnx(tmp_path / "bad.onnx", frames=8), "--no_annotate", "--workers", 0)
+    lines = error_lines(text)
+    assert rc == 2 and len(lines) == 1 and "bad.onnx: the graph takes clips of shape (B, 8" in lines[0], text
+    assert not (tmp_path / "out" / "p.csv").exists()
