@@ -23,6 +23,7 @@ import atexit  # noqa: E402
 import csv  # noqa: E402
 import dataclasses  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import pathlib  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
@@ -48,6 +49,7 @@ DEFAULT_WINDOW_SEC, DEFAULT_STRIDE_SEC = 4.0, 2.0
 WHOLE, WINDOWS = "Whole clip", "Windows"
 TABLE_HEADERS = ["class", "score", "start (s)", "end (s)", "box x1, y1, x2, y2 (0-1)"]
 RESULT_MAX_AGE_SEC = 3600   # request folders older than this are removed (Gradio keeps its own copies)
+MAX_UPLOAD_MB = 10_000      # --max_upload_mb above this (10 GB) is refused: far beyond any video of --max_seconds
 QUEUE_SIZE = 32             # requests waiting beyond this are refused by Gradio with a message
 SAMPLE_VIDEOS, SAMPLE_SEED, SAMPLE_EXAMPLES = 8, 1, 3
 SYSTEM_FONTS = ("ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "Helvetica", "Arial",
@@ -74,6 +76,11 @@ class Limits:
 
     max_upload_mb: float = 200.0
     max_seconds: float = 300.0
+
+    @property
+    def max_upload_bytes(self) -> int:
+        """The upload limit as Gradio takes it: whole bytes (its "<n>mb" strings take whole numbers only)."""
+        return max(1, math.ceil(self.max_upload_mb * 1e6))
 
 
 @dataclasses.dataclass
@@ -437,7 +444,7 @@ def build_ui(app: DemoApp, examples: list[tuple[str, str]], model_path=None, con
 def launch(page, app: DemoApp, host: str, port: int, allowed, block: bool = True):
     """Serve ``page`` offline (no share link, no SSR, no MCP, system fonts); returns Gradio's launch tuple."""
     return page.launch(server_name=host, server_port=port, share=False, ssr_mode=False, mcp_server=False,
-                       theme=theme(), css=CSS, max_file_size=f"{app.limits.max_upload_mb:g}mb",
+                       theme=theme(), css=CSS, max_file_size=app.limits.max_upload_bytes,
                        allowed_paths=[str(p) for p in allowed], show_error=True, prevent_thread_lock=not block,
                        footer_links=[])
 
@@ -456,8 +463,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--port", type=number(int, 1), default=7860, help="port to serve on")
     parser.add_argument("--class_names", nargs="+", default=None,
                         help="class names, in class-id order (for a raw checkpoint that stores none)")
-    parser.add_argument("--max_upload_mb", type=number(float, 0, strict=True), default=Limits.max_upload_mb,
-                        help="largest video the page accepts, in MB")
+    parser.add_argument("--max_upload_mb", type=number(float, 0, strict=True, maximum=MAX_UPLOAD_MB),
+                        default=Limits.max_upload_mb, help="largest video the page accepts, in MB (fractions allowed)")
     parser.add_argument("--max_seconds", type=number(float, 0, strict=True), default=Limits.max_seconds,
                         help="longest video the page accepts, in seconds")
     parser.add_argument("--concurrency", type=number(int, 1), default=None,
