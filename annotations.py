@@ -34,6 +34,15 @@ from runtime import UsageError
 
 Row = tuple  # (frame, track_id, class_id, x1, y1, x2, y2)
 
+# Ids become int64 training targets (dataset.py refuses larger ones): a reader refuses them where it can name the line.
+INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
+# AVA timestamps are seconds of a movie; beyond this (116 days) one is no time in a video, and 1e308 would overflow
+# the frame number it becomes.
+MAX_AVA_SECONDS = 1e7
+# AVA boxes are normalised to [0, 1]; this much beyond the frame is a box in other units (or garbage), not a
+# normalised box near the border.
+AVA_BOX_RANGE = (-1.0, 2.0)
+
 
 class FormatError(UsageError):
     """A file that is not of the named format (or a pickle that names code): one line, exit code 2."""
@@ -226,9 +235,8 @@ def read_ava(paths, label_map: dict[int, str] | None = None) -> Annotations:
                 if len(row) != 8:
                     raise ValueError(f"{len(row)} fields")
                 ts, x1, y1, x2, y2 = (float(v) for v in row[1:6])
-                action, person = int(row[6]), int(row[7])
-                if not all(math.isfinite(v) for v in (ts, x1, y1, x2, y2)):
-                    raise ValueError("not finite")
+                action, person = _int64(row[6]), _int64(row[7])
+                _check_ava_numbers(ts, (x1, y1, x2, y2))
             except ValueError as exc:
                 raise FormatError(f"{path}: line {n}: not an AVA v2.x CSV row video_id,timestamp,x1,y1,x2,y2,"
                                   f"action_id,person_id ({exc}): {','.join(row)[:80]!r}") from None
@@ -241,6 +249,26 @@ def read_ava(paths, label_map: dict[int, str] | None = None) -> Annotations:
     notes = [f"{sum(skipped.values())} rows of action ids not in --label_map skipped "
              f"({', '.join(map(str, sorted(skipped)))})"] if skipped else []
     return Annotations({k: sorted(v) for k, v in videos.items()}, names, timestamps=True, notes=notes)
+
+
+def _int64(text: str) -> int:
+    """An integer id that fits in 64 bits; ValueError otherwise."""
+    value = int(text)
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError("ids must fit in 64 bits")
+    return value
+
+
+def _check_ava_numbers(ts: float, box) -> None:
+    """ValueError(reason) for a timestamp or box coordinate that is not finite or out of range (see
+    MAX_AVA_SECONDS, AVA_BOX_RANGE)."""
+    if not all(math.isfinite(v) for v in (ts, *box)):
+        raise ValueError("not finite")
+    if abs(ts) > MAX_AVA_SECONDS:
+        raise ValueError(f"timestamp {ts:g} is not a second of a video")
+    low, high = AVA_BOX_RANGE
+    if not all(low <= v <= high for v in box):
+        raise ValueError("box not normalised to [0, 1]")
 
 
 def ava_rows_to_frames(rows, fps: float, offset: float, width: int, height: int) -> list[Row]:
@@ -321,12 +349,16 @@ def read_cvat(paths, label_map: dict[int, str] | None = None) -> Annotations:
 def _cvat_track_rows(path, track, class_id: int) -> list[Row]:
     """Lines of one CVAT track (see read_cvat)."""
     try:
-        tid = int(track.get("id"))
+        tid = _int64(track.get("id"))
         boxes = sorted((int(b.get("frame")), b.get("outside", "0") == "1",
                         tuple(float(b.get(k)) for k in ("xtl", "ytl", "xbr", "ybr"))) for b in track.iter("box"))
     except (TypeError, ValueError):
         raise FormatError(f"{path}: track {track.get('id')!r}: a <box> without integer frame and numeric "
-                          "xtl, ytl, xbr, ybr (or a track without an integer id)") from None
+                          "xtl, ytl, xbr, ybr (or a track without an integer id that fits in 64 bits)") from None
+    for frame, _, box in boxes:
+        if not all(math.isfinite(v) for v in box):
+            raise FormatError(f"{path}: track {tid}: the <box> at frame {frame} has a coordinate that is not a finite "
+                              f"number (xtl, ytl, xbr, ybr = {', '.join(f'{v:g}' for v in box)})")
     rows, last = [], None
     for frame, outside, box in boxes:
         if outside:

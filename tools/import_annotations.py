@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import os
 import pathlib
 import re
@@ -32,6 +33,8 @@ from files import atomic_write  # noqa: E402
 from runtime import UsageError, one_line  # noqa: E402
 
 AVA_CLIP_START = 900.0  # AVA v2.x annotates seconds 900-1800 of each movie
+NAME_BYTES = 200  # a label file's folder and file names are cut to this (file systems take 255 bytes a name)
+SHOWN_KEY = 80  # characters of an annotation's video key in a message (a key may be thousands long)
 
 
 def _stem(name: str) -> str:
@@ -48,8 +51,11 @@ def find_video(videos_dir: pathlib.Path, key: str, listings: dict) -> pathlib.Pa
         if not name or ".." in name.split("/"):
             continue
         cand = videos_dir / name
-        if cand.is_file() and video.is_video_file(cand) or video.is_frame_folder(cand):
-            return cand
+        try:
+            if cand.is_file() and video.is_video_file(cand) or video.is_frame_folder(cand):
+                return cand
+        except OSError:
+            continue  # a name the file system cannot hold (too long) names no video
         if cand.parent not in listings:
             by_stem: dict[str, list] = {}
             try:
@@ -78,6 +84,7 @@ def label_name(key: str, taken: set) -> str:
     parts = parts or ["video"]
     if video.is_video_file(parts[-1]):
         parts[-1] = parts[-1].rsplit(".", 1)[0]
+    parts = [p.encode()[:NAME_BYTES].decode("utf-8", "ignore") for p in parts]  # a name the file system takes
     base, n = "labels/" + "/".join(parts), 1
     name = base + ".txt"
     while name in taken:
@@ -85,6 +92,25 @@ def label_name(key: str, taken: set) -> str:
         name = f"{base}_{n}.txt"
     taken.add(name)
     return name
+
+
+def shown(key: str) -> str:
+    """``key`` for a message: its start and its length when it is long."""
+    return key if len(key) <= SHOWN_KEY else f"{key[:SHOWN_KEY]}... ({len(key)} characters)"
+
+
+def write_labels(path: pathlib.Path, rows) -> bool:
+    """Write one video's label lines; False when the path is longer than the file system takes (the video is
+    skipped), UsageError naming the file for any other failure."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as f:
+            f.writelines(f"{r[0]} {r[1]} {r[2]} {' '.join(_num(v) for v in r[3:])}\n" for r in rows)
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            return False
+        raise UsageError(f"{path}: cannot write the label file ({one_line(exc, path)})") from None
+    return True
 
 
 def _num(v: float) -> str:
@@ -137,27 +163,28 @@ def import_dataset(args, say=print) -> dict:
     for key in sorted(data.videos):
         path = find_video(videos_dir, key, listings)
         if path is None:
-            say(f"{key}: no video of that name in {videos_dir}; skipped")
+            say(f"{shown(key)}: no video of that name in {videos_dir}; skipped")
             skipped += 1
             continue
         try:
             info = video_info(path, args.fps)
         except video.VideoError as exc:
-            say(f"{key}: {path} cannot be read ({one_line(exc, path)}); skipped")
+            say(f"{shown(key)}: {path} cannot be read ({one_line(exc, path)}); skipped")
             skipped += 1
             continue
         rows = video_rows(data, data.videos[key], info, args.ava_offset)
         inside = [r for r in rows if 0 <= r[0] < info[2]]
         if len(inside) < len(rows):
-            say(f"{key}: {len(rows) - len(inside)} line(s) outside its {info[2]} frames dropped")
+            say(f"{shown(key)}: {len(rows) - len(inside)} line(s) outside its {info[2]} frames dropped")
         if not inside:
-            say(f"{key}: no annotation inside the video; skipped")
+            say(f"{shown(key)}: no annotation inside the video; skipped")
             skipped += 1
             continue
         label_rel = label_name(key, taken)
-        (out / label_rel).parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(out / label_rel) as f:
-            f.writelines(f"{r[0]} {r[1]} {r[2]} {' '.join(_num(v) for v in r[3:])}\n" for r in inside)
+        if not write_labels(out / label_rel, inside):
+            say(f"{shown(key)}: its label file's path is longer than the file system takes; skipped")
+            skipped += 1
+            continue
         path_abs = path.resolve()
         inside_out = path_abs.is_relative_to(out_abs)  # relative inside the dataset: the folder can move
         video_rel = path_abs.relative_to(out_abs).as_posix() if inside_out else os.fspath(path_abs)
@@ -203,7 +230,7 @@ def main(argv=None) -> int:
         parser.error(f"--ava_offset must be 'auto' or a number of seconds, got {args.ava_offset!r}")
     try:
         summary = import_dataset(args)
-    except UsageError as err:
+    except (UsageError, OSError) as err:   # OSError: writing the CSV or classes.txt (a full disk...), one_line names it
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     print(f"wrote {summary['videos']} videos, {summary['rows']} label lines, {summary['classes']} classes to "
