@@ -33,6 +33,40 @@ class CheckpointError(Exception):
     """A checkpoint or weights file that cannot be used; the message is one line naming the file."""
 
 
+class TemporalConv3d(nn.Conv3d):
+    """A ``(k, 1, 1)`` Conv3d (same parameters and keys) that, where oneDNN's bf16 weight gradient is wrong, pads time
+    itself. oneDNN 3.12's ``jit_bf16`` backward-weights kernel (torch 2.14.1, CPUs with AVX512-BF16) reads
+    uninitialised memory when the input has fewer steps than the kernel (2 steps, kernel 3, padding 1: R(2+1)D's
+    layer3 at 8 frames, layer4 at 16); with the padding done beforehand the conv sees 4 steps and no padding, and its
+    gradient is right (tools/check_bf16.py). Only bf16 CPU training takes this path; fp32 and inference do not."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = self.padding[0]
+        if not (pad and x.shape[2] < self.kernel_size[0] and x.device.type == "cpu" and torch.is_grad_enabled()
+                and self.weight.requires_grad and _bf16_compute(x)):
+            return super().forward(x)
+        x = nn.functional.pad(x, (0, 0, 0, 0, pad, pad))
+        return nn.functional.conv3d(x, self.weight, self.bias, self.stride, (0, *self.padding[1:]), self.dilation,
+                                    self.groups)
+
+
+def _bf16_compute(x: torch.Tensor) -> bool:
+    """Whether a CPU conv on ``x`` runs in bf16 (a bf16 input, or bf16 CPU autocast)."""
+    return x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
+                                         and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+
+
+def use_temporal_convs(module: nn.Module) -> int:
+    """Make every ``(k>1, 1, 1)`` Conv3d under ``module`` a :class:`TemporalConv3d` (its parameters kept, so
+    state-dict keys and values are unchanged). Returns how many."""
+    count = 0
+    for conv in module.modules():
+        if type(conv) is nn.Conv3d and conv.kernel_size[0] > 1 and conv.kernel_size[1:] == (1, 1):
+            conv.__class__ = TemporalConv3d   # same attributes, new forward: no copy, optimiser state intact
+            count += 1
+    return count
+
+
 class Backbone(nn.Module):
     """R(2+1)D-18 (stem + layer1..4) -> 1x1x1 conv to ``hidden_dim`` -> tokens -> LayerNorm -> dropout.
 
@@ -339,6 +373,7 @@ class STAR(nn.Module):
         self.actor_size = SizeMap(hidden_dim) if time_tokens else None
         self.decoder = Decoder(hidden_dim, nheads, dim_feedforward, dropout, num_decoder_layers)
         self.head = Head(hidden_dim, num_classes, dropout)
+        use_temporal_convs(self)
 
     def forward(self, x: torch.Tensor, return_aux: bool | None = None) -> dict:
         if self.tube_steps and x.shape[1] != self.tube_steps:

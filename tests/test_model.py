@@ -514,3 +514,44 @@ def test_prepare_for_inference_keeps_outputs(published):
         assert fast.backbone.stem[1][0].conv1[0][0].weight.is_contiguous(memory_format=torch.channels_last_3d)
         after = fast(x)
     assert max_diff(before, after) <= 1e-4
+
+
+def _heap_filled_with_nan():
+    blocks = [torch.full((1 << n,), float("nan")) for n in range(14, 25, 2)]
+    del blocks
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 8])
+def test_temporal_conv_weight_gradient_is_right_in_bf16_training(steps):
+    """TemporalConv3d: under bf16 CPU autocast its weight gradient matches fp32's for inputs shorter than the kernel
+    too (oneDNN's bf16 kernel reads unwritten memory for 2 steps; a NaN-filled heap makes that show every time)."""
+    torch.manual_seed(0)
+    conv = nn.Conv3d(32, 32, (3, 1, 1), padding=(1, 0, 0), bias=False)
+    x, probe = torch.randn(4, 32, steps, 6, 6), torch.randn(4, 32, steps, 6, 6)
+    assert M.use_temporal_convs(nn.Sequential(conv)) == 1 and isinstance(conv, M.TemporalConv3d)
+
+    def weight_grad(bf16: bool) -> torch.Tensor:
+        conv.weight.grad = None
+        _heap_filled_with_nan()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = conv(x)
+        (y.float() * probe).sum().backward()
+        return conv.weight.grad.clone()
+    reference = weight_grad(False)
+    for _ in range(3):
+        grad = weight_grad(True)
+        assert torch.isfinite(grad).all()
+        assert (grad - reference).norm() / reference.norm() < 0.05
+
+
+def test_temporal_convs_keep_keys_and_outputs_outside_bf16_training(published):
+    """Every (3, 1, 1) trunk conv is a TemporalConv3d; keys unchanged; fp32 and no-grad paths are plain Conv3d's."""
+    model, _ = M.load_checkpoint(published[1])
+    temporal = [m for m in model.modules() if isinstance(m, M.TemporalConv3d)]
+    assert len(temporal) == 17 and all(m.kernel_size == (3, 1, 1) for m in temporal)
+    plain = nn.Conv3d(*temporal[-1].weight.shape[1::-1][:2], (3, 1, 1), padding=(1, 0, 0), bias=False)
+    plain.weight = temporal[-1].weight
+    x = torch.randn(2, plain.in_channels, 2, 3, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert torch.equal(temporal[-1](x), plain(x))
+    assert torch.equal(temporal[-1](x), plain(x))
