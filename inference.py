@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import pathlib
+import threading
 import time
 from typing import Iterable, Iterator, Sequence
 
@@ -56,6 +57,8 @@ MAX_GAP_SEC = 1.0         # a tube missing this long at most (a pause, a window'
 # 0.65 against 0.67 / 0.73 (docs/EXPERIMENTS.md, "ninth session").
 MIN_TUBE_SEC = 0.6
 FRAME_FIELDS = ("video_name", "tube_id", "frame", "time_sec", "pred_class", "score", "x1", "y1", "x2", "y2")
+PARTIAL_SUFFIX = ".partial.mp4"   # an annotated video being written (hidden, renamed when complete)
+PROGRESS_LOG_SEC = 60.0           # a progress line (done, failed, ETA) goes to the log this often
 # What a decoding worker may meet in an odd file besides VideoError (PyAV/FFmpeg, numpy, cv2).
 DECODE_ERRORS = (video.VideoError, av.error.FFmpegError, OSError, ValueError, EOFError, MemoryError, RuntimeError)
 
@@ -395,6 +398,7 @@ def annotate_video(src, dst, video_tubes: Sequence[tubes.PredTube], info: video.
     returns the frames written."""
     dst = pathlib.Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.stem}.{os.getpid()}{PARTIAL_SUFFIX}")   # renamed to dst once complete
     by_frame: dict[int, list] = {}
     for t in video_tubes:
         for frame, score, box in zip(t.frames.tolist(), t.frame_scores.tolist(), t.boxes.tolist()):
@@ -404,17 +408,29 @@ def annotate_video(src, dst, video_tubes: Sequence[tubes.PredTube], info: video.
         writer = None
         for i, frame in enumerate(video.iter_frames(src)):
             if writer is None:   # the decoded size wins over the container's
-                writer = video.H264Writer(dst, frame.shape[1], frame.shape[0], info.fps)
+                writer = video.H264Writer(tmp, frame.shape[1], frame.shape[0], info.fps)
             shown = by_frame.get(i)
             writer.write(video.draw_detections(frame, shown) if shown else frame)
             count += 1
         if writer is None:
             raise video.VideoError(f"{src}: zero frames")
         writer.close()
+        os.replace(tmp, dst)
     except BaseException:
         with contextlib.suppress(OSError):
-            dst.unlink()
+            tmp.unlink()
         raise
+    return count
+
+
+def remove_partial_annotations(annotated_dir) -> int:
+    """Remove the half-written annotated videos a killed run left (:func:`annotate_video`'s temporary names); returns
+    how many. Called before any video of a new run is annotated."""
+    count = 0
+    for path in pathlib.Path(annotated_dir).rglob(f".*{PARTIAL_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            path.unlink()
+            count += 1
     return count
 
 
@@ -599,7 +615,7 @@ def predict_clips(model, clips: torch.Tensor, device, dtype=None) -> list[dict]:
 
 
 def predict(model, loader, results: list[VideoResult], class_names, threshold: float, device, dtype,
-            on_video_done, progress) -> int:
+            on_video_done) -> int:
     """Run the network over the clip stream; fills ``results``; returns the number of clips."""
     clips_done = 0
     local = {r.index: r for r in results}
@@ -631,7 +647,6 @@ def predict(model, loader, results: list[VideoResult], class_names, threshold: f
                                                                  item.start_sec, item.end_sec)
             if item.done:
                 on_video_done(res)
-                progress.update(1)
     return clips_done
 
 
@@ -649,18 +664,25 @@ def load_model(model_path, device, class_names=None):
 
 
 class Annotator:
-    """Writes annotated videos in a background thread, one at a time, once a video's detections are known."""
+    """Writes annotated videos in a background thread, one at a time, once a video's detections are known; then
+    calls ``on_written(result)`` there (test.py records the video as complete)."""
 
-    def __init__(self, enabled: bool, targets: dict):
+    def __init__(self, enabled: bool, targets: dict, on_written=None):
         self.enabled, self.targets, self.futures = enabled, targets, {}
+        self.on_written = on_written or (lambda _res: None)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="annotate")
 
     def submit(self, res: VideoResult) -> None:
         target = self.targets[res.path]
         if os.path.realpath(target) == os.path.realpath(res.path):
             log.warning("%s: not annotated: the annotated file would overwrite the input", res.name)
+            self.on_written(res)
             return
-        self.futures[res.name] = (res.path, self.pool.submit(annotate_video, res.path, target, res.tubes, res.info))
+        self.futures[res.name] = (res.path, self.pool.submit(self._write, res, target))
+
+    def _write(self, res: VideoResult, target) -> None:
+        annotate_video(res.path, target, res.tubes, res.info)
+        self.on_written(res)
 
     def wait(self) -> tuple[int, list[str]]:
         """Wait for all; returns ``(count written, failures as 'name: reason')``."""
@@ -676,14 +698,46 @@ class Annotator:
         return done, failures
 
 
-def run_videos(model, info, paths, names, targets, settings: Settings, device, dtype, rank: int = 0):
-    """Predict (and annotate, to ``targets``) videos. Returns ``(results, clips, annotated, annotation failures)``."""
+class ProgressLog:
+    """A line for the log file every ``PROGRESS_LOG_SEC`` (the bar goes to the console only): videos done of all,
+    failed, seconds per video and the time left, for runs of hours over thousands of videos."""
+
+    def __init__(self, bar, enabled: bool):
+        self.bar, self.enabled = bar, enabled
+        self.failed, self.last = 0, time.monotonic()
+
+    def video_done(self, failed: bool) -> None:
+        self.failed += failed
+        if self.failed:
+            self.bar.set_postfix(failed=self.failed, refresh=False)
+        self.bar.update(1)
+        if self.enabled and time.monotonic() - self.last >= PROGRESS_LOG_SEC:
+            self.last = time.monotonic()
+            log.info("progress: %s", self.line())
+
+    def line(self) -> str:
+        done, total, elapsed = self.bar.n, self.bar.total, self.bar.format_dict["elapsed"]
+        per_video = elapsed / max(done, 1)
+        return (f"{done}/{total} videos ({self.failed} failed), {per_video:.2f} s/video, "
+                f"about {tqdm.format_interval(per_video * (total - done))} left")
+
+
+def run_videos(model, info, paths, names, targets, settings: Settings, device, dtype, rank: int = 0,
+               on_complete=None):
+    """Predict (and annotate, to ``targets``) videos. Returns ``(results, clips, annotated, annotation failures)``.
+    ``on_complete(result)`` is called once a video's outputs are all written (its annotated video renamed into
+    place): test.py then records it as complete."""
     stream = ClipStream(paths, info["num_frames"], info["img_size"], info["mean"], info["std"],
                         settings.window_sec, settings.stride_sec, settings.folder_fps)
     results = [VideoResult(k, name, os.fspath(p)) for k, (name, p) in enumerate(zip(names, paths))]
-    annotator = Annotator(settings.annotate, {os.fspath(p): t for p, t in zip(paths, targets)})
+    on_complete = on_complete or (lambda _res: None)
+    annotator = Annotator(settings.annotate, {os.fspath(p): t for p, t in zip(paths, targets)}, on_complete)
+    bar = tqdm(total=len(paths), desc="videos", unit="video", disable=rank != 0, dynamic_ncols=True)
+    progress, finished = ProgressLog(bar, rank == 0), set()
 
     def on_video_done(res: VideoResult) -> None:
+        finished.add(res.index)
+        progress.video_done(bool(res.error))
         if res.error:
             log.warning("FAILED %s: %s", res.name, res.error)
             res.queries = []
@@ -691,21 +745,127 @@ def run_videos(model, info, paths, names, targets, settings: Settings, device, d
         finish_video(res, settings)
         if settings.annotate:
             annotator.submit(res)
+        else:
+            on_complete(res)
 
-    progress = tqdm(total=len(paths), desc="videos", unit="video", disable=rank != 0, dynamic_ncols=True)
     loader = make_loader(stream, settings.batch_size, settings.workers, pin_memory=device.type == "cuda")
+    stopped = None
     try:
         clips = predict(model, loader, results, info["class_names"], settings.score_threshold, device, dtype,
-                        on_video_done, progress)
-    except RuntimeError as err:   # a decoding worker died (e.g. a crash inside FFmpeg)
-        log.error("inference stopped: %s", one_line(err))
+                        on_video_done)
+    except RuntimeError as err:   # a decoding worker died (a crash inside FFmpeg), or the network cannot run
+        stopped = one_line(err)
+        log.error("inference stopped: %s", stopped)
         clips = sum(r.clips for r in results)
     finally:
-        progress.close()
+        bar.close()
     annotated, failures = annotator.wait()
     for res in results:
-        if res.error is None and res.info is None:
-            res.error = "not processed (inference stopped)"
+        if res.index not in finished:
+            res.error, res.queries = f"not processed: inference stopped ({stopped})", []
     return results, clips, annotated, failures
+
+
+# --------------------------------------------------------------------------- resumable outputs (test.py --resume)
+
+
+JOURNAL_VERSION = 1
+
+
+def journal_path(output_file, rank: int) -> pathlib.Path:
+    """Rank ``rank``'s journal of completed videos: hidden, beside the output file."""
+    out = pathlib.Path(output_file)
+    return out.with_name(f".{out.name}.rank{rank}.journal")
+
+
+def journal_paths(output_file) -> list[pathlib.Path]:
+    """Every rank's journal beside the output file (a killed run may have had more ranks than this one)."""
+    out = pathlib.Path(output_file)
+    return sorted(out.parent.glob(f".{out.name}.rank*.journal"))
+
+
+class Journal:
+    """One rank's record of the videos it completed: after a header with the run's settings, one JSON line per video
+    (its predictions.csv and frames CSV rows), written and flushed once its outputs are complete, so a kill loses at
+    most the videos in progress. test.py merges the journals into the CSVs at the end, then removes them; with
+    ``--resume`` it reads them (:func:`read_journal`) and skips the videos they hold."""
+
+    def __init__(self, path, settings: dict, append: bool):
+        self.path = pathlib.Path(path)
+        self.lock = threading.Lock()   # records come from the annotating thread and the main thread
+        if append:
+            _drop_torn_tail(self.path)
+        self.file = open(self.path, "a" if append else "w", encoding="utf-8")   # noqa: SIM115 (closed in close())
+        if self.file.tell() == 0:
+            self._write({"star_journal": JOURNAL_VERSION, "settings": settings})
+
+    def record(self, res: VideoResult) -> None:
+        self._write({"video": res.name, "rows": csv_rows(res), "frames": list(frame_rows(res))})
+
+    def _write(self, entry: dict) -> None:
+        with self.lock:
+            self.file.write(json.dumps(entry) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _drop_torn_tail(path: pathlib.Path) -> None:
+    """Cut a line a kill left half-written at the end of ``path``, so that the next line starts clean."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def read_journal(path, settings: dict) -> dict[str, tuple[list, list]]:
+    """``{video name: (predictions.csv rows, frames CSV rows)}`` of a journal; a torn last line is skipped. A journal
+    written with other settings (model, threshold, windows, class names) is a UsageError: its rows would differ."""
+    done = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                entry = json.loads(line)
+            except ValueError:   # a line a kill cut short
+                continue
+            if not isinstance(entry, dict) or not ({"star_journal", "video"} & entry.keys()):
+                raise UsageError(f"--resume: {path}, line {number}: not a test.py journal entry")
+            if "star_journal" in entry:
+                _check_journal_settings(path, entry.get("settings") or {}, settings)
+                continue
+            done[entry["video"]] = (entry.get("rows") or [], entry.get("frames") or [])
+    return done
+
+
+def _check_journal_settings(path, old: dict, new: dict) -> None:
+    for key, value in new.items():
+        if old.get(key) != value:
+            raise UsageError(f"--resume: {path} was written with {key} {old.get(key)!r}, this run has {value!r}; "
+                             "run with the same flags, or without --resume to start again")
+
+
+def read_outputs(output_file) -> dict[str, tuple[list, list]]:
+    """``{video name: (rows, frame rows)}`` from a finished run's predictions CSV and frames CSV (both must be there;
+    else nothing is taken from them)."""
+    out, frames = pathlib.Path(output_file), frames_csv_path(output_file)
+    if not (out.is_file() and frames.is_file()):
+        return {}
+    rows, frame_rows_by = _rows_by_video(out, CSV_FIELDS), _rows_by_video(frames, FRAME_FIELDS)
+    return {name: (video_rows, frame_rows_by.get(name, [])) for name, video_rows in rows.items()}
+
+
+def _rows_by_video(path: pathlib.Path, fields) -> dict[str, list[dict]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != tuple(fields):
+            raise UsageError(f"--resume: {path}: not a test.py output (header {reader.fieldnames}); "
+                             "move it away or run without --resume")
+        grouped: dict[str, list[dict]] = {}
+        for row in reader:
+            grouped.setdefault(row["video_name"], []).append(row)
+    return grouped
 
 

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import datetime
 import logging
+import os
 import pathlib
 import sys
 import time
@@ -63,6 +64,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                              "checkpoint's own windows: half a window)")
     parser.add_argument("--labels", default=None, metavar="DATASET_DIR",
                         help="dataset folder in the training layout: score the predictions against its labels")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip the videos whose outputs a killed (or finished) run into the same --output_file "
+                             "already completed (CSV rows and annotated video); predict the rest")
     parser.add_argument("--recursive", action="store_true", help="also look for videos in sub-folders")
     parser.add_argument("--fps", type=number(float, 0, strict=True), default=video.DEFAULT_FOLDER_FPS,
                         help="frame rate of videos given as folders of numbered frames (00001.jpg, ...)")
@@ -117,12 +121,19 @@ def main(args) -> int:
     log.info("%d video(s) from %s (%s%s), threshold %g; %s, batch %d, %d decoding worker(s)", len(videos),
              args.input_dir, settings.mode, " as the checkpoint was trained" if window_sec and not args.window_sec else "",
              args.score_threshold, precision_note, settings.batch_size, settings.workers)
+    key = run_key(args, info, settings)
+    done = resume_point(args, out, names, targets, annotated_dir, key, rank, world)
 
     t_net = time.perf_counter()
-    mine = list(range(rank, len(videos), world))
-    results, clips, annotated, failures = inference.run_videos(
-        model, info, [videos[i] for i in mine], [names[i] for i in mine], [targets[i] for i in mine],
-        settings, device, dtype, rank)
+    todo = [i for i, name in enumerate(names) if name not in done]
+    mine = todo[rank::world]   # under torchrun each rank takes every world-th video still to do
+    journal = inference.Journal(inference.journal_path(out, rank), key, append=args.resume)
+    try:
+        results, clips, annotated, failures = inference.run_videos(
+            model, info, [videos[i] for i in mine], [names[i] for i in mine], [targets[i] for i in mine],
+            settings, device, dtype, rank, on_complete=journal.record)
+    finally:
+        journal.close()
     elapsed_net = time.perf_counter() - t_net
     # Under torchrun every rank sends its results to every rank; rank 0 writes.
     parts = gather(([dataclasses.replace(r, queries=r.queries if args.labels else []) for r in results],
@@ -130,33 +141,105 @@ def main(args) -> int:
     order = {name: i for i, name in enumerate(names)}
     all_results = sorted((r for part in parts for r in part[0]), key=lambda r: order[r.name])
     if rank == 0:
-        rows = [row for r in all_results if r.error is None for row in inference.csv_rows(r)]
-        inference.write_predictions(rows, out)
-        log.info("predictions written to %s (%d rows)", out, len(rows))
-        frames_out = inference.frames_csv_path(out)
-        count = inference.write_frame_predictions((row for r in all_results if r.error is None
-                                                   for row in inference.frame_rows(r)), frames_out)
-        log.info("per-frame tubes written to %s (%d rows, %s)", frames_out, count,
-                 "tube mode" if any(r.tube_mode for r in all_results) else "clip mode: one box per tube")
+        write_outputs(out, names, done, all_results, info)
         if labels is not None:
+            if done:
+                log.warning("--labels with --resume: the %d video(s) completed before are not scored (their network "
+                            "outputs are not kept); run without --resume to score every video", len(done))
             inference.evaluate_predictions(all_results, args.labels, info["class_names"], raw_ids,
                                            args.score_threshold, out, labels)
-        summary(all_results, sum(p[1] for p in parts), sum(p[2] for p in parts), [f for p in parts for f in p[3]],
-                annotated_dir, args, time.perf_counter() - started, elapsed_net, log_path)
+        summary(all_results, len(done), sum(p[1] for p in parts), sum(p[2] for p in parts),
+                [f for p in parts for f in p[3]], annotated_dir, args, time.perf_counter() - started, elapsed_net,
+                log_path)
+    status = exit_status(all_results, len(done), rank)
     if world > 1:
         import torch.distributed as dist
         dist.barrier()
         dist.destroy_process_group()
-    return 0
+    return status
 
 
-def summary(results, clips, annotated, annotation_failures, annotated_dir, args, seconds, net_seconds,
+def run_key(args, info: dict, settings) -> dict:
+    """What makes a video's rows what they are; a journal written under other values is not resumed."""
+    return {"model_path": os.path.abspath(args.model_path), "class_names": list(info["class_names"]),
+            "score_threshold": settings.score_threshold, "window_sec": settings.window_sec,
+            "stride_sec": settings.stride_sec, "fps": settings.folder_fps}
+
+
+def resume_point(args, out, names, targets, annotated_dir, key: dict, rank: int, world: int) -> dict:
+    """The videos whose outputs are already complete, ``{name: (rows, frame rows)}`` (rows on rank 0 only): with
+    ``--resume``, those in the journals of a killed run and in a finished run's CSVs, with their annotated video
+    present; without it, none (the old journals are removed). Rank 0 decides and every rank takes its list, so that
+    all ranks split the remaining videos alike; half-written annotated videos are removed first."""
+    done = {}
+    if rank == 0:
+        if not args.no_annotate:
+            inference.remove_partial_annotations(annotated_dir)
+        if args.resume:
+            done = completed_videos(out, names, targets, key, annotate=not args.no_annotate)
+            log.info("--resume: %d of %d video(s) already complete in %s, %d to do", len(done), len(names),
+                     out.parent, len(names) - len(done))
+        else:
+            for path in inference.journal_paths(out):
+                path.unlink()
+    shared = gather(sorted(done), world)[0]   # also a barrier: no rank writes its journal before this
+    return done if rank == 0 else dict.fromkeys(shared)
+
+
+def completed_videos(out, names, targets, key: dict, annotate: bool) -> dict:
+    """``{name: (rows, frame rows)}`` of the listed videos complete in the outputs: a finished run's CSVs, then every
+    journal (a kill may have left them from more ranks than now); with annotation, only where the video exists."""
+    found = inference.read_outputs(out)
+    for path in inference.journal_paths(out):
+        found.update(inference.read_journal(path, key))
+    target_of = dict(zip(names, targets))
+    return {name: found[name] for name in names
+            if name in found and (not annotate or pathlib.Path(target_of[name]).is_file())}
+
+
+def write_outputs(out, names, done: dict, results, info: dict) -> None:
+    """predictions.csv and the frames CSV of every video, in input order: the rows of the videos completed before
+    (``done``) and of this run's; then the journals are removed (the CSVs hold all they held)."""
+    new = {r.name: (inference.csv_rows(r), list(inference.frame_rows(r))) for r in results if r.error is None}
+    merged = [done.get(name) or new.get(name) for name in names]
+    merged = [m for m in merged if m is not None]
+    rows = [row for video_rows, _ in merged for row in video_rows]
+    inference.write_predictions(rows, out)
+    log.info("predictions written to %s (%d rows)", out, len(rows))
+    frames_out = inference.frames_csv_path(out)
+    count = inference.write_frame_predictions((row for _, frame_rows in merged for row in frame_rows), frames_out)
+    tube_mode = (info.get("model_args") or {}).get("tube_steps", 0) > 0
+    log.info("per-frame tubes written to %s (%d rows, %s)", frames_out, count,
+             "tube mode" if tube_mode else "clip mode: one box per tube")
+    for path in inference.journal_paths(out):
+        path.unlink()
+
+
+EXIT_NOTHING_PREDICTED = 1
+
+
+def exit_status(results, resumed: int, rank: int) -> int:
+    """0 when at least one video has its predictions (some failures are listed in the summary); else 1, with the
+    reason in one line: every video failed, or the model could not run on any clip."""
+    failed = [r for r in results if r.error]
+    if resumed or len(failed) < len(results):
+        return 0
+    if rank == 0:
+        log.error("error: none of the %d video(s) could be predicted (first: %s: %s)", len(failed), failed[0].name,
+                  failed[0].error)
+    return EXIT_NOTHING_PREDICTED
+
+
+def summary(results, resumed, clips, annotated, annotation_failures, annotated_dir, args, seconds, net_seconds,
             log_path) -> None:
+    """The run in a few lines: videos (done before, predicted, failed with the reasons), detections, clips, time."""
     failed = [r for r in results if r.error]
     ok = len(results) - len(failed)
     detections = sum(len(r.detections) for r in results if r.error is None)
+    before = f"{resumed} complete before (--resume), " if resumed else ""
     lines = ["summary:",
-             f"  videos      : {len(results)} ({ok} predicted, {len(failed)} failed)",
+             f"  videos      : {len(results) + resumed} ({before}{ok} predicted, {len(failed)} failed)",
+             f"  per video   : {net_seconds / max(len(results), 1):.2f} s over this run's {len(results)}",
              f"  detections  : {detections} (score >= {args.score_threshold:g}); "
              f"{sum(1 for r in results if r.error is None and not r.detections)} video(s) no_object",
              f"  clips       : {clips} in {net_seconds:.1f} s ({clips / max(net_seconds, 1e-9):.2f} clips/s)",

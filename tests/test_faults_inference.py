@@ -11,6 +11,10 @@ import csv
 import importlib.util
 import io
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -78,6 +82,12 @@ def run_test_py(*argv) -> tuple[int, str]:
 
 def error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("error: ")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class LoadCalled(Exception):
@@ -189,3 +199,152 @@ def test_test_py_refuses_an_onnx_graph_that_disagrees_with_its_metadata(tmp_path
     lines = error_lines(text)
     assert rc == 2 and len(lines) == 1 and "bad.onnx: the graph takes clips of shape (B, 8" in lines[0], text
     assert not (tmp_path / "out" / "p.csv").exists()
+
+
+# --------------------------------------------------------------------------- 4. exit status when nothing is predicted
+
+
+def broken_video(folder, name="broken.mp4"):
+    (folder / name).write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video" * 4)
+    return folder / name
+
+
+def test_every_input_failing_is_a_failure_with_the_reason_in_one_line(tmp_path, checkpoint):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    broken_video(inputs, "a.mp4")
+    broken_video(inputs, "b.mp4")
+    rc, text = run_test_py("--input_dir", inputs, "--output_file", tmp_path / "out" / "p.csv", "--model_path",
+                           checkpoint, "--workers", 0)
+    lines = error_lines(text)
+    assert rc == 1 and len(lines) == 1, text
+    assert lines[0].startswith("error: none of the 2 video(s) could be predicted (first: a.mp4: "), lines
+
+
+def test_a_model_that_cannot_run_on_any_clip_is_a_failure(tmp_path, checkpoint, monkeypatch):
+    def cannot_run(*_args, **_kwargs):
+        raise RuntimeError("the graph rejects this input: shape (1, 4, 3, 64, 64)")
+    monkeypatch.setattr(inference, "predict_clips", cannot_run)
+    rc, text = run_test_py("--input_dir", videos(tmp_path / "in", count=2), "--output_file",
+                           tmp_path / "out" / "p.csv", "--model_path", checkpoint, "--workers", 0, "--no_annotate")
+    lines = error_lines(text)
+    assert rc == 1 and len(lines) == 1 and "none of the 2 video(s) could be predicted" in lines[0], text
+    assert "the graph rejects this input" in lines[0]
+
+
+def test_some_failed_and_some_predicted_exits_0_with_a_summary(tmp_path, checkpoint):
+    inputs = videos(tmp_path / "in", count=1)
+    broken_video(inputs)
+    rc, text = run_test_py("--input_dir", inputs, "--output_file", tmp_path / "out" / "p.csv", "--model_path",
+                           checkpoint, "--workers", 0, "--no_annotate")
+    assert rc == 0 and not error_lines(text), text
+    assert "videos      : 2 (1 predicted, 1 failed)" in text and "    broken.mp4: " in text
+    assert "per video   : " in text
+
+
+# --------------------------------------------------------------------------- 7. --resume after a kill
+
+
+def outputs(out) -> dict:
+    """What a run leaves that must not depend on a kill: both CSVs' text, the annotated videos' names, and any
+    journal or half-written annotated video left behind."""
+    folder = out.parent
+    return {"predictions": out.read_text(), "frames": inference.frames_csv_path(out).read_text(),
+            "annotated": sorted(p.name for p in (folder / "annotated_videos").iterdir()),
+            "journals": inference.journal_paths(out)}
+
+
+def read_lines(path) -> list[str]:
+    return path.read_text().splitlines(keepends=True)
+
+
+def test_resume_after_a_kill_skips_complete_videos_and_ends_as_an_uninterrupted_run(tmp_path, checkpoint,
+                                                                                    monkeypatch):
+    inputs = videos(tmp_path / "in", count=3)
+    common = ["--input_dir", inputs, "--model_path", checkpoint, "--workers", 0, "--precision", "fp32"]
+    whole = tmp_path / "whole" / "p.csv"
+    assert run_test_py(*common, "--output_file", whole)[0] == 0
+    expected = outputs(whole)
+    assert expected["journals"] == [] and len(expected["annotated"]) == 3 and expected["frames"].count("\n") > 3
+
+    # What a kill after the first video leaves: its journal line, a torn second line, v0's annotated video and v1's
+    # half-written one; no CSV yet.
+    out = tmp_path / "killed" / "p.csv"
+    with monkeypatch.context() as m:
+        m.setattr(test_cli, "write_outputs", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+        assert run_test_py(*common, "--output_file", out)[0] == 130
+    journal = inference.journal_path(out, 0)
+    header, first, second = read_lines(journal)[:3]
+    journal.write_text(header + first + second[:len(second) // 2])
+    annotated = out.parent / "annotated_videos"
+    (annotated / "v1.mp4").rename(annotated / f".v1.4242{inference.PARTIAL_SUFFIX}")
+    (annotated / "v2.mp4").unlink()
+
+    predicted = []
+    real_run_videos = inference.run_videos
+    monkeypatch.setattr(inference, "run_videos", lambda model, info, paths, names, *a, **k: (
+        predicted.extend(names), real_run_videos(model, info, paths, names, *a, **k))[1])
+    rc, text = run_test_py(*common, "--output_file", out, "--resume")
+    assert rc == 0 and predicted == ["v1.mp4", "v2.mp4"], text
+    assert "--resume: 1 of 3 video(s) already complete" in text and "1 complete before (--resume), 2 predicted" in text
+    assert outputs(out) == expected
+
+    predicted.clear()   # a finished run resumed: nothing left to do, the same files
+    rc, text = run_test_py(*common, "--output_file", out, "--resume")
+    assert rc == 0 and predicted == [] and outputs(out) == expected, text
+
+
+def test_resume_refuses_a_journal_written_with_other_settings(tmp_path, checkpoint):
+    inputs = videos(tmp_path / "in", count=1)
+    out = tmp_path / "out" / "p.csv"
+    journal = inference.journal_path(out, 0)
+    journal.parent.mkdir()
+    journal.write_text(json.dumps({"star_journal": 1, "settings": {"score_threshold": 0.9}}) + "\n")
+    rc, text = run_test_py("--input_dir", inputs, "--output_file", out, "--model_path", checkpoint, "--resume",
+                           "--no_annotate")
+    lines = error_lines(text)
+    assert rc == 2 and len(lines) == 1 and f"--resume: {journal} was written with" in lines[0], text
+
+
+def test_resume_under_torchrun_splits_the_rest_between_ranks_and_merges_as_one_run(tmp_path, checkpoint, monkeypatch):
+    """A one-process run killed after its first video, resumed by two processes under torchrun (CPU, gloo): each rank
+    predicts one of the two videos left, rank 0 merges them with the first one's rows: the same files as one run."""
+    inputs = videos(tmp_path / "in", count=3)
+    common = ["--input_dir", inputs, "--model_path", checkpoint, "--workers", 0, "--precision", "fp32"]
+    whole = tmp_path / "whole" / "p.csv"
+    assert run_test_py(*common, "--output_file", whole)[0] == 0
+    out = tmp_path / "killed" / "p.csv"
+    with monkeypatch.context() as m:
+        m.setattr(test_cli, "write_outputs", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+        assert run_test_py(*common, "--output_file", out)[0] == 130
+    journal = inference.journal_path(out, 0)
+    journal.write_text("".join(read_lines(journal)[:2]))   # header and v0
+    for name in ("v1.mp4", "v2.mp4"):
+        (out.parent / "annotated_videos" / name).unlink()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(ROOT / "test.py"), *map(str, common), "--output_file", str(out),
+                           "--resume", "--device", "cpu"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "1 complete before (--resume), 2 predicted" in proc.stdout + proc.stderr
+    assert outputs(out) == outputs(whole)
+
+
+# --------------------------------------------------------------------------- 8. progress and summary
+
+
+def test_progress_lines_with_eta_reach_the_log_and_the_summary_lists_failures(tmp_path, checkpoint, monkeypatch):
+    monkeypatch.setattr(inference, "PROGRESS_LOG_SEC", 0.0)   # a line after every video
+    inputs = videos(tmp_path / "in", count=2)
+    broken_video(inputs)
+    out = tmp_path / "out" / "p.csv"
+    rc, _ = run_test_py("--input_dir", inputs, "--output_file", out, "--model_path", checkpoint, "--workers", 0,
+                        "--no_annotate")
+    log_text = next(out.parent.glob("test_log_*.txt")).read_text()
+    assert rc == 0
+    progress = [line.split("progress: ", 1)[1] for line in log_text.splitlines() if "progress: " in line]
+    assert [p.split(" videos")[0] for p in progress] == ["1/3", "2/3", "3/3"], progress
+    assert progress[0].startswith("1/3 videos (1 failed), ") and " s/video, about " in progress[0], progress
+    assert progress[-1].endswith("about 00:00 left"), progress
+    assert "videos      : 3 (2 predicted, 1 failed)" in log_text and "    broken.mp4: " in log_text
