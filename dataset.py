@@ -57,6 +57,9 @@ JUMP_FRAMES = 4
 # At most this many problems of one kind per file are listed; the rest are counted in one line
 # (a per-frame file of a wrong frame rate would otherwise list thousands of lines).
 MAX_PROBLEMS_PER_KIND = 10
+# Ids (class, track, frame) are stored as int64 tensors: a larger one is a malformed line, not a crash in training.
+INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
+IDS_64_BITS = "ids must fit in 64 bits"
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,7 @@ class Problem:
     that file when it applies, and what is wrong (including what was done about it).
 
     ``severity``: SKIPPED (the row, line or instance is not used) or WARNING (used as corrected).
-    ``kind`` groups problems of one sort for the per-file cap (not shown)."""
+    ``kind`` groups problems of one sort: for the per-file cap, and for :func:`format_problems`' summary."""
 
     file: str
     line: int | None
@@ -219,11 +222,15 @@ class FrameInstance(Instance):
 
 
 def _parse_int(token: str) -> int:
-    """Class ids written as '2' or '2.0' (some tools write floats); anything else fails."""
+    """Class ids written as '2' or '2.0' (some tools write floats); anything else fails, and so does an id that
+    does not fit in 64 bits (the training targets hold int64)."""
     value = float(token)
     if not value.is_integer():
         raise ValueError(token)
-    return int(value)
+    value = int(token) if token.lstrip("+-").isdigit() else int(value)   # exact: float() rounds 2**63 - 1 up
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(IDS_64_BITS)
+    return value
 
 
 def _parse_box(tokens) -> tuple[float, float, float, float]:
@@ -289,7 +296,7 @@ def _format(kind: int) -> str:
 def _malformed(file, number, raw, reason, kind, known) -> Problem:
     """The problem for a malformed line; names the format the rest of the file uses."""
     expected = f"'{_format(kind)}'" if known else f"'{LABEL_FORMAT}' or '{FRAME_LABEL_FORMAT}'"
-    note = f", {reason}" if reason == "frame must be >= 0" else ""
+    note = f", {reason}" if reason in ("frame must be >= 0", IDS_64_BITS) else ""
     return Problem(file, number, f"malformed label line {raw!r} (expected {expected}{note}); line skipped",
                    kind="malformed")
 
@@ -300,7 +307,7 @@ def parse_label_file(path, file: str | None = None) -> tuple[list[Instance], lis
     try:
         text = pathlib.Path(path).read_text(encoding="utf-8-sig", errors="replace")
     except OSError as exc:
-        return [], [Problem(file, None, f"unreadable label file ({exc.strerror or exc})")], 0
+        return [], [Problem(file, None, f"unreadable label file ({exc.strerror or exc})", kind="unreadable label file")], 0
     return parse_label_lines(text.splitlines(), file)
 
 
@@ -365,7 +372,7 @@ def build_class_map(raw_ids, class_names=None, classes_file=None) -> tuple[Class
     if len(names) != len(ids):
         rel = pathlib.Path(classes_file).name
         return ClassMap(ids, default), [Problem(rel, None, f"{len(names)} names for {len(ids)} class ids "
-                                                         f"{ids}; using names action_<id>", WARNING)]
+                                                         f"{ids}; using names action_<id>", WARNING, "class names")]
     return ClassMap(ids, names), []
 
 
@@ -413,26 +420,28 @@ def _load_row(root, line, video_rel, label_rel, probe, problems, max_gap=None, f
     (None otherwise)."""
     where = f"{CSV_NAME} line {line}"
     if not video_rel:
-        problems.append(Problem(CSV_NAME, line, "empty video_file; row skipped"))
+        problems.append(Problem(CSV_NAME, line, "empty video_file; row skipped", kind="empty video_file"))
         return None
     video_path = _resolve(root, video_rel)
     if not (video_path.is_file() or video_path.is_dir()):
-        problems.append(Problem(video_rel, None, f"missing video ({where}); row skipped"))
+        problems.append(Problem(video_rel, None, f"missing video ({where}); row skipped", kind="missing video"))
         return None
     try:
         info = video.probe_video(video_path, count_frames=probe, fps=fps)
     except video.VideoError as exc:
         reason = str(exc).replace(os.fspath(video_path) + ": ", "")
-        problems.append(Problem(video_rel, None, f"unreadable or corrupt video: {reason} ({where}); row skipped"))
+        problems.append(Problem(video_rel, None, f"unreadable or corrupt video: {reason} ({where}); row skipped",
+                                kind="unreadable video"))
         return None
     if info.num_frames == 0:
-        problems.append(Problem(video_rel, None, f"zero frames ({where}); row skipped"))
+        problems.append(Problem(video_rel, None, f"zero frames ({where}); row skipped", kind="zero frames"))
         return None
     fields, boxes, tracks = (video_rel, os.fspath(video_path.resolve()), info), [], None
     if label_rel:
         label_path = _resolve(root, label_rel)
         if not label_path.is_file():
-            problems.append(Problem(label_rel, None, f"missing label file ({where}); row skipped"))
+            problems.append(Problem(label_rel, None, f"missing label file ({where}); row skipped",
+                                    kind="missing label file"))
             return None
         instances, file_problems, data_lines = parse_label_file(label_path, label_rel)
         if any(isinstance(i, FrameInstance) for i in instances):
@@ -442,7 +451,8 @@ def _load_row(root, line, video_rel, label_rel, probe, problems, max_gap=None, f
             boxes = _video_boxes(instances, info, label_rel, file_problems)
         problems.extend(_cap_problems(file_problems))
         if data_lines and not boxes and not tracks:  # a labelled video must not silently become a negative
-            problems.append(Problem(label_rel, None, f"no usable instance ({where}); row skipped"))
+            problems.append(Problem(label_rel, None, f"no usable instance ({where}); row skipped",
+                                    kind="no usable instance"))
             return None
     return fields, boxes, tracks
 
@@ -590,7 +600,7 @@ def load_dataset(root, class_names=None, probe: bool = True, max_gap: int | None
         key = os.path.normpath(video_rel.replace("\\", "/")) if video_rel else ""
         if key and key in seen:
             problems.append(Problem(CSV_NAME, line, f"duplicate row for {video_rel!r} (first at line "
-                                                    f"{seen[key]}); row skipped"))
+                                                    f"{seen[key]}); row skipped", kind="duplicate row"))
             continue
         seen[key] = line
         row = _load_row(root, line, video_rel, label_rel, probe, problems, max_gap, fps)
@@ -631,23 +641,42 @@ def _track_summary(tracks: list[Track]) -> list[tuple[int, np.ndarray]]:
     return out
 
 
-def format_problems(problems: Sequence[Problem]) -> str:
+def format_problems(problems: Sequence[Problem], per_kind: int | None = None) -> str:
     """One table of problems (file, line, severity, problem); 'no problems found' when empty.
 
-    Severity ``skipped``: the row, line or instance is not used; ``warning``: used as corrected."""
+    Severity ``skipped``: the row, line or instance is not used; ``warning``: used as corrected. ``per_kind``: list
+    only the first that many problems of each kind, the rest of each kind counted in one line (100,000 rows naming
+    missing videos make a 100,000-line table otherwise); the first line still counts them all."""
     if not problems:
         return "no problems found in the dataset"
-    rows = [(p.file, "-" if p.line is None else str(p.line), p.severity, p.message) for p in problems]
+    shown = list(problems) if per_kind is None else _first_of_each_kind(problems, per_kind)
+    rows = [(p.file, "-" if p.line is None else str(p.line), p.severity, p.message) for p in shown]
     warnings = sum(p.severity == WARNING for p in problems)
     wf = max(4, *(len(r[0]) for r in rows))
     wl = max(4, *(len(r[1]) for r in rows))
     ws = max(8, *(len(r[2]) for r in rows))
+    cut = f"; the first {per_kind} of each kind" if len(shown) < len(problems) else ""
     lines = [f"{len(problems)} problem(s) in the dataset ({len(problems) - warnings} skipped, {warnings} warning(s): "
-             "used as corrected):",
+             f"used as corrected){cut}:",
              f"{'file':<{wf}}  {'line':>{wl}}  {'severity':<{ws}}  problem",
              f"{'-' * wf}  {'-' * wl}  {'-' * ws}  {'-' * 7}"]
     lines += [f"{f:<{wf}}  {ln:>{wl}}  {sv:<{ws}}  {m}" for f, ln, sv, m in rows]
     return "\n".join(lines)
+
+
+def _first_of_each_kind(problems: Sequence[Problem], limit: int) -> list[Problem]:
+    """The first ``limit`` problems of each (kind, severity), kinds in order of first appearance, each followed by
+    one problem counting the rest of its kind."""
+    groups: dict[tuple[str, str], list[Problem]] = {}
+    for problem in problems:
+        groups.setdefault((problem.kind, problem.severity), []).append(problem)
+    out = []
+    for (kind, severity), group in groups.items():
+        out += group[:limit]
+        if len(group) > limit:
+            out.append(Problem("...", None, f"{len(group) - limit} more like the above ({kind or 'other'})", severity,
+                               kind))
+    return out
 
 
 # ---------------------------------------------------------------------------- split

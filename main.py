@@ -4,12 +4,17 @@
     torchrun --nproc_per_node=2 main.py --input_dir DATASET --output_dir OUT
 
 Writes to OUT: best_model.pth, checkpoint.pth (for --resume), split.json, training_results.csv,
-test_predictions.csv, plots (*.png), train.log. The loops are in engine.py, the recipes in recipes.py.
+test_predictions.csv, val_metrics.json, plots (*.png), train.log, dataset_problems.txt (when the dataset check
+found problems). A folder holding another run's outputs is refused unless --resume continues that run or
+--overwrite replaces it. The loops are in engine.py, the recipes in recipes.py.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import errno
+import glob
 import json
 import logging
 import math
@@ -34,10 +39,20 @@ from model import (PRETRAINED_CHOICES, STAR, CheckpointError, build_model, count
                    save_checkpoint)
 from recipes import (DECODER_STEPS_PER_EPOCH, PAIR_PROB, WINDOWS_PER_VIDEO, WINDOW_STRIDE, add_recipe_defaults_to_help,
                      apply_recipe)
-from runtime import UsageError, autocast_settings, init_distributed, number, resolve_device, setup_logging
+from runtime import (UsageError, autocast_settings, init_distributed, number, one_line, resolve_device, setup_logging,
+                     writable_dir)
 from video import DEFAULT_FOLDER_FPS, IMAGENET_MEAN, IMAGENET_STD, VideoInfo
 
 log = logging.getLogger("star")
+
+# What a run writes in its output folder; --overwrite removes these (and the SETUP_OUTPUTS) and nothing else.
+RUN_OUTPUTS = ("checkpoint.pth", "best_model.pth", "training_results.csv", "test_predictions.csv", "val_metrics.json",
+               "losses.png", "metrics.png", "confusion_matrix.png")
+PROBLEMS_NAME = "dataset_problems.txt"
+SETUP_OUTPUTS = ("split.json", "train.log", PROBLEMS_NAME)
+PREVIOUS_RUN = ("checkpoint.pth", "best_model.pth", "training_results.csv")   # a folder holding one holds a run
+PROBLEMS_SHOWN = 5   # problems of each kind in the log; all of them go to dataset_problems.txt
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -136,7 +151,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_aug", action="store_true", help="turn training augmentation off")
     p.add_argument("--no_aux_loss", action="store_true", help="no auxiliary losses on earlier decoder layers")
     p.add_argument("--score_threshold", type=float, default=0.5, help="score threshold for metrics and test_predictions.csv")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pth")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pth")
+    again.add_argument("--overwrite", action="store_true",
+                       help="OUTPUT_DIR holds a previous run: remove that run's outputs (checkpoints, tables, plots, "
+                            "log, split; no other file) and train from scratch")
     add_recipe_defaults_to_help(p)
     return p
 
@@ -145,10 +164,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def load_data(args, rank: int, output_dir: Path):
     """Validate the dataset, split it (split.json), return (train_records, val_records, class_map)."""
-    records, class_map, problems = load_dataset(args.input_dir, class_names=args.class_names, max_gap=args.max_gap,
-                                                fps=args.fps)
-    if problems and rank == 0:
-        log.warning("dataset problems:\n%s", format_problems(problems))
+    try:
+        records, class_map, problems = load_dataset(args.input_dir, class_names=args.class_names,
+                                                    max_gap=args.max_gap, fps=args.fps)
+    except DatasetError as err:
+        if rank == 0:
+            report_problems(err.problems, output_dir, log.error)
+        raise DatasetError(str(err)) from None   # its problems are reported
+    if rank == 0:
+        report_problems(problems, output_dir, log.warning)
     train, val, note = split_dataset(records, args.val_split, args.seed, output_dir / "split.json")
     if note:
         log.info("%s", note)
@@ -157,6 +181,90 @@ def load_data(args, rank: int, output_dir: Path):
     log.info("%d videos: %d train, %d validation; classes %s", len(records), len(train), len(val),
              ", ".join(class_map.names))
     return train, val, class_map
+
+
+def report_problems(problems, output_dir: Path, say) -> None:
+    """The dataset check's problems: the first few of each kind to the log (``say``), all of them to
+    dataset_problems.txt (named in the log), so that 100,000 missing videos do not make a 100,000-line log. No
+    problems: an older dataset_problems.txt is removed (it described other data)."""
+    path = output_dir / PROBLEMS_NAME
+    if not problems:
+        path.unlink(missing_ok=True)
+        return
+    with writing(path):
+        write_text(path, format_problems(problems) + "\n")
+    say("dataset problems (all of them in %s):\n%s", path, format_problems(problems, per_kind=PROBLEMS_SHOWN))
+
+
+def prepare_output_dir(output_dir: Path, args, rank: int) -> list[str]:
+    """Make ``output_dir`` hold one run only, before the log opens (--overwrite removes train.log): a previous
+    run's outputs are refused unless --resume or --overwrite says what to do with them; --overwrite removes them;
+    --resume without checkpoint.pth (a kill before the first one) removes the killed attempt's results, since the
+    run starts from scratch; temporary files of an interrupted write are removed. Only rank 0 removes anything.
+    Returns the lines to log."""
+    previous = [name for name in PREVIOUS_RUN if (output_dir / name).exists()]
+    if previous and not (args.resume or args.overwrite):
+        raise UsageError(f"--output_dir {output_dir} holds a previous run ({', '.join(previous)}): continue it with "
+                         "--resume, replace it with --overwrite, or choose another folder")
+    doomed, why = (), ""
+    if args.overwrite:
+        doomed, why = RUN_OUTPUTS + SETUP_OUTPUTS, "--overwrite: removed the previous run's outputs:"
+    elif args.resume and not (output_dir / "checkpoint.pth").exists():
+        doomed, why = RUN_OUTPUTS, "--resume: no checkpoint.pth (the earlier attempt stopped before its first), " \
+                                   "so its outputs are removed:"
+    doomed = [output_dir / name for name in doomed if (output_dir / name).is_file()]
+    keep_inputs(args, doomed)
+    if rank != 0:
+        return []
+    temporary = [path for name in RUN_OUTPUTS + SETUP_OUTPUTS
+                 for path in output_dir.glob(f".{glob.escape(name)}.*.tmp") if path.is_file()]
+    notes = [f"{why} {', '.join(remove(doomed))}"] if doomed else []
+    if temporary:
+        notes.append(f"removed {len(temporary)} temporary file(s) left by an interrupted write: "
+                     f"{', '.join(remove(temporary))}")
+    return notes
+
+
+def keep_inputs(args, doomed: list[Path]) -> None:
+    """Refuse to remove a file the run reads (fine-tuning from the previous run's best_model.pth)."""
+    for flag, value in (("--init_from", args.init_from), ("--backbone_weights", args.backbone_weights)):
+        if value and any(Path(value).resolve() == path.resolve() for path in doomed):
+            raise UsageError(f"{flag} {value}: a previous run's output that this run would remove; copy it out of "
+                             "--output_dir first")
+
+
+def remove(paths) -> list[str]:
+    """Delete ``paths``; their names, for the log."""
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as err:
+            raise UsageError(f"{path}: cannot remove it ({one_line(err, path)})") from None
+    return [path.name for path in paths]
+
+
+def disk_full(err: BaseException | None) -> bool:
+    """Whether a full disk (or quota) caused ``err``: torch reports a failed write as a RuntimeError ('unexpected
+    pos') with the OSError only in its context, and save_checkpoint wraps that again."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno in DISK_FULL:
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """A full disk while writing ``path``: one line that says so and names the file (exit 2 in :func:`main`)."""
+    try:
+        yield
+    except (OSError, CheckpointError) as err:
+        if not disk_full(err):
+            raise
+        raise UsageError(f"{path}: the disk is full, writing it failed; checkpoint.pth still holds the last epoch "
+                         "saved (free some space, then continue with --resume)") from None
 
 
 def resolve_cutting(args, records) -> None:
@@ -312,9 +420,11 @@ def plot(function, *args) -> None:
 def train(args) -> dict:
     rank, world, local_rank = init_distributed(args.device)
     device = resolve_device(args.device, local_rank)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = writable_dir(args.output_dir, "--output_dir")
+    notes = prepare_output_dir(output_dir, args, rank)
     setup_logging(output_dir / "train.log", rank)
+    for note in notes:
+        log.info("%s", note)
     args.precision = "fp32" if args.no_amp else args.precision
     engine.seed_everything(args.seed + rank)
     train_records, val_records, class_map = load_data(args, rank, output_dir)
@@ -347,8 +457,9 @@ def train(args) -> dict:
     common = {"raw_class_ids": list(class_map.raw_ids), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
 
     def write_best(result, epoch, **extra):   # the weights validated (the average, if any), self-describing
-        save_checkpoint(make_checkpoint(evaluated, model_args, class_map.names, preprocessing, epoch=epoch, metrics=result,
-                                        **extra, **common), best_path)
+        with writing(best_path):
+            save_checkpoint(make_checkpoint(evaluated, model_args, class_map.names, preprocessing, epoch=epoch,
+                                            metrics=result, **extra, **common), best_path)
     keeper = engine.KeepBest(write_best, has_validation=bool(val_records), best=best, path=best_path)
 
     for epoch in range(start_epoch, args.epochs):
@@ -365,7 +476,8 @@ def train(args) -> dict:
             row.update({k: v for k, v in result.items() if k in engine.EPOCH_FIELDS})
         row["seconds"] = time.time() - start
         if rank == 0:
-            append_results(results_csv, row)
+            with writing(results_csv):
+                append_results(results_csv, row)
             log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in row.items()
                                                          if isinstance(v, float) and k != "epoch"))
             keeper.after_epoch(result, epoch, last=epoch + 1 == args.epochs, exists=best_path.exists())
@@ -375,7 +487,8 @@ def train(args) -> dict:
                                    scaler=scaler.state_dict(), rng=engine.rng_state(), best_score=keeper.best, **common)
             if ema is not None:
                 ckpt["ema"] = ema.state_dict()
-            save_checkpoint(ckpt, ckpt_path)
+            with writing(ckpt_path):
+                save_checkpoint(ckpt, ckpt_path)
         if world > 1:
             dist.barrier()
     if rank == 0 and args.decoder_steps > 0:
@@ -400,12 +513,16 @@ def main(args) -> int:
     try:
         train(args)
     except (DatasetError, CheckpointError, UsageError, FloatingPointError) as err:
-        if getattr(err, "problems", None):
-            log.error("dataset problems:\n%s", format_problems(err.problems))
         log.error("error: %s", err)
         if isinstance(err, FloatingPointError):
             log.error("training stopped; the last good checkpoint is unchanged in %s (lower --lr or use --precision fp32)",
                       args.output_dir)
+        return 2
+    except OSError as err:   # a full disk while writing a file no `writing` names (split.json, the report...)
+        if not disk_full(err):
+            raise
+        log.error("error: %s: the disk is full (%s); checkpoint.pth still holds the last epoch saved",
+                  args.output_dir, one_line(err))
         return 2
     return 0
 
