@@ -19,15 +19,16 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import argparse  # noqa: E402
-import atexit  # noqa: E402
 import csv  # noqa: E402
 import dataclasses  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import pathlib  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
@@ -177,8 +178,16 @@ class DemoApp:
         return settings, note
 
     def _predict(self, path: pathlib.Path, vinfo, settings, note, started, progress) -> Outcome:
-        """Predict, annotate and write the CSV into a fresh request folder."""
+        """Predict, annotate and write the CSV into a fresh request folder; a request that fails removes it."""
         out_dir = self._request_dir()
+        try:
+            return self._predict_into(out_dir, path, vinfo, settings, note, started, progress)
+        except BaseException:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            raise
+
+    def _predict_into(self, out_dir: pathlib.Path, path: pathlib.Path, vinfo, settings, note, started,
+                      progress) -> Outcome:
         total = len(clip_spans(vinfo, settings))   # known before the run, for the progress bar
         progress(0.1, desc=f"decoding and predicting {total} clip(s)")
         done = []
@@ -393,6 +402,24 @@ def cut_info(info: dict | None) -> str:
     return trained + f"Videos longer than {AUTO_WINDOW_SEC:g} s are cut into windows automatically."
 
 
+def upload_box(**kwargs):
+    """A ``gr.File`` for one video path. Gradio's own (6.x) opens an empty temporary file in its cache on every request
+    and never removes it (it only renames the Python object): this one hands the uploaded file's path on as it is,
+    after the same file-type check, so a server that runs for weeks does not collect one file per request."""
+    import gradio as gr
+    import gradio_client.utils as client_utils
+    from gradio.utils import NamedString
+
+    class VideoUpload(gr.File):
+        def _process_single_file(self, f):
+            if self.file_types and not client_utils.is_valid_file(f.path, self.file_types):
+                raise gr.Error(f"{pathlib.Path(f.path).name}: not a video file name "
+                               f"({', '.join(video.VIDEO_EXTENSIONS)}).")
+            return NamedString(f.path)
+
+    return VideoUpload(type="filepath", file_count="single", **kwargs)
+
+
 def build_ui(app: DemoApp, examples: list[tuple[str, str]], model_path=None, concurrency: int = 1):
     """The Gradio page around ``app.predict``; queued, at most ``concurrency`` requests at once."""
     import gradio as gr
@@ -412,8 +439,8 @@ def build_ui(app: DemoApp, examples: list[tuple[str, str]], model_path=None, con
         with gr.Row():
             with gr.Column(scale=2, min_width=320):
                 # A file box, not gr.Video: a browser cannot preview .avi/.mkv and gr.Video calls that an error.
-                video_in = gr.File(label="Video (.mp4 .avi .mov .mkv)", file_types=list(video.VIDEO_EXTENSIONS),
-                                   file_count="single", type="filepath", elem_id="video-in", height=150)
+                video_in = upload_box(label="Video (.mp4 .avi .mov .mkv)", file_types=list(video.VIDEO_EXTENSIONS),
+                                      elem_id="video-in", height=150)
                 if examples:
                     gr.Examples([[p] for p, _ in examples], inputs=[video_in], label="Examples (click one)",
                                 example_labels=[lab for _, lab in examples])
@@ -497,22 +524,50 @@ def load_app(args, device, dtype, work_dir) -> tuple[DemoApp, pathlib.Path | Non
     return DemoApp(net, info, device, dtype, work_dir, limits, batch_size=batch), model_path
 
 
+def serve_until_stopped(page, app: DemoApp, host: str, port: int, allowed) -> str:
+    """Serve ``page`` until Ctrl-C or SIGTERM (what ``kill`` and service managers send), then close the server;
+    returns which one stopped it. SIGTERM would otherwise end the process at once, and neither atexit nor any
+    ``finally`` would remove the request folders."""
+    stop = threading.Event()
+    reason = []
+
+    def handler(signum, _frame):
+        reason.append("interrupted" if signum == signal.SIGINT else "terminated")
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        launch(page, app, host, port, allowed, block=False)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        page.close()
+    return reason[0]
+
+
 def main(args) -> int:
-    """Load the model once, make the examples, serve the page until interrupted."""
+    """Load the model once, make the examples, serve the page until interrupted or terminated; the request folders
+    are removed either way."""
     setup_logging()
     if args.examples_dir:   # the default cache folder may be unwritable: the page then goes without samples
         writable_dir(args.examples_dir, "--examples_dir")
     device = resolve_device(args.device)
     dtype, precision_note = autocast_settings(device, args.precision)
     work_dir = pathlib.Path(tempfile.mkdtemp(prefix="star_app_"))
-    atexit.register(shutil.rmtree, work_dir, ignore_errors=True)
-    app, model_path = load_app(args, device, dtype, work_dir)
-    cache_dir = pathlib.Path(args.examples_dir) if args.examples_dir else default_cache_dir()
-    examples = collect_examples(cache_dir)
-    concurrency = args.concurrency or (2 if device.type == "cuda" else 1)
-    log.info("%s; %d example(s); at most %d request(s) at once", precision_note, len(examples), concurrency)
-    page = build_ui(app, examples, model_path, concurrency)
-    launch(page, app, args.host, args.port, [work_dir, cache_dir, MEDIA_DIR])
+    try:
+        app, model_path = load_app(args, device, dtype, work_dir)
+        cache_dir = pathlib.Path(args.examples_dir) if args.examples_dir else default_cache_dir()
+        examples = collect_examples(cache_dir)
+        concurrency = args.concurrency or (2 if device.type == "cuda" else 1)
+        log.info("%s; %d example(s); at most %d request(s) at once", precision_note, len(examples), concurrency)
+        page = build_ui(app, examples, model_path, concurrency)
+        # only what the page shows: the request folders and the example videos, not the rest of their folders
+        how = serve_until_stopped(page, app, args.host, args.port, [work_dir, *(path for path, _ in examples)])
+        log.info("%s: server closed, request files removed", how)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
     return 0
 
 
