@@ -12,6 +12,11 @@ one's constant box over its span), annotated H.264 videos (``annotated_videos/``
 each tube's box of the frame with its ``#id``) and ``test_log_<timestamp>.txt`` beside the output file. ``--labels DATASET_DIR`` also scores the
 predictions with the training metrics. The pipeline is ``inference.py``; under ``torchrun`` each rank
 takes its share of the videos and rank 0 writes the merged CSV.
+
+Each rank records every video it completes (its CSV rows, once its annotated video is in place) in a hidden journal
+beside the output file, flushed per video; rank 0 merges the journals into the CSVs at the end and removes them.
+``--resume`` after a kill skips the videos the journals (or a finished run's CSVs) hold and predicts the rest: the
+files end as those of an uninterrupted run. Exit status 1 when no video at all could be predicted.
 """
 from __future__ import annotations
 
