@@ -21,6 +21,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import argparse  # noqa: E402
 import csv  # noqa: E402
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import pathlib  # noqa: E402
@@ -404,20 +405,23 @@ def cut_info(info: dict | None) -> str:
 
 def upload_box(**kwargs):
     """A ``gr.File`` for one video path. Gradio's own (6.x) opens an empty temporary file in its cache on every request
-    and never removes it (it only renames the Python object): this one hands the uploaded file's path on as it is,
-    after the same file-type check, so a server that runs for weeks does not collect one file per request."""
+    and never removes it (it only renames the Python object): this box hands the uploaded file's path on as it is,
+    after the same file-type check, so a server that runs for weeks does not collect one file per request. Replaced on
+    the instance: a subclass of a Gradio component makes Gradio write a ``.pyi`` stub beside this file."""
+    import gradio as gr
+    box = gr.File(type="filepath", file_count="single", **kwargs)
+    box._process_single_file = functools.partial(_uploaded_path, box)
+    return box
+
+
+def _uploaded_path(box, f):
+    """What ``gr.File(type="filepath")`` gives for the uploaded file ``f``, without the temporary file."""
     import gradio as gr
     import gradio_client.utils as client_utils
     from gradio.utils import NamedString
-
-    class VideoUpload(gr.File):
-        def _process_single_file(self, f):
-            if self.file_types and not client_utils.is_valid_file(f.path, self.file_types):
-                raise gr.Error(f"{pathlib.Path(f.path).name}: not a video file name "
-                               f"({', '.join(video.VIDEO_EXTENSIONS)}).")
-            return NamedString(f.path)
-
-    return VideoUpload(type="filepath", file_count="single", **kwargs)
+    if box.file_types and not client_utils.is_valid_file(f.path, box.file_types):
+        raise gr.Error(f"{pathlib.Path(f.path).name}: not a video file name ({', '.join(video.VIDEO_EXTENSIONS)}).")
+    return NamedString(f.path)
 
 
 def build_ui(app: DemoApp, examples: list[tuple[str, str]], model_path=None, concurrency: int = 1):

@@ -133,6 +133,7 @@ def test_the_upload_box_leaves_no_file_per_request(tmp_path, monkeypatch):
     assert files_under(cache) == before
     with pytest.raises(gr.Error, match="not a video file name"):
         box.preprocess(FileData(path=str(tmp_path / "notes.txt"), orig_name="notes.txt"))
+    assert not (ROOT / "app.pyi").exists()   # Gradio writes a stub beside the module of a component subclass
 
 
 def test_a_failed_request_leaves_no_request_folder(tmp_path):
