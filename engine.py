@@ -5,6 +5,7 @@ Boxes: targets carry ``boxes`` (N, 4) cxcywh normalised; metrics take xyxy norma
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -111,9 +112,10 @@ def make_scheduler(optimizer, args):
 # ----------------------------------------------------------------------------- one epoch
 
 def train_one_epoch(model, criterion, loader, optimizer, scaler, device, precision: "TrainingPrecision", args, epoch,
-                    world, ema=None) -> dict:
+                    world, ema=None, run_times: "PhaseTimes | None" = None) -> dict:
     """One pass over the training batches under ``precision.dtype`` autocast; ``ema``, if given, follows the weights
-    after each step. Returns mean loss terms and the count of skipped steps."""
+    after each step. Returns mean loss terms and the count of skipped steps; the time of each phase is logged and
+    added to ``run_times``."""
     model.train()
     net = getattr(model, "module", model)
     loader.batch_sampler.set_epoch(epoch)   # EpochTaggedBatches: the epoch travels with the indices to the workers
@@ -122,13 +124,21 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, device, precisi
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=dist.is_initialized() and dist.get_rank() != 0,
                leave=False, dynamic_ncols=True)
 
+    times = PhaseTimes(device)
+
     def step(clips, targets):
-        with autocast(device, precision.dtype):
+        with times("forward"), autocast(device, precision.dtype):
             outputs = model(clips)
-        losses, loss = checked_losses(criterion, outputs, targets, device, world, epoch)
-        return losses, loss, optimizer_step(loss, net.parameters(), optimizer, scaler, args.grad_clip)
-    for clips, targets in bar:
-        clips, targets = clips.to(device, non_blocking=True), device_targets(targets, device)
+        with times("matching and losses"):
+            losses, loss = checked_losses(criterion, outputs, targets, device, world, epoch)
+        return losses, loss, optimizer_step(loss, net.parameters(), optimizer, scaler, args.grad_clip, times)
+    batches = iter(bar)
+    while True:
+        with times("data"):   # decoding, augmentation and targets, or the wait for a loader worker
+            batch = next(batches, None)
+            if batch is None:
+                break
+            clips, targets = batch[0].to(device, non_blocking=True), device_targets(batch[1], device)
         losses, loss, applied = step(clips, targets)
         # the same batch again, in fp32: no step is lost (under DDP every rank sees the same all-reduced gradient
         # norm and, since the first-batch check agreed, the same precision, so all ranks redo it together)
@@ -152,7 +162,40 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, device, precisi
                                  f"({precision.dtype or 'fp32'}): the weights did not change")
     stats = {f"train_{k}": v / counts[k] for k, v in sums.items()}
     stats["skipped_steps"] = skipped
+    log.info("epoch %d training time: %s", epoch + 1, times.summary())
+    if run_times is not None:
+        run_times.add(times)
     return stats
+
+
+class PhaseTimes:
+    """Wall seconds spent in named phases of a loop (``with times("forward"): ...``), for the log's time table.
+    On CUDA each phase synchronises first and last, so that a phase is not billed for another's queued kernels."""
+
+    def __init__(self, device=None):
+        self.seconds: dict[str, float] = {}
+        self._sync = torch.cuda.synchronize if device is not None and torch.device(device).type == "cuda" else None
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self._sync:
+            self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._sync:
+                self._sync()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def add(self, other: "PhaseTimes") -> None:
+        for name, seconds in other.seconds.items():
+            self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def summary(self) -> str:
+        """``"data 1.2 s, forward 3.4 s, ... (total 9.9 s)"`` in the order the phases first ran."""
+        total = sum(self.seconds.values())
+        return ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()) + f" (total {total:.1f} s)"
 
 
 def device_targets(targets: list[dict], device) -> list[dict]:
@@ -173,11 +216,18 @@ def checked_losses(criterion, outputs, targets, device, world, epoch) -> tuple[d
     return losses, loss
 
 
-def optimizer_step(loss, parameters, optimizer, scaler, grad_clip: float) -> bool:
+def optimizer_step(loss, parameters, optimizer, scaler, grad_clip: float, times: "PhaseTimes | None" = None) -> bool:
     """Backward, unscale, clip, step; returns False when the step was skipped for a non-finite gradient norm."""
+    times = times or PhaseTimes(None)
     parameters = list(parameters)
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    with times("backward"):
+        scaler.scale(loss).backward()
+    with times("optimizer"):
+        return _clipped_step(parameters, optimizer, scaler, grad_clip)
+
+
+def _clipped_step(parameters, optimizer, scaler, grad_clip: float) -> bool:
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip or float("inf"))
     finite = bool(torch.isfinite(grad_norm))
@@ -310,12 +360,25 @@ def bf16_gradients_finite(model: torch.nn.Module, criterion, clips: torch.Tensor
 
 class TrainingPrecision:
     """The autocast dtype of a training run (None: fp32). Left to ``auto``, a bf16 run falls back to fp32 for good
-    at its first bf16 step with non-finite gradients (that step is redone in fp32): oneDNN's bf16 Conv3d weight
-    gradients are NaN for some shapes, and on some CPUs only now and then (docs/EXPERIMENTS.md, "Precision: bf16
-    on CPUs"); an explicit ``--precision bf16`` is kept, its bad steps skipped and counted."""
+    at its first bf16 step with non-finite gradients (that step is redone in fp32), a guard against oneDNN bf16
+    kernels that give wrong weight gradients (model.TemporalConv3d avoids the one known on AVX512-BF16 CPUs; AMX
+    CPUs have another); an explicit ``--precision bf16`` is kept, its bad steps skipped and counted. The checkpoint
+    stores :attr:`name`, so that a resumed run continues in the precision the run had reached."""
+
+    NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
     def __init__(self, dtype: torch.dtype | None, precision: str = "auto"):
         self.dtype, self.auto = dtype, precision == "auto"
+
+    @property
+    def name(self) -> str:
+        return self.NAMES[self.dtype]
+
+    def resume_from(self, trained_in: str | None) -> None:
+        """Continue as the checkpoint's run did: an ``auto`` run that had fallen back to fp32 stays there."""
+        if trained_in == "fp32" and self.may_fall_back:
+            log.info("precision: fp32, as the resumed run had fallen back to it")
+            self.dtype = None
 
     @property
     def may_fall_back(self) -> bool:

@@ -329,7 +329,7 @@ def build_training_state(args, class_map, device, world):
 
 def resume(path: Path, model, optimizer, scheduler, scaler, ema, freeze_trunk: int, results_csv: Path):
     """Restore everything from checkpoint.pth and drop rows of training_results.csv past its epoch (a kill
-    between the row and the checkpoint); returns (next epoch, best score so far)."""
+    between the row and the checkpoint); returns (next epoch, best score so far, the precision it trained in last)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     # the optimizer's parameter groups hold only the trained stages: another count cannot take its state
     frozen_then = ckpt.get("args", {}).get("freeze_trunk") or 0   # absent or None in older checkpoints: 0
@@ -346,7 +346,7 @@ def resume(path: Path, model, optimizer, scheduler, scaler, ema, freeze_trunk: i
     engine.set_rng_state(ckpt["rng"])
     truncate_results(results_csv, ckpt["epoch"] + 1)
     log.info("resumed from %s: epoch %d done, continuing at epoch %d", path, ckpt["epoch"] + 1, ckpt["epoch"] + 2)
-    return ckpt["epoch"] + 1, ckpt.get("best_score", -math.inf)
+    return ckpt["epoch"] + 1, ckpt.get("best_score", -math.inf), ckpt.get("precision")
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -449,7 +449,9 @@ def train(args) -> dict:
     evaluated = ema.module if ema is not None else net   # what is validated and kept as best
     start_epoch, best = 0, -math.inf
     if args.resume and ckpt_path.exists():
-        start_epoch, best = resume(ckpt_path, model, optimizer, scheduler, scaler, ema, args.freeze_trunk, results_csv)
+        start_epoch, best, trained_in = resume(ckpt_path, model, optimizer, scheduler, scaler, ema, args.freeze_trunk,
+                                               results_csv)
+        precision.resume_from(trained_in)
     elif args.resume:
         log.info("--resume: no %s yet, starting from scratch", ckpt_path)
     preprocessing = {"num_frames": args.num_frames, "img_size": args.img_size,
@@ -462,16 +464,18 @@ def train(args) -> dict:
                                             metrics=result, **extra, **common), best_path)
     keeper = engine.KeepBest(write_best, has_validation=bool(val_records), best=best, path=best_path)
 
+    run_times = engine.PhaseTimes(device)
     for epoch in range(start_epoch, args.epochs):
         start = time.time()
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"]}
         row.update(engine.train_one_epoch(model, criterion, train_loader, optimizer, scaler, device, precision, args,
-                                          epoch, world, ema))
+                                          epoch, world, ema, run_times))
         scheduler.step()
         result = {}
         if rank == 0 and val_records and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-            result, *_ = engine.evaluate(evaluated, criterion, val_loader, device, precision.dtype, class_map.names,
-                                         args.score_threshold)
+            with run_times("validation"):
+                result, *_ = engine.evaluate(evaluated, criterion, val_loader, device, precision.dtype, class_map.names,
+                                             args.score_threshold)
             result["score"] = metrics.best_score(result)
             row.update({k: v for k, v in result.items() if k in engine.EPOCH_FIELDS})
         row["seconds"] = time.time() - start
@@ -480,30 +484,35 @@ def train(args) -> dict:
                 append_results(results_csv, row)
             log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in row.items()
                                                          if isinstance(v, float) and k != "epoch"))
-            keeper.after_epoch(result, epoch, last=epoch + 1 == args.epochs, exists=best_path.exists())
-            # the training weights (and their average, if any): what --resume continues from
-            ckpt = make_checkpoint(model, model_args, class_map.names, preprocessing, epoch=epoch, metrics=result,
-                                   optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                                   scaler=scaler.state_dict(), rng=engine.rng_state(), best_score=keeper.best, **common)
-            if ema is not None:
-                ckpt["ema"] = ema.state_dict()
-            with writing(ckpt_path):
-                save_checkpoint(ckpt, ckpt_path)
+            with run_times("checkpoints"):
+                keeper.after_epoch(result, epoch, last=epoch + 1 == args.epochs, exists=best_path.exists())
+                # the training weights (and their average, if any) and the precision: what --resume continues from
+                ckpt = make_checkpoint(model, model_args, class_map.names, preprocessing, epoch=epoch, metrics=result,
+                                       optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                                       scaler=scaler.state_dict(), rng=engine.rng_state(), best_score=keeper.best,
+                                       precision=precision.name, **common)
+                if ema is not None:
+                    ckpt["ema"] = ema.state_dict()
+                with writing(ckpt_path):
+                    save_checkpoint(ckpt, ckpt_path)
         if world > 1:
             dist.barrier()
     if rank == 0 and args.decoder_steps > 0:
-        engine.decoder_phase(evaluated, model_args, criterion, train_loader.dataset, val_loader.dataset, class_map.names,
-                             device, precision.dtype, args,
-                             lambda step, result: keeper.after_decoder_step(step, args.decoder_steps, result,
-                                                                            args.epochs - 1))
+        with run_times("decoder phase"):
+            engine.decoder_phase(evaluated, model_args, criterion, train_loader.dataset, val_loader.dataset,
+                                 class_map.names, device, precision.dtype, args,
+                                 lambda step, result: keeper.after_decoder_step(step, args.decoder_steps, result,
+                                                                                args.epochs - 1))
     if world > 1:
         dist.barrier()
     final = {}
     if rank == 0:
-        plot(metrics.plot_training_history, results_csv, output_dir)
-        if val_records and best_path.exists():
-            final = final_report(model_args, best_path, val_loader, criterion, device, precision.dtype, class_map.names,
-                                 args, output_dir)
+        with run_times("final report and plots"):
+            plot(metrics.plot_training_history, results_csv, output_dir)
+            if val_records and best_path.exists():
+                final = final_report(model_args, best_path, val_loader, criterion, device, precision.dtype,
+                                     class_map.names, args, output_dir)
+        log.info("run time: %s", run_times.summary())
     if world > 1:
         dist.destroy_process_group()
     return final

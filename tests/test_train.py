@@ -807,6 +807,38 @@ def test_explicit_bf16_with_non_finite_gradients_says_how_to_fall_back(sample_da
     assert not (out / "checkpoint.pth").exists()
 
 
+def test_a_run_that_fell_back_to_fp32_resumes_in_fp32_and_ends_as_the_uninterrupted_run(sample_data, tmp_path,
+                                                                                          tiny_net, monkeypatch):
+    """The precision a run has reached is in checkpoint.pth: resumed, it does not try bf16 again (whose steps would
+    change the figures) and ends with the uninterrupted run's last row."""
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+
+    def trunk_that_goes_bad_at_its_second_step(weights=None, **kwargs):
+        trunk = tiny_r2plus1d_18(weights, **kwargs)
+        trunk.layer2.append(BuggyUnderBf16(healthy=2))   # the check and one step fine, then NaN: falls back in epoch 1
+        return trunk
+    monkeypatch.setattr(star_model, "r2plus1d_18", trunk_that_goes_bad_at_its_second_step)
+    whole = tmp_path / "whole"
+    assert run_main(sample_data, whole, "--epochs", "2") == 0
+    original = engine.train_one_epoch
+
+    def interrupted(*args, **kwargs):
+        if epoch_of(original, args, kwargs) >= 1:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+    monkeypatch.setattr(engine, "train_one_epoch", interrupted)
+    part = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        run_main(sample_data, part, "--epochs", "2")
+    assert torch.load(part / "checkpoint.pth", weights_only=True)["precision"] == "fp32"
+    monkeypatch.setattr(engine, "train_one_epoch", original)
+    assert run_main(sample_data, part, "--epochs", "2", "--resume") == 0
+    assert "precision: fp32, as the resumed run had fallen back to it" in log_text(part)
+    mine, theirs = read_rows(part / "training_results.csv")[-1], read_rows(whole / "training_results.csv")[-1]
+    for key in ("train_loss", "train_loss_ce", "train_loss_bbox", "val_loss", "mean_iou"):
+        assert float(mine[key]) == pytest.approx(float(theirs[key]), rel=1e-3, abs=1e-6), key
+
+
 def test_auto_precision_keeps_bf16_where_its_gradients_are_finite(sample_data, tmp_path, tiny_net, monkeypatch):
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
     out = tmp_path / "kept"
