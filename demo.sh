@@ -17,7 +17,7 @@ echo "== 1/4 sample data: $out/data (training) and $out/heldout (never seen in t
 "$py" tools/make_sample_data.py --output_dir "$out/heldout" --seed 1 --num_videos 16
 
 echo "== 2/4 training from scratch on CPU: $EPOCHS epochs, $NUM_FRAMES frames at ${IMG_SIZE}px"
-"$py" main.py --input_dir "$out/data" --output_dir "$out/run" --pretrained none \
+"$py" main.py --input_dir "$out/data" --output_dir "$out/run" --overwrite --pretrained none \
   --epochs "$EPOCHS" --batch_size 4 --num_frames "$NUM_FRAMES" --img_size "$IMG_SIZE" --workers 1 --eval_every 3
 
 echo "== 3/4 predicting on the held-out videos (annotated videos in $out/annotated_videos)"
