@@ -11,6 +11,8 @@ image in numeric order; its rate is the ``fps`` argument (:data:`DEFAULT_FOLDER_
 
 Everything decodes sequentially with PyAV (one pass, frame-threaded); nothing seeks per frame
 and no function holds a whole video in memory (a folder's images are read only when wanted).
+A clip that starts far into a constant-rate file seeks once to the keyframe before it
+(:func:`decode_frames`), checked frame by frame against the frame clock.
 Any failure of the underlying libraries is turned into :class:`VideoError`, a one-line message
 that names the file.
 """
@@ -38,6 +40,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv")  # compare with the lower-cased suffix
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")  # frames of a frame folder, any letter case
 DEFAULT_FOLDER_FPS = 25.0  # a folder of frames says nothing about its rate (UCF101-24, JHMDB: 25)
+SEEK_AFTER_FRAMES = 250  # a clip starting later seeks to a keyframe (x264's default keyframe interval)
 
 log = logging.getLogger(__name__)
 
@@ -288,9 +291,9 @@ def decode_frames(path, indices) -> tuple[np.ndarray, int]:
     wanted, last_needed = set(idx.tolist()), int(idx.max()) if idx.size else -1
     kept: dict[int, np.ndarray] = {}
     last_frame, decoded = None, 0
-    frames = _iter_source_frames(path)
+    frames = _iter_indexed_frames(path, int(idx.min()) if idx.size else 0)
     try:
-        for i, frame in enumerate(frames):
+        for i, frame in frames:
             decoded, last_frame = i + 1, frame
             if i in wanted:  # convert only the frames we keep
                 kept[i] = frame.to_ndarray(format="rgb24")
@@ -306,6 +309,54 @@ def decode_frames(path, indices) -> tuple[np.ndarray, int]:
         for i in wanted:
             kept.setdefault(i, tail)
     return _stack([kept[i] for i in idx.tolist()]), decoded
+
+
+class _NotSeekable(Exception):
+    """A file whose frames cannot be numbered from their timestamps (variable rate, missing timestamps)."""
+
+
+def _iter_indexed_frames(path, first: int) -> Iterator[tuple[int, "av.VideoFrame"]]:
+    """``(index, frame)`` of a video, from the start, or for a file from the keyframe at or before frame ``first``
+    when that is more than :data:`SEEK_AFTER_FRAMES` in; from the start again (frames seen twice, numbered alike)
+    where the file's timestamps turn out not to number its frames at a constant rate."""
+    if first > SEEK_AFTER_FRAMES and not os.path.isdir(path):
+        try:
+            yield from _iter_seeking(path, first)
+            return
+        except _NotSeekable as reason:
+            log.debug("%s: decoding from the start (%s)", path, reason)
+    yield from enumerate(_iter_source_frames(path))
+
+
+def _iter_seeking(path, first: int) -> Iterator[tuple[int, "av.VideoFrame"]]:
+    """Seek to the keyframe before frame ``first`` (at ``stream.average_rate``); every frame's index is its timestamp
+    on that frame clock, and a timestamp off that clock, a jump or a seek past ``first`` raises _NotSeekable before
+    anything is yielded that could be wrong."""
+    with _open_video(path) as (container, stream):
+        rate, base, start = stream.average_rate, stream.time_base, stream.start_time or 0
+        if not rate or not base:
+            raise _NotSeekable("no frame rate or time base")
+        try:
+            container.seek(start + int(fractions.Fraction(first) / rate / base), stream=stream, backward=True)
+            expected = None
+            for packet in container.demux(stream):
+                for frame in packet.decode():
+                    index = _frame_number(frame.pts, start, base, rate)
+                    if index is None or (expected is None and index > first) or (expected not in (None, index)):
+                        raise _NotSeekable(f"frame timestamp {frame.pts} off the {float(rate):g} fps clock")
+                    expected = index + 1
+                    yield index, frame
+        except _AV_ERRORS as exc:
+            raise _NotSeekable(one_line(exc)) from None
+
+
+def _frame_number(pts, start: int, base: fractions.Fraction, rate: fractions.Fraction) -> int | None:
+    """The frame number a timestamp gives on a constant-rate clock, or None when it falls between frames."""
+    if pts is None:
+        return None
+    position = (pts - start) * base * rate
+    number = round(position)
+    return number if number >= 0 and abs(position - number) < 0.01 else None
 
 
 def _stack(frames: list[np.ndarray]) -> np.ndarray:

@@ -1,4 +1,5 @@
 """video.py: sampling indices, sequential decoding, bad files, windows, preprocessing, writing."""
+import fractions
 import struct
 
 import av
@@ -279,3 +280,52 @@ def test_bad_frame_folders_are_one_line_errors(tmp_path):
     assert numbers(video.read_frames(broken, [0, 1, 4])) == [0, 1, 4]   # images are read only when wanted
     with pytest.raises(video.VideoError, match="no decodable frame"):
         video.probe_video(first)
+
+
+def _sequential(path, indices, monkeypatch):
+    """decode_frames with seeking switched off: the reference."""
+    with monkeypatch.context() as m:
+        m.setattr(video, "SEEK_AFTER_FRAMES", 10 ** 9)
+        return video.decode_frames(path, indices)
+
+
+@pytest.mark.parametrize("indices", [[300, 310, 320], [699], [260, 261], [400, 500, 699], [100, 650], [705, 710]])
+def test_a_clip_far_into_a_long_file_seeks_and_decodes_what_a_full_pass_does(make_video, monkeypatch, indices):
+    """Long files: a clip past SEEK_AFTER_FRAMES seeks to a keyframe (no pass from the start) and gets the very frames
+    a full sequential pass gives (x264's keyframes every 250 frames, B-frames), past the end too."""
+    path = make_video("long.mp4", n=700)
+    full, decoded_full = _sequential(path, indices, monkeypatch)
+    passes = []
+    real = video._iter_av_frames
+    monkeypatch.setattr(video, "_iter_av_frames", lambda p: passes.append(p) or real(p))
+    frames, decoded = video.decode_frames(path, indices)
+    assert np.array_equal(frames, full) and decoded == decoded_full
+    assert [frame_number(f) for f in frames] == [min(i, 699) % 256 for i in indices]
+    assert passes == ([] if min(indices) > video.SEEK_AFTER_FRAMES else [path])
+
+
+def test_a_file_off_its_frame_clock_is_decoded_from_the_start(tmp_path, monkeypatch):
+    """Variable frame rate (timestamps between the average rate's ticks): the frames are numbered by a full pass."""
+    path = tmp_path / "vfr.mp4"
+    frames = numbered_frames(400)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = fractions.Fraction(1, 1000)
+        pts = 0
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = pts, fractions.Fraction(1, 1000)
+            pts += 30 if i % 3 else 57   # irregular gaps
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    indices = [300, 350, 399]
+    passes = []
+    real = video._iter_av_frames
+    monkeypatch.setattr(video, "_iter_av_frames", lambda p: passes.append(p) or real(p))
+    got, _ = video.decode_frames(path, indices)
+    assert passes == [path]   # seeking gave up and a full pass numbered the frames
+    assert np.array_equal(got, _sequential(path, indices, monkeypatch)[0])
+    assert [frame_number(f) for f in got] == [i % 256 for i in indices]
