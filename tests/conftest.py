@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fractions
 import pathlib
+import socket
 import sys
 
 import av
@@ -90,3 +91,41 @@ def media_dir():
     if not MEDIA_DIR.is_dir():
         pytest.skip(f"real test footage not present at {MEDIA_DIR}")
     return MEDIA_DIR
+
+
+# --------------------------------------------------------------------------- shared helpers of the CLI tests
+
+TINY_PREP = {"num_frames": 4, "img_size": 64, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+def tiny_checkpoint(path, confident: bool = False) -> pathlib.Path:
+    """A tiny project checkpoint (TINY_PREP, classes fight and collapse); ``confident``: its 12 queries all say class 1
+    (collapse) with probability ~1, else random weights (scores ~0.3-0.5)."""
+    import torch
+    import model as star_model
+    torch.manual_seed(0)
+    net = star_model.STAR(2).eval()
+    if confident:
+        with torch.no_grad():
+            bias = net.head.class_head[3].bias
+            bias.zero_()
+            bias[1] = 20.0
+    ck = star_model.make_checkpoint(net, star_model.model_args_from(2), ["fight", "collapse"], TINY_PREP,
+                                    raw_class_ids=[0, 1])
+    star_model.save_checkpoint(ck, path)
+    return pathlib.Path(path)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LoadCalled(Exception):
+    """Raised by a stand-in model loader: the CLI went on to load the model."""
+
+
+def refuse_load(*_args, **_kwargs):
+    raise LoadCalled("the model was loaded")

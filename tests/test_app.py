@@ -8,7 +8,6 @@ import csv
 import os
 import pathlib
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,28 +23,10 @@ import app
 import inference
 import model as star_model
 import video
-from conftest import ROOT, write_video
+from conftest import ROOT, TINY_PREP, free_port, tiny_checkpoint, write_video
 
 FIELDS = list(inference.CSV_FIELDS)
-TINY_PREP = {"num_frames": 4, "img_size": 64, "mean": list(star_model.IMAGENET_MEAN),
-             "std": list(star_model.IMAGENET_STD)}
 BROWSER_BUDGET_SEC = 90
-
-
-def tiny_checkpoint(path, confident: bool) -> pathlib.Path:
-    """A tiny project checkpoint; ``confident``: its 12 queries all say class 1 (collapse) with probability ~1,
-    else random weights (scores ~0.3-0.5)."""
-    torch.manual_seed(0)
-    net = star_model.STAR(2).eval()
-    if confident:
-        with torch.no_grad():
-            bias = net.head.class_head[3].bias
-            bias.zero_()
-            bias[1] = 20.0
-    ck = star_model.make_checkpoint(net, star_model.model_args_from(2), ["fight", "collapse"], TINY_PREP,
-                                    raw_class_ids=[0, 1])
-    star_model.save_checkpoint(ck, path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -273,12 +254,6 @@ def launch_browser(playwright, executable: str):
         return playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
     except Error as err:
         pytest.skip(f"{executable} does not start: {str(err).strip().splitlines()[0]}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(checkpoint, tmp_path, port: int) -> subprocess.Popen:

@@ -8,7 +8,6 @@ import io
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,11 +20,8 @@ import torch
 
 import app
 import inference
-import model as star_model
-from conftest import ROOT, write_video
+from conftest import ROOT, free_port, refuse_load, tiny_checkpoint, write_video
 
-TINY_PREP = {"num_frames": 4, "img_size": 64, "mean": list(star_model.IMAGENET_MEAN),
-             "std": list(star_model.IMAGENET_STD)}
 
 
 def a_file(tmp_path) -> pathlib.Path:
@@ -41,20 +37,6 @@ def cli_output(argv) -> tuple[int, str]:
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
         rc = app.cli([str(a) for a in argv])
     return rc, buf.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LoadCalled(Exception):
-    """Raised by a stand-in model loader: the CLI went on to load the model."""
-
-
-def refuse_load(*_args, **_kwargs):
-    raise LoadCalled("the model was loaded")
 
 
 # --------------------------------------------------------------------------- 1. unwritable examples folder
@@ -95,15 +77,6 @@ def test_an_absurd_upload_limit_is_an_argparse_message(value, capsys):
 
 
 # --------------------------------------------------------------------------- 5. clean-up; 6. what is served
-
-
-def tiny_checkpoint(path) -> pathlib.Path:
-    torch.manual_seed(0)
-    net = star_model.STAR(2).eval()
-    ck = star_model.make_checkpoint(net, star_model.model_args_from(2), ["fight", "collapse"], TINY_PREP,
-                                    raw_class_ids=[0, 1])
-    star_model.save_checkpoint(ck, path)
-    return path
 
 
 def small_video(path) -> pathlib.Path:

@@ -7,12 +7,10 @@ regular file (a file used as a folder) is what cannot be written."""
 from __future__ import annotations
 
 import contextlib
-import csv
 import importlib.util
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -25,7 +23,7 @@ import export
 import inference
 import model as star_model
 import stream
-from conftest import ROOT, write_video
+from conftest import ROOT, TINY_PREP, free_port, refuse_load, tiny_checkpoint, write_video
 
 import test as test_cli  # noqa: E402  (the repository's test.py: conftest puts the root first on the path)
 
@@ -33,24 +31,12 @@ assert test_cli.__file__ == str(ROOT / "test.py"), test_cli.__file__
 
 HAVE_ONNX = all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
 needs_onnx = pytest.mark.skipif(not HAVE_ONNX, reason="onnx/onnxruntime not installed")
-TINY_PREP = {"num_frames": 4, "img_size": 64, "mean": list(star_model.IMAGENET_MEAN),
-             "std": list(star_model.IMAGENET_STD)}
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny project checkpoint whose 12 queries all say class 1 (collapse) with probability ~1."""
-    torch.manual_seed(0)
-    net = star_model.STAR(2).eval()
-    with torch.no_grad():
-        bias = net.head.class_head[3].bias
-        bias.zero_()
-        bias[1] = 20.0
-    ck = star_model.make_checkpoint(net, star_model.model_args_from(2), ["fight", "collapse"], TINY_PREP,
-                                    raw_class_ids=[0, 1])
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    star_model.save_checkpoint(ck, path)
-    return path
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth", confident=True)
 
 
 def videos(folder, count: int = 3, frames: int = 12):
@@ -82,20 +68,6 @@ def run_test_py(*argv) -> tuple[int, str]:
 
 def error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("error: ")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LoadCalled(Exception):
-    """Raised by a stand-in model loader: the CLI went on to load the model."""
-
-
-def refuse_load(*_args, **_kwargs):
-    raise LoadCalled("the model was loaded")
 
 
 # --------------------------------------------------------------------------- 1. unwritable output folders

@@ -521,13 +521,15 @@ def _heap_filled_with_nan():
     del blocks
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d], ids=["ncdhw", "ndhwc"])
 @pytest.mark.parametrize("steps", [1, 2, 3, 8])
-def test_temporal_conv_weight_gradient_is_right_in_bf16_training(steps):
+def test_temporal_conv_weight_gradient_is_right_in_bf16_training(steps, layout):
     """TemporalConv3d: under bf16 CPU autocast its weight gradient matches fp32's for inputs shorter than the kernel
-    too (oneDNN's bf16 kernel reads unwritten memory for 2 steps; a NaN-filled heap makes that show every time)."""
+    too (oneDNN's bf16 kernel reads unwritten memory for 2 steps; a NaN-filled heap makes that show every time), in
+    both memory layouts (main.py trains in channels_last_3d on a CPU)."""
     torch.manual_seed(0)
-    conv = nn.Conv3d(32, 32, (3, 1, 1), padding=(1, 0, 0), bias=False)
-    x, probe = torch.randn(4, 32, steps, 6, 6), torch.randn(4, 32, steps, 6, 6)
+    conv = nn.Conv3d(32, 32, (3, 1, 1), padding=(1, 0, 0), bias=False).to(memory_format=layout)
+    x, probe = torch.randn(4, 32, steps, 6, 6).contiguous(memory_format=layout), torch.randn(4, 32, steps, 6, 6)
     assert M.use_temporal_convs(nn.Sequential(conv)) == 1 and isinstance(conv, M.TemporalConv3d)
 
     def weight_grad(bf16: bool) -> torch.Tensor:

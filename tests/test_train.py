@@ -17,7 +17,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -36,6 +35,7 @@ import recipes
 import runtime
 import losses as losses_module
 import model as star_model
+from conftest import free_port
 from tools.make_sample_data import make_sample_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,12 +132,6 @@ def reference_run(tmp_path_factory, sample_data) -> Path:
 def epoch_of(function, args, kwargs) -> int:
     """The ``epoch`` argument of a call to ``engine.train_one_epoch``."""
     return inspect.signature(function).bind(*args, **kwargs).arguments["epoch"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- 1. end to end

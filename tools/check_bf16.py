@@ -3,6 +3,7 @@
 
     python tools/check_bf16.py               # both cases, 3 tries each
     python tools/check_bf16.py --no_mkldnn   # the same with oneDNN off (slow path; right where the bug is oneDNN's)
+    python tools/check_bf16.py --channels_last   # in the layout main.py trains in on a CPU
 
 - ``short-time``: ``Conv3d(C, C, (3, 1, 1), padding=(1, 0, 0))`` on an input of 2 time steps (R(2+1)D-18's
   temporal convs at layer3 for 8-frame clips, layer4 for 16). oneDNN 3.12's ``jit_bf16:avx512_core_bf16``
@@ -34,6 +35,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="which repros to run")
     p.add_argument("--tries", type=int, default=3, help="calls per case (identical inputs)")
     p.add_argument("--no_mkldnn", action="store_true", help="torch.backends.mkldnn.enabled = False")
+    p.add_argument("--channels_last", action="store_true", help="channels_last_3d input, gradient and weights")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the input")
     return p
 
@@ -61,21 +63,23 @@ def weight_grad(x, grad_out, weight, stride, padding, dtype) -> torch.Tensor:
     return grads[1].float()
 
 
-def conv_case(name: str, seed: int):
+def conv_case(name: str, seed: int, channels_last: bool = False):
     """``(x, grad_out, weight, stride, padding)`` of a repro case."""
     torch.manual_seed(seed)
     if name == "short-time":
         x, weight, padding = torch.randn(4, 64, 2, 8, 8), torch.randn(64, 64, 3, 1, 1) * 0.05, (1, 0, 0)
     else:
         x, weight, padding = torch.randn(1, 128, 4, 28, 28), torch.randn(230, 128, 1, 3, 3) * 0.05, (0, 1, 1)
-    out = torch.nn.functional.conv3d(x, weight, padding=padding)
-    return x, torch.randn_like(out) * 1e-3, weight, (1, 1, 1), padding
+    grad_out = torch.randn_like(torch.nn.functional.conv3d(x, weight, padding=padding)) * 1e-3
+    if channels_last:
+        x, grad_out, weight = (t.contiguous(memory_format=torch.channels_last_3d) for t in (x, grad_out, weight))
+    return x, grad_out, weight, (1, 1, 1), padding
 
 
-def relative_errors(name: str, tries: int, seed: int, pad_first: bool = False) -> list[float]:
+def relative_errors(name: str, tries: int, seed: int, pad_first: bool = False, channels_last: bool = False) -> list[float]:
     """The bf16 weight gradient's relative error against fp32, per try (inf when not finite). ``pad_first``: the
     time axis zero-padded beforehand and the conv run without time padding (the workaround)."""
-    x, grad_out, weight, stride, padding = conv_case(name, seed)
+    x, grad_out, weight, stride, padding = conv_case(name, seed, channels_last)
     if pad_first:
         x = torch.nn.functional.pad(x, (0, 0, 0, 0, padding[0], padding[0]))
         padding = (0, *padding[1:])
@@ -100,15 +104,17 @@ def main(args) -> int:
     torch.backends.mkldnn.enabled = not args.no_mkldnn
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, CPU flags: "
           f"{' '.join(cpu_flags()) or 'no bf16/amx flags'}, ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '')}, "
-          f"mkldnn {'on' if torch.backends.mkldnn.enabled else 'off'}, threads {torch.get_num_threads()}")
+          f"mkldnn {'on' if torch.backends.mkldnn.enabled else 'off'}, threads {torch.get_num_threads()}"
+          f"{', channels_last_3d' if args.channels_last else ''}")
     reproduced = False
     for name in args.cases:
         x, _, weight, _, padding = conv_case(name, args.seed)
         print(f"{name}: bf16 weight gradient of Conv3d{tuple(weight.shape[1::-1])} kernel {tuple(weight.shape[2:])}, "
               f"padding {padding}, input {tuple(x.shape)}:")
-        reproduced |= report("as is", relative_errors(name, args.tries, args.seed))
+        reproduced |= report("as is", relative_errors(name, args.tries, args.seed, False, args.channels_last))
         if name == "short-time":
-            report("time padded beforehand (the workaround)", relative_errors(name, args.tries, args.seed, True))
+            report("time padded beforehand (the workaround)",
+                   relative_errors(name, args.tries, args.seed, True, args.channels_last))
     print("reproduced: a bf16 weight gradient is wrong here" if reproduced
           else "not reproduced: the bf16 weight gradients are right for these shapes")
     return 1 if reproduced else 0
