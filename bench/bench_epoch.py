@@ -2,6 +2,7 @@
 """Where a training run's time goes: the phases of the tester's command, as one table.
 
     python bench/bench_epoch.py --input_dir DATASET               # runs the tester's command (30 epochs) and profiles it
+    python bench/bench_epoch.py --sample                          # the same on the tube sample data (--per_frame, seed 0)
     python bench/bench_epoch.py --input_dir DATASET --epochs 3    # a shorter run (the decoder phase shrinks with it)
     python bench/bench_epoch.py --log runs/x/train.log            # the table of a run already made
     python bench/bench_epoch.py --quick                           # tiny sample data, 1 epoch: checks the script
@@ -34,6 +35,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=30, help="epochs of the run (the tester's command: 30)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="main.py --precision")
     p.add_argument("--log", help="profile this train.log instead of running main.py")
+    p.add_argument("--sample", action="store_true", help="make the tube sample data (48 videos, seed 0) and use it")
     p.add_argument("--quick", action="store_true", help="tiny per-frame sample data, 1 epoch: checks the script")
     return p
 
@@ -72,9 +74,10 @@ def run_main(args, output_dir: pathlib.Path) -> float:
     return time.perf_counter() - start
 
 
-def make_quick_data(folder: pathlib.Path) -> str:
+def make_sample_data(folder: pathlib.Path, *size: str) -> str:
+    """tools/make_sample_data.py's tube data (``--per_frame``, seed 0), ``size`` flags added."""
     subprocess.run([sys.executable, str(common.ROOT / "tools" / "make_sample_data.py"), "--output_dir", str(folder),
-                    "--per_frame", "--num_videos", "8", "--num_frames", "40"], check=True, stdout=subprocess.DEVNULL)
+                    "--per_frame", *size], check=True, stdout=subprocess.DEVNULL)
     return str(folder)
 
 
@@ -97,7 +100,9 @@ def main(args) -> int:
         common.print_machine("cpu")
         work = pathlib.Path(tempfile.mkdtemp(prefix="star_bench_epoch_"))
         if args.quick:
-            args.input_dir, args.epochs = make_quick_data(work / "data"), 1
+            args.input_dir, args.epochs = make_sample_data(work / "data", "--num_videos", "8", "--num_frames", "40"), 1
+        elif args.sample and not args.input_dir:
+            args.input_dir = make_sample_data(work / "data")
         if not args.input_dir:
             raise SystemExit("--input_dir DATASET (or --log train.log, or --quick)")
         wall = run_main(args, work / "run")

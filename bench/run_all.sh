@@ -48,6 +48,12 @@ step() {   # step NAME COMMAND...: run one bench, note a failure, go on
     step training "$PY" bench/bench_training.py --device "$DEVICE" "${QUICK[@]}"
     step deploy "$PY" bench/bench_deploy.py "${QUICK[@]}"
     step stream "$PY" bench/bench_stream.py "${QUICK[@]}"
+    step loading "$PY" bench/bench_loading.py "${QUICK[@]}"
+    if [[ ${#QUICK[@]} -gt 0 ]]; then
+        step epoch "$PY" bench/bench_epoch.py --quick
+    else
+        step epoch "$PY" bench/bench_epoch.py --sample   # the tester's command: ~20 min on 2 cores with native bf16
+    fi
     echo
     if [[ ${#failed[@]} -gt 0 ]]; then echo "FAILED: ${failed[*]}"; else echo "all benches ran"; fi
     [[ ${#failed[@]} -eq 0 ]]
