@@ -142,8 +142,15 @@ class _ImageFrame:
     def __init__(self, path: str):
         self.path = path
 
-    def to_ndarray(self, format: str = "rgb24") -> np.ndarray:  # noqa: A002  (PyAV's argument name)
+    def to_ndarray(self, format: str = "rgb24", threads: int = 1) -> np.ndarray:  # noqa: A002  (PyAV's names)
         return _read_image(self.path)
+
+
+def frame_rgb(frame) -> np.ndarray:
+    """A decoded frame as RGB uint8 ``(H, W, 3)``. swscale runs on one thread: PyAV >= 17 converts on several and
+    18.1.1 keeps those threads across frames, so a DataLoader worker forked after the parent converted a frame waited
+    for them forever (seen in CI's test_dataset)."""
+    return frame.to_ndarray(format="rgb24", threads=1)
 
 
 def _iter_folder_frames(path) -> Iterator[_ImageFrame]:
@@ -296,7 +303,7 @@ def decode_frames(path, indices) -> tuple[np.ndarray, int]:
         for i, frame in frames:
             decoded, last_frame = i + 1, frame
             if i in wanted:  # convert only the frames we keep
-                kept[i] = frame.to_ndarray(format="rgb24")
+                kept[i] = frame_rgb(frame)
             if i >= last_needed:
                 break
     finally:
@@ -305,7 +312,7 @@ def decode_frames(path, indices) -> tuple[np.ndarray, int]:
         raise VideoError(f"{os.fspath(path)}: zero frames")
     if decoded <= last_needed:
         tail = kept.get(decoded - 1)
-        tail = tail if tail is not None else last_frame.to_ndarray(format="rgb24")
+        tail = tail if tail is not None else frame_rgb(last_frame)
         for i in wanted:
             kept.setdefault(i, tail)
     return _stack([kept[i] for i in idx.tolist()]), decoded
@@ -399,7 +406,7 @@ def sample_clip(path, num_frames: int, fps: float | None = None) -> tuple[np.nda
 def iter_frames(path) -> Iterator[np.ndarray]:
     """Every frame of ``path`` in order, ``(H, W, 3)`` uint8 RGB, decoded sequentially."""
     for frame in _iter_source_frames(path):
-        yield frame.to_ndarray(format="rgb24")
+        yield frame_rgb(frame)
 
 
 def window_spans(num_frames: int, fps: float, window_sec: float, stride_sec: float) -> list[tuple[int, int]]:
@@ -455,7 +462,7 @@ def iter_windows(path, num_frames: int, window_sec: float, stride_sec: float,
             rgb = None
             for _, _, idx, slots in active:
                 for k in np.flatnonzero(idx == i):
-                    rgb = rgb if rgb is not None else frame.to_ndarray(format="rgb24")
+                    rgb = rgb if rgb is not None else frame_rgb(frame)
                     slots[k] = rgb
             last = (i, rgb if rgb is not None else frame)
             while active and active[0][2].max() <= i:
@@ -469,7 +476,7 @@ def iter_windows(path, num_frames: int, window_sec: float, stride_sec: float,
     if last is None:
         raise VideoError(f"{os.fspath(path)}: zero frames")
     n_true, tail = last[0] + 1, last[1]
-    tail = tail if isinstance(tail, np.ndarray) else tail.to_ndarray(format="rgb24")
+    tail = tail if isinstance(tail, np.ndarray) else frame_rgb(tail)
     pending = active + [(s, e, idx, [None] * len(idx)) for s, e, idx in plans[nxt:] if s < n_true]
     for s, e, _, slots in pending:
         yield _stack([x if x is not None else tail for x in slots]), s / fps, min(e, n_true) / fps
