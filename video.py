@@ -142,15 +142,13 @@ class _ImageFrame:
     def __init__(self, path: str):
         self.path = path
 
-    def to_ndarray(self, format: str = "rgb24", threads: int = 1) -> np.ndarray:  # noqa: A002  (PyAV's names)
+    def to_ndarray(self, format: str = "rgb24") -> np.ndarray:  # noqa: A002  (PyAV's argument name)
         return _read_image(self.path)
 
 
 def frame_rgb(frame) -> np.ndarray:
-    """A decoded frame as RGB uint8 ``(H, W, 3)``. swscale runs on one thread: PyAV >= 17 converts on several and
-    18.1.1 keeps those threads across frames, so a DataLoader worker forked after the parent converted a frame waited
-    for them forever (seen in CI's test_dataset)."""
-    return frame.to_ndarray(format="rgb24", threads=1)
+    """A decoded frame (``av.VideoFrame`` or a folder's :class:`_ImageFrame`) as RGB uint8 ``(H, W, 3)``."""
+    return frame.to_ndarray(format="rgb24")
 
 
 def _iter_folder_frames(path) -> Iterator[_ImageFrame]:
