@@ -197,7 +197,7 @@ class LiveSource:
             except av.error.InvalidDataError:   # one damaged packet: FFmpeg conceals, go on
                 continue
             for frame in decoded:
-                yield video.frame_rgb(frame), frame.time
+                yield frame.to_ndarray(format="rgb24"), frame.time
 
     def _packets(self) -> Iterator:
         """The demuxer's packets. A read cut by the timeout still hands over the packets the demuxer held

@@ -146,11 +146,6 @@ class _ImageFrame:
         return _read_image(self.path)
 
 
-def frame_rgb(frame) -> np.ndarray:
-    """A decoded frame (``av.VideoFrame`` or a folder's :class:`_ImageFrame`) as RGB uint8 ``(H, W, 3)``."""
-    return frame.to_ndarray(format="rgb24")
-
-
 def _iter_folder_frames(path) -> Iterator[_ImageFrame]:
     """The frames of a frame folder in order, unread until converted."""
     for image in folder_frames(path):
@@ -301,7 +296,7 @@ def decode_frames(path, indices) -> tuple[np.ndarray, int]:
         for i, frame in frames:
             decoded, last_frame = i + 1, frame
             if i in wanted:  # convert only the frames we keep
-                kept[i] = frame_rgb(frame)
+                kept[i] = frame.to_ndarray(format="rgb24")
             if i >= last_needed:
                 break
     finally:
@@ -310,7 +305,7 @@ def decode_frames(path, indices) -> tuple[np.ndarray, int]:
         raise VideoError(f"{os.fspath(path)}: zero frames")
     if decoded <= last_needed:
         tail = kept.get(decoded - 1)
-        tail = tail if tail is not None else frame_rgb(last_frame)
+        tail = tail if tail is not None else last_frame.to_ndarray(format="rgb24")
         for i in wanted:
             kept.setdefault(i, tail)
     return _stack([kept[i] for i in idx.tolist()]), decoded
@@ -404,7 +399,7 @@ def sample_clip(path, num_frames: int, fps: float | None = None) -> tuple[np.nda
 def iter_frames(path) -> Iterator[np.ndarray]:
     """Every frame of ``path`` in order, ``(H, W, 3)`` uint8 RGB, decoded sequentially."""
     for frame in _iter_source_frames(path):
-        yield frame_rgb(frame)
+        yield frame.to_ndarray(format="rgb24")
 
 
 def window_spans(num_frames: int, fps: float, window_sec: float, stride_sec: float) -> list[tuple[int, int]]:
@@ -460,7 +455,7 @@ def iter_windows(path, num_frames: int, window_sec: float, stride_sec: float,
             rgb = None
             for _, _, idx, slots in active:
                 for k in np.flatnonzero(idx == i):
-                    rgb = rgb if rgb is not None else frame_rgb(frame)
+                    rgb = rgb if rgb is not None else frame.to_ndarray(format="rgb24")
                     slots[k] = rgb
             last = (i, rgb if rgb is not None else frame)
             while active and active[0][2].max() <= i:
@@ -474,7 +469,7 @@ def iter_windows(path, num_frames: int, window_sec: float, stride_sec: float,
     if last is None:
         raise VideoError(f"{os.fspath(path)}: zero frames")
     n_true, tail = last[0] + 1, last[1]
-    tail = tail if isinstance(tail, np.ndarray) else frame_rgb(tail)
+    tail = tail if isinstance(tail, np.ndarray) else tail.to_ndarray(format="rgb24")
     pending = active + [(s, e, idx, [None] * len(idx)) for s, e, idx in plans[nxt:] if s < n_true]
     for s, e, _, slots in pending:
         yield _stack([x if x is not None else tail for x in slots]), s / fps, min(e, n_true) / fps
