@@ -4,9 +4,12 @@
     python app.py --model_path best_model.pth [--host 127.0.0.1] [--port 7860]
 
 Upload a video (or pick a bundled example), choose the score threshold and whole clip vs windows; the
-page shows the annotated H.264 video, the detections table, a per-class score timeline and the
-predictions CSVs (per tube; per tube per frame) to download. Everything runs through ``inference.py``
-(the pipeline of test.py); the model is loaded once per process; requests wait in Gradio's queue, at most ``--concurrency`` at once.
+page shows the annotated H.264 video, the detections table, a timeline and the predictions CSVs (per tube;
+per tube per frame) to download. The timeline of a tube-mode model has one row per tube id (the ``#id`` of the
+annotated video and the ``tube_id`` of the frames CSV): the frames where the tube is present, coloured by class,
+with its per-frame score; a clip-mode model's shows each class's best score per clip. Everything runs through
+``inference.py`` (the pipeline of test.py); the model is loaded once per process; requests wait in Gradio's queue, at
+most ``--concurrency`` at once.
 Offline: Gradio serves its own JS/CSS, the theme uses system fonts, analytics are off, nothing is
 downloaded. :meth:`DemoApp.predict` is the page's prediction function, usable without a server.
 """
@@ -50,6 +53,12 @@ AUTO_WINDOW_SEC = 20.0      # longer videos are cut into windows even in whole-c
 DEFAULT_WINDOW_SEC, DEFAULT_STRIDE_SEC = 4.0, 2.0
 WHOLE, WINDOWS = "Whole clip", "Windows"
 TABLE_HEADERS = ["class", "score", "start (s)", "end (s)", "box x1, y1, x2, y2 (0-1)"]
+TUBE_TABLE_HEADERS = ["tube_id", *TABLE_HEADERS]   # tube mode: each row is one tube, its id first
+# The tube timeline: inches per tube row and around the rows (title, time axis); the figure grows with the rows up
+# to TUBE_FIGURE_MAX_INCH, then the rows get thinner and their labels smaller, and beyond TUBE_LABEL_MIN_PT only
+# every k-th row is labelled.
+TUBE_ROW_INCH, TUBE_FRAME_INCH, TUBE_FIGURE_MAX_INCH = 0.26, 1.1, 14.0
+TUBE_LABEL_MAX_PT, TUBE_LABEL_MIN_PT = 9.0, 5.0
 RESULT_MAX_AGE_SEC = 3600   # request folders older than this are removed (Gradio keeps its own copies)
 MAX_UPLOAD_MB = 10_000      # --max_upload_mb above this (10 GB) is refused: far beyond any video of --max_seconds
 QUEUE_SIZE = 32             # requests waiting beyond this are refused by Gradio with a message
@@ -95,10 +104,15 @@ class Outcome:
     rows: list = dataclasses.field(default_factory=list)
     figure: Any = None
     files: list = dataclasses.field(default_factory=list)
+    headers: list = dataclasses.field(default_factory=lambda: list(TABLE_HEADERS))   # the table's columns
+
+    def table(self) -> dict:
+        """The table's value as ``gr.Dataframe`` takes it: its columns (tube mode adds ``tube_id``) and rows."""
+        return {"headers": self.headers, "data": self.rows}
 
     def outputs(self) -> tuple:
         """The values of the page's output components, in ``build_ui``'s order."""
-        return self.video, self.rows, self.figure, self.files or None, self.message
+        return self.video, self.table(), self.figure, self.files or None, self.message
 
 
 # --------------------------------------------------------------------------- the prediction function
@@ -218,8 +232,9 @@ class DemoApp:
         seconds = time.perf_counter() - started
         log.info("%s: %d detection(s) in %.1f s (%s)", path.name, len(result.detections), seconds, note)
         return Outcome(summary_line(result, settings, note, seconds, self.device), True, str(annotated),
-                       table_rows(rows), timeline_figure(result, self.info["class_names"], settings),
-                       [str(csv_path), str(frames_path)])
+                       table_rows(rows, result), result_figure(result, self.info["class_names"], settings),
+                       [str(csv_path), str(frames_path)],
+                       list(TUBE_TABLE_HEADERS if result.tube_mode else TABLE_HEADERS))
 
     def _request_dir(self) -> pathlib.Path:
         """A fresh folder for one request; folders older than an hour are removed first."""
@@ -254,12 +269,20 @@ def clip_spans(vinfo: video.VideoInfo, settings: inference.Settings) -> list[tup
     return [(s / vinfo.fps, e / vinfo.fps) for s, e in frames]
 
 
-def table_rows(rows: list[dict]) -> list[list]:
-    """The CSV rows as the page's table (the CSV's own text): class, score, start, end, box (empty for no_object)."""
+def table_rows(rows: list[dict], result: inference.VideoResult | None = None) -> list[list]:
+    """The CSV rows as the page's table (the CSV's own text): class, score, start, end, box (empty for no_object).
+    With a tube-mode ``result`` each row starts with its tube's ``tube_id`` (predictions.csv holds one row per tube
+    of ``result.tubes``, in that order; empty on the no_object row)."""
+    ids = None
+    if result is not None and result.tube_mode:
+        ids = [str(t.tube_id) for t in result.tubes] if result.detections else [""] * len(rows)
+        if len(ids) != len(rows):
+            raise ValueError(f"{len(rows)} predictions.csv rows for {len(ids)} tubes")
     table = []
-    for r in rows:
+    for i, r in enumerate(rows):
         box = ", ".join(r[k] for k in ("x1", "y1", "x2", "y2")) if r["x1"] else ""
-        table.append([r["pred_class"], r["score"], r["start_sec"], r["end_sec"], box])
+        row = [r["pred_class"], r["score"], r["start_sec"], r["end_sec"], box]
+        table.append(row if ids is None else [ids[i], *row])
     return table
 
 
@@ -270,6 +293,100 @@ def class_scores(queries: list[dict], num_classes: int) -> list[list[float]]:
         for label, score in zip(pred["labels"].tolist(), pred["scores"].tolist()):
             scores[label][k] = max(scores[label][k], float(score))
     return scores
+
+
+def result_figure(result: inference.VideoResult, class_names, settings):
+    """The page's timeline: one row per tube id for a tube-mode model (:func:`tube_timeline_figure`), else each
+    class's best score per clip (:func:`timeline_figure`)."""
+    if result.tube_mode:
+        info = result.info
+        return tube_timeline_figure(result.tubes, info.fps, info.duration_sec, class_names)
+    return timeline_figure(result, class_names, settings)
+
+
+def _rgb(name: str) -> tuple:
+    """A class's colour (:func:`video.class_colour`, the annotated video's) as matplotlib takes it."""
+    return tuple(v / 255 for v in video.class_colour(name))
+
+
+def tube_runs(frames) -> list[tuple[int, int]]:
+    """``[first, end)`` of each run of consecutive frames in ``frames`` (ascending): a tube's pieces, its pauses
+    between them."""
+    frames = [int(f) for f in frames]
+    if not frames:
+        return []
+    runs, start = [], frames[0]
+    for prev, cur in zip(frames, frames[1:]):
+        if cur != prev + 1:
+            runs.append((start, prev + 1))
+            start = cur
+    runs.append((start, frames[-1] + 1))
+    return runs
+
+
+def tube_label(tube) -> str:
+    """A tube's row label: ``#id class score``, the id as in the annotated video and the frames CSV."""
+    return f"#{tube.tube_id} {tube.class_name} {tube.score:.2f}"
+
+
+def no_tubes_figure():
+    """The timeline when a tube-mode model found no tube: a line of text, no axes."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(8, 1.0), dpi=100)
+    fig.text(0.5, 0.5, "Timeline: no tubes in this video (no actor acted above the score threshold long enough).",
+             ha="center", va="center", fontsize=10)
+    return fig
+
+
+def tube_timeline_figure(tubes, fps: float, duration_sec: float, class_names):
+    """One row per tube (``tube_id`` order, #1 on top), labelled ``#id class score``: a bar over each run of frames
+    where the tube is present (``frames / fps`` seconds; a pause inside the joining gap shows as a gap in the row),
+    in its class's colour, and a thin line for its per-frame score (row bottom 0, top 1). The figure grows with the
+    rows up to ``TUBE_FIGURE_MAX_INCH``. No tubes: :func:`no_tubes_figure`."""
+    from matplotlib.figure import Figure   # no pyplot: figures stay private to the request's thread
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    tubes = sorted(tubes, key=lambda t: t.tube_id)
+    if not tubes:
+        return no_tubes_figure()
+    n = len(tubes)
+    height = min(TUBE_FRAME_INCH + TUBE_ROW_INCH * n, TUBE_FIGURE_MAX_INCH)
+    row_pt = 72 * (height - TUBE_FRAME_INCH) / n
+    fontsize = min(TUBE_LABEL_MAX_PT, 0.75 * row_pt)
+    every = max(1, math.ceil(TUBE_LABEL_MIN_PT / fontsize))   # too many rows: label every k-th one
+    fontsize = max(fontsize, TUBE_LABEL_MIN_PT)
+    fig = Figure(figsize=(8, max(height, 2.0)), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    end = max(duration_sec, *((int(t.frames[-1]) + 1) / fps for t in tubes if len(t.frames)), 1e-3)
+    for i, t in enumerate(tubes):
+        y = n - 1 - i   # the first id on top
+        colour = _rgb(t.class_name)
+        runs = tube_runs(t.frames)
+        bars = ax.broken_barh([(a / fps, (b - a) / fps) for a, b in runs], (y - 0.4, 0.8), facecolors=colour,
+                              alpha=0.55, edgecolor=colour, linewidth=0.5, label=tube_label(t))
+        bars.set_gid(f"tube-{t.tube_id}")
+        xs, ys, k = [], [], 0
+        for a, b in runs:   # a NaN between runs: the line breaks where the tube pauses
+            if xs:
+                xs.append(math.nan)
+                ys.append(math.nan)
+            for f in range(a, b):
+                xs.append((f + 0.5) / fps)
+                ys.append(y - 0.4 + 0.8 * float(t.frame_scores[k]))
+                k += 1
+        ax.plot(xs, ys, color="0.15", linewidth=0.8, gid=f"tube-{t.tube_id}-score")
+    ax.set_yticks([n - 1 - i for i in range(0, n, every)], [tube_label(tubes[i]) for i in range(0, n, every)],
+                  fontsize=fontsize)
+    ax.set(xlim=(0, end), ylim=(-0.6, n - 0.4), xlabel="time (s)")
+    ax.set_title("Timeline: one row per tube, #id as in the annotated video and the frames CSV\n"
+                 "bar = the frames where it acts (gaps: pauses), line = its score per frame", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    present = list(dict.fromkeys(t.class_name for t in tubes))
+    shown = [c for c in class_names if c in present] + [c for c in present if c not in class_names]
+    handles = [Patch(facecolor=_rgb(c), alpha=0.55, label=c) for c in shown]
+    handles.append(Line2D([], [], color="0.15", linewidth=0.8, label="score (0-1 in the row)"))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
+    return fig
 
 
 def timeline_figure(result: inference.VideoResult, class_names, settings):
@@ -464,7 +581,8 @@ def build_ui(app: DemoApp, examples: list[tuple[str, str]], model_path=None, con
                 table = gr.Dataframe(headers=TABLE_HEADERS, datatype="str",
                                      label="Detections", elem_id="detections", interactive=False, max_height=260,
                                      wrap=True)
-                plot = gr.Plot(label="Timeline", show_label=False, elem_id="timeline", format="png")
+                plot = gr.Plot(label="Timeline: one row per tube id (tube-mode model), else each class's score per "
+                                     "clip", show_label=False, elem_id="timeline", format="png")
                 files = gr.File(label="CSV", file_count="multiple", elem_id="csv", interactive=False)
         button.click(run, [video_in, threshold, mode, window, stride], [video_out, table, plot, files, status],
                      concurrency_limit=concurrency, api_name="predict", show_progress_on=[video_out])

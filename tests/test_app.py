@@ -22,6 +22,7 @@ import torch
 import app
 import inference
 import model as star_model
+import tubes
 import video
 from conftest import ROOT, TINY_PREP, free_port, tiny_checkpoint, write_video
 
@@ -38,6 +39,31 @@ def checkpoint(tmp_path_factory) -> pathlib.Path:
 def loaded(checkpoint):
     """The checkpoint loaded once, as app.py does (inference.load_model)."""
     net, info, _ = inference.load_model(checkpoint, torch.device("cpu"))
+    return net, info
+
+
+def tube_checkpoint(path, acting: bool = True) -> pathlib.Path:
+    """A tiny tube-mode STAR (8 frames, 4 queries) whose every step says collapse; ``acting``: its actionness map says
+    acting everywhere (4 tubes over the whole clip), else nowhere (no tube)."""
+    torch.manual_seed(0)
+    args = {"num_queries": 4, "tube_steps": 8, "dim_feedforward": 64, "num_decoder_layers": 2, "max_positions": 1000}
+    net = star_model.STAR(2, **args).eval()
+    with torch.no_grad():
+        net.head.class_head[3].bias.zero_()
+        net.head.class_head[3].bias[1] = 20.0
+        net.acting.out.weight.zero_()      # the actionness map: acting everywhere (or nowhere)
+        net.acting.out.bias.fill_(20.0 if acting else -20.0)
+    ck = star_model.make_checkpoint(net, star_model.model_args_from(2, **args), ["fight", "collapse"],
+                                    {**TINY_PREP, "num_frames": 8})
+    star_model.save_checkpoint(ck, path)
+    return pathlib.Path(path)
+
+
+@pytest.fixture(scope="module")
+def tube_loaded(tmp_path_factory):
+    """The acting tube-mode checkpoint, loaded once."""
+    path = tube_checkpoint(tmp_path_factory.mktemp("tube_ckpt") / "tube.pth")
+    net, info, _ = inference.load_model(path, torch.device("cpu"))
     return net, info
 
 
@@ -86,11 +112,13 @@ def test_predict_gives_playable_video_table_timeline_and_csv(tmp_path, loaded):
                          ", ".join(r[k] for k in ("x1", "y1", "x2", "y2"))] for r in rows]
     assert rows[0]["video_name"] == "walk.mp4" and rows[0]["end_sec"] == "2.000"
     labels = [line.get_label() for line in out.figure.axes[0].get_lines()]
-    assert labels == ["fight", "collapse", "threshold"]
+    assert labels == ["fight", "collapse", "threshold"]   # clip mode: the per-class score timeline
+    assert not tube_rows(out.figure) and out.headers == app.TABLE_HEADERS
     fractions = [f for f, _ in progress.calls]
     assert fractions == sorted(fractions) and fractions[-1] >= 0.95
     assert any("annotating 16 frames" in (d or "") for _, d in progress.calls)
-    assert out.outputs() == (out.video, out.rows, out.figure, out.files, out.message)
+    assert out.outputs() == (out.video, {"headers": app.TABLE_HEADERS, "data": out.rows}, out.figure, out.files,
+                             out.message)
 
 
 def test_windows_give_one_timeline_point_per_clip_and_per_clip_progress(tmp_path, loaded):
@@ -121,28 +149,141 @@ def test_no_detection_gives_the_no_object_row(tmp_path):
     assert [r[0] for r in out.rows] == ["no_object"] and out.rows[0][4] == ""
 
 
-def test_a_tube_mode_checkpoint_gives_tubes_and_the_frames_csv(tmp_path):
-    """A tiny tube-mode STAR (8 frames, 4 queries, every step collapse): one row per tube, a box per frame."""
-    torch.manual_seed(0)
-    args = {"num_queries": 4, "tube_steps": 8, "dim_feedforward": 64, "num_decoder_layers": 2, "max_positions": 1000}
-    net = star_model.STAR(2, **args).eval()
-    with torch.no_grad():
-        net.head.class_head[3].bias.zero_()
-        net.head.class_head[3].bias[1] = 20.0
-        net.acting.out.weight.zero_()      # the actionness map: acting everywhere
-        net.acting.out.bias.fill_(20.0)
-    ck = star_model.make_checkpoint(net, star_model.model_args_from(2, **args), ["fight", "collapse"],
-                                    {**TINY_PREP, "num_frames": 8})
-    star_model.save_checkpoint(ck, tmp_path / "tube.pth")
-    net, info, _ = inference.load_model(tmp_path / "tube.pth", torch.device("cpu"))
-    out = make_app((net, info), tmp_path / "work").predict(str(clip(tmp_path / "walk.mp4", n=16, fps=8)), 0.5)
+def test_a_tube_mode_checkpoint_gives_tubes_and_the_frames_csv(tmp_path, tube_loaded):
+    """A tiny tube-mode STAR (8 frames, 4 queries, every step collapse): one row per tube, a box per frame; the table
+    shows each tube's id first, the ids of the frames CSV."""
+    out = make_app(tube_loaded, tmp_path / "work").predict(str(clip(tmp_path / "walk.mp4", n=16, fps=8)), 0.5)
     assert out.ok, out.message
-    assert "collapse x4" in out.message and [r[2:4] for r in out.rows] == [["0.000", "2.000"]] * 4
+    assert "collapse x4" in out.message and [r[3:5] for r in out.rows] == [["0.000", "2.000"]] * 4
+    assert out.headers == ["tube_id", *app.TABLE_HEADERS] and out.outputs()[1]["headers"] == out.headers
     assert [pathlib.Path(f).name for f in out.files] == ["predictions.csv", "predictions_frames.csv"]
     with open(out.files[1], newline="") as f:
         frames = list(csv.DictReader(f))
     assert len(frames) == 4 * 16 and [r["tube_id"] for r in frames[::16]] == ["1", "2", "3", "4"]
+    assert [r[0] for r in out.rows] == ["1", "2", "3", "4"]
+    with open(out.files[0], newline="") as f:   # predictions.csv keeps its columns: no tube_id there
+        assert list(next(csv.DictReader(f))) == FIELDS
     assert sum(1 for _ in av.open(out.video).decode(video=0)) == 16
+
+
+# --------------------------------------------------------------------------- the tube timeline
+
+
+def tube_rows(fig) -> dict:
+    """The tube rows of a timeline figure: ``{tube_id: (label, [(start_sec, end_sec) of each bar], y, facecolour)}``,
+    labels read off the y axis at the row's height."""
+    if not fig.axes:
+        return {}
+    ax = fig.axes[0]
+    ticks = {round(float(y), 6): t.get_text() for y, t in zip(ax.get_yticks(), ax.get_yticklabels())}
+    rows = {}
+    for coll in ax.collections:
+        gid = coll.get_gid() or ""
+        if not gid.startswith("tube-"):
+            continue
+        extents = []
+        for path in coll.get_paths():
+            xs, ys = path.vertices[:, 0], path.vertices[:, 1]
+            extents.append((round(float(xs.min()), 6), round(float(xs.max()), 6)))
+        y = round(float((ys.min() + ys.max()) / 2), 6)
+        rows[int(gid.split("-")[1])] = (ticks.get(y), sorted(extents), y, tuple(coll.get_facecolor()[0][:3]))
+    return rows
+
+
+def hand_tube(tube_id: int, class_name: str, frames, score: float) -> tubes.PredTube:
+    """A tube made by hand: box fixed, its per-frame scores rising from 0.2 to 0.8."""
+    frames = np.asarray(list(frames), dtype=np.int64)
+    scores = np.linspace(0.2, 0.8, len(frames))
+    return tubes.PredTube(0 if class_name == "fight" else 1, class_name, score, frames,
+                          np.tile([0.1, 0.2, 0.5, 0.6], (len(frames), 1)), scores, frames[:1], scores[:1],
+                          tube_id=tube_id)
+
+
+def test_tube_timeline_has_one_row_per_tube_id_with_its_frames_and_pauses():
+    paused = hand_tube(1, "fight", [*range(0, 30), *range(40, 70)], 0.81)   # a pause of frames 30-39 (1 s at 10 fps)
+    whole = hand_tube(2, "collapse", range(20, 90), 0.655)
+    fig = app.tube_timeline_figure([whole, paused], 10.0, 10.0, ["fight", "collapse"])   # any order in: id order out
+    rows = tube_rows(fig)
+    assert sorted(rows) == [1, 2]
+    assert rows[1][:2] == ("#1 fight 0.81", [(0.0, 3.0), (4.0, 7.0)])   # the pause is a gap inside the row
+    assert rows[2][:2] == ("#2 collapse 0.66", [(2.0, 9.0)])
+    assert rows[1][2] > rows[2][2]   # #1 on top
+    assert rows[1][3] == pytest.approx(tuple(v / 255 for v in video.class_colour("fight")))
+    assert rows[2][3] == pytest.approx(tuple(v / 255 for v in video.class_colour("collapse")))
+    ax = fig.axes[0]
+    assert ax.get_xlim() == (0.0, 10.0) and ax.get_xlabel() == "time (s)" and "one row per tube" in ax.get_title()
+    line = [ln for ln in ax.get_lines() if ln.get_gid() == "tube-1-score"][0]   # the per-frame score, broken too
+    xs, ys = np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float)
+    assert np.isnan(xs).sum() == 1 and np.nanmin(xs) == pytest.approx(0.05) and np.nanmax(xs) == pytest.approx(6.95)
+    row_bottom = rows[1][2] - 0.4
+    assert (ys[~np.isnan(ys)] - row_bottom) / 0.8 == pytest.approx(paused.frame_scores)
+
+
+def test_many_tubes_stay_readable_the_figure_grows_up_to_a_cap():
+    def timeline(n):
+        return app.tube_timeline_figure([hand_tube(i, "collapse", range(i, i + 20), 0.5) for i in range(1, n + 1)],
+                                        25.0, 10.0, ["fight", "collapse"])
+    two, forty, many = timeline(2), timeline(40), timeline(300)
+    heights = [f.get_size_inches()[1] for f in (two, forty, many)]
+    assert heights[0] < heights[1] <= app.TUBE_FIGURE_MAX_INCH and heights[2] == app.TUBE_FIGURE_MAX_INCH
+    assert len(tube_rows(forty)) == 40 and heights[1] / 40 >= 0.2   # at least 0.2 inch a row
+    labels = [t for t in forty.axes[0].get_yticklabels()]
+    assert [t.get_text() for t in labels] == [f"#{i} collapse 0.50" for i in range(1, 41)]
+    assert min(t.get_fontsize() for t in labels) >= 8
+    labels = many.axes[0].get_yticklabels()   # beyond the cap: fewer labels, never unreadably small
+    assert len(tube_rows(many)) == 300 and 0 < len(labels) < 300
+    assert min(t.get_fontsize() for t in labels) >= app.TUBE_LABEL_MIN_PT
+
+
+def test_no_tubes_gives_a_figure_that_says_so():
+    fig = app.tube_timeline_figure([], 25.0, 4.0, ["fight", "collapse"])
+    assert fig.axes == [] and "no tubes" in " ".join(t.get_text() for t in fig.texts)
+
+
+def test_a_tube_mode_prediction_shows_the_tube_timeline(tmp_path, tube_loaded, monkeypatch):
+    seen = []
+    original = app.result_figure
+
+    def spy(result, class_names, settings):
+        seen.append(result)
+        return original(result, class_names, settings)
+
+    monkeypatch.setattr(app, "result_figure", spy)
+    out = make_app(tube_loaded, tmp_path / "work").predict(str(clip(tmp_path / "walk.mp4", n=16, fps=8)), 0.5)
+    assert out.ok, out.message
+    [result] = seen
+    assert result.tube_mode and len(result.tubes) == 4
+    rows = tube_rows(out.figure)
+    assert sorted(rows) == [t.tube_id for t in result.tubes] == [1, 2, 3, 4]
+    assert [rows[t.tube_id][0] for t in result.tubes] == [f"#{t.tube_id} collapse {t.score:.2f}" for t in result.tubes]
+    assert all(rows[i][1] == [(0.0, 2.0)] for i in rows)   # every tube spans the whole 2 s clip
+    assert [r[0] for r in out.rows] == [str(t.tube_id) for t in result.tubes]   # the table's ids are the rows' ids
+    assert not any(line.get_label() == "threshold" for line in out.figure.axes[0].get_lines())
+
+
+def test_a_tube_mode_prediction_without_tubes_says_so(tmp_path):
+    net, info, _ = inference.load_model(tube_checkpoint(tmp_path / "idle.pth", acting=False), torch.device("cpu"))
+    out = make_app((net, info), tmp_path / "work").predict(str(clip(tmp_path / "walk.mp4", n=16, fps=8)), 0.5)
+    assert out.ok, out.message
+    assert out.figure.axes == [] and "no tubes" in " ".join(t.get_text() for t in out.figure.texts)
+    assert out.headers == ["tube_id", *app.TABLE_HEADERS] and [r[:2] for r in out.rows] == [["", "no_object"]]
+
+
+def test_the_page_figure_follows_the_model_mode():
+    """Tube mode: the tube timeline; clip mode keeps the per-class score timeline, though its detections are tubes
+    (numbered, constant boxes) too."""
+    info = video.VideoInfo(64, 48, 40, 10.0, 4.0)
+    tube = hand_tube(1, "collapse", range(0, 20), 0.9)
+    queries = [{"labels": torch.tensor([1]), "scores": torch.tensor([0.9])}]
+    settings = inference.Settings(0.5, annotate=False)
+    tube_fig = app.result_figure(inference.VideoResult(0, "a.mp4", "a.mp4", info, queries=queries, spans=[(0.0, 4.0)],
+                                                       tube_mode=True, tubes=[tube]), ["fight", "collapse"], settings)
+    assert {i: r[:2] for i, r in tube_rows(tube_fig).items()} == {1: ("#1 collapse 0.90", [(0.0, 2.0)])}
+    assert tube_fig.axes[0].get_xlim() == (0.0, 4.0)
+    clip_fig = app.result_figure(inference.VideoResult(0, "a.mp4", "a.mp4", info, queries=queries, spans=[(0.0, 4.0)],
+                                                       tube_mode=False, tubes=[tube]), ["fight", "collapse"], settings)
+    assert not tube_rows(clip_fig)
+    assert [line.get_label() for line in clip_fig.axes[0].get_lines()] == ["fight", "collapse", "threshold"]
 
 
 def test_bad_inputs_give_one_line_and_the_next_call_works(tmp_path, loaded):
@@ -163,7 +304,8 @@ def test_bad_inputs_give_one_line_and_the_next_call_works(tmp_path, loaded):
     for path, expected in cases.items():
         out = demo.predict(path)
         assert not out.ok and expected in out.message, (path, out.message)
-        assert "\n" not in out.message and out.outputs()[:4] == (None, [], None, None)
+        assert "\n" not in out.message and out.outputs()[:4] == (None, {"headers": app.TABLE_HEADERS, "data": []},
+                                                                  None, None)
     good = demo.predict(str(clip(tmp_path / "good.mp4", n=8)))
     assert good.ok and len(good.rows) == 12
 
