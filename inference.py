@@ -15,7 +15,7 @@ time span (:func:`join_windows`).
 Every video's detections are also tubes (``tubes.py``), written one row per tube per frame to
 ``<output stem>_frames.csv`` and drawn frame by frame with their ``#id``: a tube-mode checkpoint
 (``model_args["tube_steps"] > 0``) predicts a box per sampled frame, interpolated to every frame and joined
-across windows (:func:`tubes.join_tubes`, which then replaces :func:`join_windows`: predictions.csv gets one
+across windows (:class:`tubes.TubeLinker`, which then replaces :func:`join_windows`: predictions.csv gets one
 row per joined tube); a clip-mode checkpoint's joined detections are tubes with one constant box.
 """
 from __future__ import annotations
@@ -341,16 +341,15 @@ def tube_detection(tube: tubes.PredTube, fps: float) -> Detection:
 
 def finish_video(res: VideoResult, settings: "Settings") -> None:
     """Once all clips of a video are predicted: its tubes (joined across windows, numbered) and its detections
-    (the predictions.csv rows, in tube_id order in tube mode). Tube mode: :func:`tubes.join_tubes`, a gap of
-    ``MAX_GAP_SEC`` (or the gap between windows when longer) bridged, tubes under ``MIN_TUBE_SEC`` (or the whole
-    video, when shorter) dropped; clip mode: :func:`join_windows` as before, each detection a tube with a constant box
-    over its span."""
+    (the predictions.csv rows, in tube_id order in tube mode). Tube mode: :func:`tube_linker`'s rules; clip mode:
+    :func:`join_windows`, each detection a tube with a constant box over its span."""
     fps = res.info.fps
     between = settings.stride_sec - settings.window_sec if settings.window_sec else 0.0
     if res.tube_mode:
-        max_gap = video.seconds_to_frames(max(MAX_GAP_SEC, between), fps)
-        min_frames = min(video.seconds_to_frames(MIN_TUBE_SEC, fps), max(1, res.info.num_frames))
-        res.tubes, res.clip_tubes = tubes.join_tubes(res.clip_tubes, JOIN_IOU, max_gap, min_frames=min_frames), []
+        linker = tube_linker(fps, between, res.info.num_frames)
+        for clip in res.clip_tubes:
+            linker.add(clip)
+        res.tubes, res.clip_tubes = linker.finish(), []
         res.detections = [tube_detection(t, fps) for t in res.tubes]
         return
     if settings.window_sec:
@@ -358,6 +357,17 @@ def finish_video(res: VideoResult, settings: "Settings") -> None:
     spans = [(d, span_frames(d.start_sec, d.end_sec, res.info)) for d in res.detections]
     res.tubes = tubes.number_tubes([tubes.constant_tube(d.class_id, d.class_name, d.score, d.box, frames)
                                     for d, frames in spans if len(frames)])
+
+
+def tube_linker(fps: float, between_sec: float = 0.0, num_frames: int | None = None) -> tubes.TubeLinker:
+    """Tube mode's joining rules at ``fps`` (test.py, stream.py and app.py): boxes overlapping by ``JOIN_IOU``, a gap of
+    ``MAX_GAP_SEC`` (or ``between_sec``, the gap between windows, when longer) bridged, tubes under ``MIN_TUBE_SEC``
+    (or the whole video of ``num_frames``, when shorter) dropped."""
+    max_gap = video.seconds_to_frames(max(MAX_GAP_SEC, between_sec), fps)
+    min_frames = video.seconds_to_frames(MIN_TUBE_SEC, fps)
+    if num_frames is not None:
+        min_frames = min(min_frames, max(1, num_frames))
+    return tubes.TubeLinker(JOIN_IOU, max_gap, min_frames=min_frames)
 
 
 def frames_csv_path(output_file) -> pathlib.Path:

@@ -149,25 +149,30 @@ def run_cli(main, args, errors: tuple = ()) -> int:
 
 
 class _TqdmHandler(logging.StreamHandler):
-    """Console logging that does not break a progress bar."""
+    """Console logging that does not break a progress bar; on stdout, or stderr when stdout carries data."""
+
+    def __init__(self, to_stderr: bool = False):
+        super().__init__()
+        self.to_stderr = to_stderr
 
     def emit(self, record):
         try:
-            tqdm.write(self.format(record), file=sys.stdout)
+            tqdm.write(self.format(record), file=sys.stderr if self.to_stderr else sys.stdout)
         except (OSError, ValueError):
             self.handleError(record)
 
 
-def setup_logging(log_path=None, rank: int = 0) -> None:
+def setup_logging(log_path=None, rank: int = 0, to_stderr: bool = False) -> None:
     """Console (INFO on rank 0, WARNING elsewhere) plus the log file (rank 0), on the root logger so that the
     warnings of video.py and dataset.py land in the same places; ``star.*`` logs INFO. Calling it again
-    replaces the handlers it added before (and only those)."""
+    replaces the handlers it added before (and only those). ``to_stderr``: the console lines go to stderr (stdout
+    carries a CLI's data, e.g. ``stream.py --tube_events -``)."""
     close_logging()
     root = logging.getLogger()
     if root.level == logging.NOTSET or root.level > logging.WARNING:
         root.setLevel(logging.WARNING)
     logging.getLogger("star").setLevel(logging.INFO)
-    console = _TqdmHandler()
+    console = _TqdmHandler(to_stderr)
     console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     console.setFormatter(logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(message)s"))
     handlers = [console]

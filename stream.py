@@ -57,8 +57,10 @@ from tqdm import tqdm
 
 import inference
 import model as star_model
+import tube_events
 import tubes
 import video
+import webhook
 from files import write_text
 from runtime import (UsageError, autocast_settings, number, one_line, resolve_device, run_cli, setup_logging,
                      writable_dir)
@@ -70,6 +72,7 @@ EVENT_FIELDS = ("stream_time_sec", "wall_time", "latency_sec", "pred_class", "sc
                 "clip_start_sec", "clip_end_sec")
 EXIT_CODES = {"ended": 0, "max_seconds": 0, "stalled": 1, "broken": 1, "failed": 1, "interrupted": 130,
               "terminated": 143}
+ANNOTATE_BUFFER_BYTES = 512 * 2**20   # tube mode's --output: frames waiting for their predictions, at most
 FRAME_QUEUE_SEC = 1.0     # frames the reader may run ahead of the main loop before dropping the oldest
 LATENCY_KEEP = 100_000    # latencies kept for the percentiles (bounded: hours of predictions)
 STATUS_EVERY_SEC = 1.0    # live status line refresh
@@ -275,6 +278,7 @@ class StreamStats:
     predictions: int = 0
     skipped: int = 0                # clips replaced by a newer one before the predictor took them
     events_rows: int = 0
+    tube_events: int = 0            # tube mode: start and end events said
     reconnects: int = 0
     max_queued_frames: int = 0      # most frames ever waiting for the main loop (bounded by the queue)
     lag_sec: float = 0.0            # file source: how late the last frame was on its clock
@@ -310,6 +314,8 @@ class StreamSettings:
     clip_sec: float | None = None
     score_threshold: float = 0.5
     events: str | None = None
+    tube_events: str | None = None
+    webhook: str | None = None
     output: str | None = None
     show: bool = False
     reconnect: bool = False
@@ -324,6 +330,8 @@ class StreamSettings:
             raise UsageError(f"--stride must be at least 1, got {self.stride}")
         if not 0.0 <= self.score_threshold <= 1.0:
             raise UsageError(f"--score_threshold must be in [0, 1], got {self.score_threshold}")
+        if self.webhook:
+            webhook.check_url(self.webhook)
 
 
 # --------------------------------------------------------------------------- ring buffer and mailbox
@@ -343,6 +351,8 @@ class ClipJob:
     last_sec: float          # stream time of the newest frame
     end_sec: float           # last_sec + one frame
     arrival: float           # monotonic arrival of the newest frame: latency counts from here
+    span: tuple = (0, 0)     # the stream frames [first, end) it covers (0-based over the stream)
+    frame_indices: np.ndarray | None = None   # (T,) the stream frame each of its frames is
 
 
 class FrameRing:
@@ -372,10 +382,11 @@ class FrameRing:
     def clip(self, num_frames: int, frame_sec: float) -> ClipJob:
         """The newest window, T frames sampled uniformly (oldest first; the newest frame always in)."""
         order = (self.count + np.arange(self.size)) % self.size   # oldest .. newest slot
-        idx = order[video.sample_indices(self.size, num_frames)]
+        steps = video.sample_indices(self.size, num_frames)
         first, last = order[0], order[-1]
-        return ClipJob(self.frames[idx], float(self.times[first]), float(self.times[last]),
-                       float(self.times[last]) + frame_sec, float(self.arrivals[last]))
+        span = (self.count - self.size, self.count)
+        return ClipJob(self.frames[order[steps]], float(self.times[first]), float(self.times[last]),
+                       float(self.times[last]) + frame_sec, float(self.arrivals[last]), span, span[0] + steps)
 
 
 class Mailbox:
@@ -424,6 +435,7 @@ class Prediction:
     best_score: float
     latency: float
     wall_time: str
+    clip_tubes: list | None = None   # tube mode: the clip's tubes (tubes.clip_tubes), stream frames
 
 
 class EventsWriter:
@@ -469,9 +481,11 @@ class AnnotatedWriter:
         self.path, self.fps, self._writer = pathlib.Path(path), fps, None
 
     def write(self, image: np.ndarray, detections) -> None:
+        self._write_drawn(image, [(d.class_name, d.score, d.box) for d in detections])
+
+    def _write_drawn(self, image: np.ndarray, shown: list) -> None:
         if self._writer is None:
             self._writer = video.H264Writer(self.path, image.shape[1], image.shape[0], self.fps)
-        shown = [(d.class_name, d.score, d.box) for d in detections]
         self._writer.write(video.draw_detections(image, shown) if shown else image)
 
     def close(self) -> None:
@@ -479,6 +493,37 @@ class AnnotatedWriter:
             self._writer.close()
         else:
             log.warning("--output %s: no frame arrived, no video written", self.path)
+
+
+class TubeVideoWriter(AnnotatedWriter):
+    """``--output`` with a tube-mode model: each frame waits until the predictions cover it and ``hold`` frames more
+    (a tube is drawn from its first frame once its start is said), then every started tube's predicted box at that
+    frame is drawn with class, score and ``#id``; never a box ahead of a prediction. Frames waiting take at most
+    ``max_bytes``; past that the oldest is written with what is known."""
+
+    def __init__(self, path, fps: float, live: tube_events.LiveTubes, hold: int, max_bytes: int = ANNOTATE_BUFFER_BYTES):
+        super().__init__(path, fps)
+        self.live, self.hold, self.max_bytes = live, int(hold), int(max_bytes)
+        self.waiting: collections.deque = collections.deque()   # (frame index, image), oldest first
+
+    def write(self, image: np.ndarray, index: int) -> None:
+        self.waiting.append((index, image))
+        self.drain()
+
+    def drain(self, everything: bool = False) -> None:
+        covered = self.live.covered
+        while self.waiting:
+            index, image = self.waiting[0]
+            full = len(self.waiting) * image.nbytes > self.max_bytes
+            if not (everything or full or index + self.hold < covered):
+                return
+            self.waiting.popleft()
+            self._write_drawn(image, self.live.boxes_at(index))
+            self.live.forget_before(index)
+
+    def close(self) -> None:
+        self.drain(everything=True)
+        super().close()
 
 
 def has_display() -> bool:
@@ -659,26 +704,32 @@ class Predictor(threading.Thread):
         self.threshold, self.mailbox, self.on_result = threshold, mailbox, on_result
         self.error: str | None = None
         self.failed = threading.Event()
+        self.tube_mode = False   # known after warm_up: the network predicts per-step boxes
 
     def warm_up(self) -> float:
         """One prediction on a blank clip (kernel selection, allocations), so the first real clip is not late."""
         t0 = time.perf_counter()
         s = self.info["img_size"]
         h, w = (s, s) if np.isscalar(s) else tuple(s)
-        self.predict(ClipJob(np.zeros((self.info["num_frames"], h, w, 3), np.uint8), 0.0, 0.0, 0.0, time.monotonic()))
+        t = self.info["num_frames"]
+        pred = self.predict(ClipJob(np.zeros((t, h, w, 3), np.uint8), 0.0, 0.0, 0.0, time.monotonic(), (0, t),
+                                    np.arange(t)))
+        self.tube_mode = pred.clip_tubes is not None
         return time.perf_counter() - t0
 
     def predict(self, job: ClipJob) -> Prediction:
         clip = video.preprocess(job.frames, self.info["img_size"], self.info["mean"], self.info["std"])
         pred = inference.predict_clips(self.model, clip[None], self.device, self.dtype)[0]
+        clip_tubes = None
         if "step_scores" in pred:   # tube mode: a clip's queries on one actor are one detection, as in test.py
             pred = tubes.merge_duplicate_queries(pred, self.threshold)
+            clip_tubes = tubes.clip_tubes(pred, job.frame_indices, job.span, self.threshold, self.info["class_names"])
         dets = inference.detections_from_prediction(pred, self.info["class_names"], self.threshold,
                                                     job.start_sec, job.end_sec)
         best = float(pred["scores"].max()) if pred["scores"].numel() else 0.0
         latency = time.monotonic() - job.arrival
         wall = datetime.datetime.now().astimezone().isoformat(timespec="milliseconds")
-        return Prediction(job, dets, best, latency, wall)
+        return Prediction(job, dets, best, latency, wall, clip_tubes)
 
     def run(self) -> None:
         while (job := self.mailbox.take()) is not None:
@@ -741,20 +792,40 @@ class StreamRun:
         self.first_arrival = 0.0
         self.latest: list = []      # the newest prediction's detections, drawn on every frame until the next
         self.events = self.writer = self.reader = self.ring = None
+        self.live: tube_events.LiveTubes | None = None    # tube mode: tubes and their events
+        self.tube_file: tube_events.EventFile | None = None
+        self.webhook: webhook.WebhookSender | None = None
         self.display = Display(settings.show)
 
     def _result(self, pred: Prediction) -> None:
-        """In the predictor thread: write the events, publish the detections."""
+        """In the predictor thread: write the events, link the clip's tubes, publish the detections."""
         if self.events is not None:
             self.stats.events_rows += self.events.write(pred)
+        if self.live is not None and pred.clip_tubes is not None:
+            self._say(self.live.update(pred.clip_tubes, pred.job.span, pred.job.arrival))
         self.latest = pred.detections   # one reference assignment: the main loop reads whole lists
         self.stats.latencies.append(pred.latency)
         self.stats.predictions += 1
         if self.on_prediction is not None:
             self.on_prediction(pred)
 
+    def _say(self, events: list) -> None:
+        """Tube events to the log, ``--tube_events`` and ``--webhook``."""
+        for event in events:   # the file first: whatever the log says is on disk
+            if self.tube_file is not None:
+                self.tube_file.write(event)
+            if self.webhook is not None:
+                self.webhook.send(event.as_dict())
+            self.stats.tube_events += 1
+            log.info("tube #%d %s %s at %.2f s (score %.2f)", event.tube_id, event.pred_class,
+                     "started" if event.event == "start" else "ended",
+                     event.action_start_sec if event.event == "start" else event.action_end_sec, event.score)
+
     def run(self) -> StreamStats:
         self._warm_up()
+        if (self.settings.tube_events or self.settings.webhook) and not self.predictor.tube_mode:
+            raise UsageError("--tube_events and --webhook need a tube-mode checkpoint (one trained on per-frame "
+                             "labels); this one predicts one box per clip: use --events")
         started = time.monotonic()   # the run's seconds count streaming, not loading
         try:
             source = open_source(self.spec, self.settings.stall_sec)
@@ -776,9 +847,13 @@ class StreamRun:
     def _start(self, source) -> None:
         s, info = self.settings, self.info
         try:
+            if self.predictor.tube_mode:
+                self._start_tubes(source.fps)
             if s.events:
                 self.events = EventsWriter(s.events)
-            if s.output:
+            if s.output and self.live is not None:
+                self.writer = TubeVideoWriter(_output_path(s.output), source.fps, self.live, self.live.start_frames)
+            elif s.output:
                 self.writer = AnnotatedWriter(_output_path(s.output), source.fps)
         except UsageError:
             source.close()
@@ -798,6 +873,15 @@ class StreamRun:
         self.reader = FrameReader(self.spec, source, frames, self.halt, s, self.stats)
         self.predictor.start()
         self.reader.start()
+
+    def _start_tubes(self, fps: float) -> None:
+        """Tube mode: link tubes with test.py's rules at the source's rate; open --tube_events and --webhook."""
+        linker = inference.tube_linker(fps)
+        self.live = tube_events.LiveTubes(linker, tube_events.FrameClock(fps), linker.min_frames, self.settings.stride)
+        if self.settings.tube_events:
+            self.tube_file = tube_events.EventFile(self.settings.tube_events)
+        if self.settings.webhook:
+            self.webhook = webhook.WebhookSender(self.settings.webhook)
 
     def _loop(self, started: float) -> None:
         status = StatusLine(self.stats)
@@ -842,16 +926,22 @@ class StreamRun:
             self.first_arrival = frame.arrival
         s.input_sec = frame.arrival - self.first_arrival
         self.ring.push(frame)
+        index = self.ring.count - 1
+        if self.live is not None:
+            self.live.clock.add(index, frame.time_sec)
         if self.ring.full and (self.ring.count - self.ring.size) % self.settings.stride == 0:
             s.clips += 1
             s.skipped += self.mailbox.put(self.ring.clip(self.info["num_frames"], self.frame_sec))
         detections = self.latest
         if self.writer is not None:
             try:
-                self.writer.write(frame.image, detections)
+                self.writer.write(frame.image, index if self.live is not None else detections)
             except (video.VideoError, OSError) as err:
                 self.stop.set("failed")
                 self.stats.message = f"--output {self.settings.output}: {one_line(err)}"
+        if self.live is not None:   # the window shows each open tube's newest predicted box
+            detections = [inference.Detection(0, name, score, box, 0.0, 0.0) for name, score, box, _ in
+                          self.live.latest_boxes()]
         if not self.display.show(frame.image, detections):
             self.stop.set("ended")
             self.stats.message = "closed in the window (q)"
@@ -867,7 +957,12 @@ class StreamRun:
         if self.predictor.error and self.stop.reason != "failed":
             self.stats.message = self.predictor.error
         self.stats.end = self.stop.reason or "ended"
-        for output in (self.events, self.writer, self.display):
+        if self.live is not None and self.ring is not None:
+            self._say(self.live.finish(max(self.ring.count - 1, 0), time.monotonic()))
+        if self.webhook is not None:
+            self.webhook.close()
+            log.info("%s", self.webhook.summary())
+        for output in (self.events, self.tube_file, self.writer, self.display):
             if output is not None:
                 output.close()
         if self.reader is not None:
@@ -887,9 +982,9 @@ def _output_path(path) -> pathlib.Path:
 def check_output_folders(args) -> None:
     """Every output's folder (``--output``, ``--events``, ``--stats_json``) made and writable, before the model is
     loaded: an unwritable folder is one line naming it, not a failure after the stream ran."""
-    for flag in ("output", "events", "stats_json"):
+    for flag in ("output", "events", "tube_events", "stats_json"):
         path = getattr(args, flag)
-        if path:
+        if path and path != "-":
             writable_dir(pathlib.Path(path).parent, f"--{flag}")
 
 
@@ -913,6 +1008,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--output", default=None, help="annotated H.264 MP4: every frame, the latest detections drawn")
     parser.add_argument("--events", default=None,
                         help="events CSV: one row per detection per prediction (no_object rows too), flushed every row")
+    parser.add_argument("--tube_events", default=None,
+                        help="tube-mode checkpoint: CSV with one row when a tube's action starts and one when it ends "
+                             "(flushed every row); '-' writes JSON lines to stdout")
+    parser.add_argument("--webhook", default=None, metavar="URL",
+                        help="tube-mode checkpoint: POST each tube event as JSON to this http(s) URL (own thread, "
+                             "bounded queue, retries; a slow receiver never delays the stream)")
     parser.add_argument("--stride", type=number(int, 1), default=8, help="predict the newest clip every N frames")
     parser.add_argument("--clip_sec", type=number(float, 0, strict=True), default=None,
                         help="seconds a live clip spans, its T frames sampled uniformly over them (default: the "
@@ -951,9 +1052,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def settings_from_args(args) -> StreamSettings:
     return StreamSettings(stride=args.stride, clip_sec=args.clip_sec, score_threshold=args.score_threshold,
-                          events=args.events, output=args.output, show=args.show, reconnect=args.reconnect,
-                          reconnect_tries=args.reconnect_tries, stall_sec=args.stall_sec,
-                          max_seconds=args.max_seconds, speed=args.speed)
+                          events=args.events, tube_events=args.tube_events, webhook=args.webhook, output=args.output,
+                          show=args.show, reconnect=args.reconnect, reconnect_tries=args.reconnect_tries,
+                          stall_sec=args.stall_sec, max_seconds=args.max_seconds, speed=args.speed)
 
 
 def model_info(info: dict, num_frames=None, img_size=None, clip_sec=None) -> tuple[dict, float | None]:
@@ -989,13 +1090,15 @@ def summary(stats: StreamStats, settings: StreamSettings) -> None:
              f"latency median {stats.latency(0.5):.3f} s, p95 {stats.latency(0.95):.3f} s"]
     if settings.events:
         lines.append(f"  events      : {settings.events} ({stats.events_rows} rows)")
+    if settings.tube_events:
+        lines.append(f"  tube events : {settings.tube_events} ({stats.tube_events} rows)")
     if settings.output:
         lines.append(f"  annotated   : {settings.output}")
     log.info("\n".join(lines))
 
 
 def main(args) -> int:
-    setup_logging()
+    setup_logging(to_stderr=args.tube_events == "-")
     check_output_folders(args)
     spec = parse_source(args.source, parse_options(args.source_option))
     settings = settings_from_args(args)

@@ -274,33 +274,81 @@ def _may_link(track: PredTube, tube: PredTube) -> bool:
     return track.class_id == tube.class_id or (track.step_probs is not None and tube.step_probs is not None)
 
 
-def link_actors(clips: Sequence[Sequence[PredTube]], iou_threshold: float, max_gap: int) -> list[list[PredTube]]:
-    """The tubes of a video's clips (in window order) grouped into actors: lists of parts in window order.
+@dataclasses.dataclass(eq=False)
+class Actor:
+    """One actor being linked: its ``parts`` (clip tubes, window order), their :func:`merge` as ``track``, and
+    ``key``, its order of appearance (what keeps the joined tubes in the batch order)."""
 
-    Greedy: clip by clip, its tubes best score first; each joins the actor so far (not already extended by this
-    clip: two tubes of one clip are two queries, never one) it may link to (:func:`_may_link`) with the highest
-    :func:`link_iou`, when that is at least ``iou_threshold``, else starts its own."""
-    actors: list[list[PredTube]] = []
-    joined: list[PredTube] = []
-    for tubes in clips:
+    key: int
+    parts: list
+    track: PredTube
+
+
+class TubeLinker:
+    """Window-by-window joining of a video's clip tubes into actors and tubes: the one code path of test.py (a whole
+    file, :func:`join_tubes`) and stream.py (live, one clip at a time).
+
+    :meth:`add` links a clip's tubes greedily, best score first: each joins the open actor (not already extended by
+    this clip: two tubes of one clip are two queries, never one) it may link to (:func:`_may_link`) with the highest
+    :func:`link_iou`, when that is at least ``iou_threshold``, else starts its own. Given where the next clip can
+    start, :meth:`add` retires the actors no later tube can reach (more than ``max_gap`` frames behind): their tubes
+    are final (:meth:`actor_tubes`) and memory stays bounded on a stream. :meth:`finish` ends every actor and numbers
+    the tubes; retiring early changes nothing in the result.
+    """
+
+    def __init__(self, iou_threshold: float, max_gap: int, switch_cost: float = CLASS_SWITCH_COST,
+                 min_frames: int = 1):
+        if iou_threshold <= 0:
+            raise ValueError("iou_threshold must be positive: an actor out of reach must not link")
+        self.iou_threshold, self.max_gap = float(iou_threshold), int(max_gap)
+        self.switch_cost, self.min_frames = float(switch_cost), int(min_frames)
+        self.open: list[Actor] = []
+        self.retired: list[tuple[int, list[PredTube]]] = []   # (actor key, its final tubes)
+        self._keys = 0
+
+    def add(self, clip: Sequence[PredTube], next_first: int | None = None) -> list[Actor]:
+        """Link one clip's tubes (clips in window order); ``next_first``: the first video frame any later clip can
+        show (None: unknown, nothing retires). Returns the actors retired by this call."""
         taken: set[int] = set()
-        for tube in sorted(tubes, key=lambda t: -t.score):
+        for tube in sorted(clip, key=lambda t: -t.score):
             best, best_iou = None, -1.0
-            for k, track in enumerate(joined):
-                if k in taken or not _may_link(track, tube):
+            for k, actor in enumerate(self.open):
+                if k in taken or not _may_link(actor.track, tube):
                     continue
-                iou = link_iou(track, tube, max_gap)
-                if iou >= iou_threshold and iou > best_iou:
+                iou = link_iou(actor.track, tube, self.max_gap)
+                if iou >= self.iou_threshold and iou > best_iou:
                     best, best_iou = k, iou
             if best is None:
-                actors.append([tube])
-                joined.append(tube)
-                best = len(joined) - 1
+                self.open.append(Actor(self._keys, [tube], tube))
+                self._keys += 1
+                best = len(self.open) - 1
             else:
-                actors[best].append(tube)
-                joined[best] = merge(actors[best])
+                actor = self.open[best]
+                actor.parts.append(tube)
+                actor.track = merge(actor.parts)
             taken.add(best)
-    return actors
+        return [] if next_first is None else self._retire(lambda a: a.track.frames[-1] < next_first - self.max_gap - 1)
+
+    def _retire(self, done) -> list[Actor]:
+        gone = [a for a in self.open if done(a)]
+        self.open = [a for a in self.open if not done(a)]
+        self.retired += [(a.key, self.actor_tubes(a)) for a in gone]
+        return gone
+
+    def provisional_tubes(self, actor: Actor) -> list[PredTube]:
+        """``actor``'s tubes as its parts so far say (:func:`action_runs`, then :func:`split_gaps`), in time order,
+        before the ``min_frames`` rule; later clips may still extend or relabel them while it is open."""
+        return [piece for run in action_runs(actor.parts, self.switch_cost) for piece in split_gaps(run, self.max_gap)]
+
+    def actor_tubes(self, actor: Actor) -> list[PredTube]:
+        """``actor``'s tubes spanning at least ``min_frames`` frames (first to last), as ACT's tube builder drops
+        those under 15 frames."""
+        return [p for p in self.provisional_tubes(actor) if p.frames[-1] - p.frames[0] + 1 >= self.min_frames]
+
+    def finish(self) -> list[PredTube]:
+        """Every actor ended: the video's tubes, numbered (:func:`number_tubes`)."""
+        self._retire(lambda a: True)
+        return number_tubes([t for _, tubes in sorted(self.retired, key=lambda kt: kt[0]) for t in tubes])
 
 
 def part_classes(parts: Sequence[PredTube], switch_cost: float) -> np.ndarray:
@@ -336,13 +384,11 @@ def action_runs(parts: Sequence[PredTube], switch_cost: float) -> list[PredTube]
 
 def join_tubes(clips: Sequence[Sequence[PredTube]], iou_threshold: float, max_gap: int,
                switch_cost: float = CLASS_SWITCH_COST, min_frames: int = 1) -> list[PredTube]:
-    """The tubes of a video's clips (in window order) joined into one tube per actor and action, numbered.
-
-    The parts of one actor
-    (:func:`link_actors`) take their classes from :func:`action_runs`; parts of one class in a row become one tube
-    (:func:`merge`); a tube missing for more than ``max_gap`` frames is then cut (:func:`split_gaps`), so a short
-    pause keeps the id and a long one gives a new one. A tube spanning fewer than ``min_frames`` frames (first to
-    last) is dropped before the numbering, as ACT's tube builder drops those under 15 frames."""
-    joined = [tube for parts in link_actors(clips, iou_threshold, max_gap) for tube in action_runs(parts, switch_cost)]
-    pieces = [piece for tube in joined for piece in split_gaps(tube, max_gap)]
-    return number_tubes([p for p in pieces if p.frames[-1] - p.frames[0] + 1 >= min_frames])
+    """The tubes of a video's clips (in window order) joined into one tube per actor and action, numbered
+    (:class:`TubeLinker`): the parts of one actor take their classes from :func:`action_runs`, parts of one class in a
+    row become one tube, a tube missing for more than ``max_gap`` frames is cut (:func:`split_gaps`: a short pause
+    keeps the id, a long one gives a new one), and tubes spanning fewer than ``min_frames`` frames are dropped."""
+    linker = TubeLinker(iou_threshold, max_gap, switch_cost, min_frames)
+    for clip in clips:
+        linker.add(clip)
+    return linker.finish()

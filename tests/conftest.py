@@ -116,6 +116,25 @@ def tiny_checkpoint(path, confident: bool = False) -> pathlib.Path:
     return pathlib.Path(path)
 
 
+def tube_checkpoint(path, acting: bool = True) -> pathlib.Path:
+    """A tiny tube-mode STAR (8 frames, 4 queries) whose every step says collapse; ``acting``: its actionness map says
+    acting everywhere (4 tubes over the whole clip), else nowhere (no tube)."""
+    import torch
+    import model as star_model
+    torch.manual_seed(0)
+    args = {"num_queries": 4, "tube_steps": 8, "dim_feedforward": 64, "num_decoder_layers": 2, "max_positions": 1000}
+    net = star_model.STAR(2, **args).eval()
+    with torch.no_grad():
+        net.head.class_head[3].bias.zero_()
+        net.head.class_head[3].bias[1] = 20.0
+        net.acting.out.weight.zero_()      # the actionness map: acting everywhere (or nowhere)
+        net.acting.out.bias.fill_(20.0 if acting else -20.0)
+    ck = star_model.make_checkpoint(net, star_model.model_args_from(2, **args), ["fight", "collapse"],
+                                    {**TINY_PREP, "num_frames": 8})
+    star_model.save_checkpoint(ck, path)
+    return pathlib.Path(path)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:

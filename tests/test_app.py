@@ -24,7 +24,7 @@ import inference
 import model as star_model
 import tubes
 import video
-from conftest import ROOT, TINY_PREP, free_port, tiny_checkpoint, write_video
+from conftest import ROOT, TINY_PREP, free_port, tiny_checkpoint, write_video, tube_checkpoint
 
 FIELDS = list(inference.CSV_FIELDS)
 BROWSER_BUDGET_SEC = 90
@@ -40,23 +40,6 @@ def loaded(checkpoint):
     """The checkpoint loaded once, as app.py does (inference.load_model)."""
     net, info, _ = inference.load_model(checkpoint, torch.device("cpu"))
     return net, info
-
-
-def tube_checkpoint(path, acting: bool = True) -> pathlib.Path:
-    """A tiny tube-mode STAR (8 frames, 4 queries) whose every step says collapse; ``acting``: its actionness map says
-    acting everywhere (4 tubes over the whole clip), else nowhere (no tube)."""
-    torch.manual_seed(0)
-    args = {"num_queries": 4, "tube_steps": 8, "dim_feedforward": 64, "num_decoder_layers": 2, "max_positions": 1000}
-    net = star_model.STAR(2, **args).eval()
-    with torch.no_grad():
-        net.head.class_head[3].bias.zero_()
-        net.head.class_head[3].bias[1] = 20.0
-        net.acting.out.weight.zero_()      # the actionness map: acting everywhere (or nowhere)
-        net.acting.out.bias.fill_(20.0 if acting else -20.0)
-    ck = star_model.make_checkpoint(net, star_model.model_args_from(2, **args), ["fight", "collapse"],
-                                    {**TINY_PREP, "num_frames": 8})
-    star_model.save_checkpoint(ck, path)
-    return pathlib.Path(path)
 
 
 @pytest.fixture(scope="module")
