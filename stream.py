@@ -3,6 +3,8 @@
 
     python stream.py --source rtsp://camera/stream --model_path best_model.pth \
         --events events.csv --output annotated.mp4 [--stride 8] [--reconnect]
+    python stream.py --source rtsp://camera/stream --model_path tube_model.pth \
+        --tube_events tubes.csv [--webhook http://host/hook] --output annotated.mp4
 
 ``--source`` is a camera index (``0`` = ``/dev/video0`` through v4l2 on Linux, avfoundation on macOS),
 a URL (``rtsp://``, ``http(s)://``, ``udp://``, ``tcp://``, ...; FFmpeg opens it, with a timeout) or a
@@ -20,6 +22,12 @@ Three threads, every buffer between them bounded, so memory stays flat however l
   (unlike demos that queue every clip and fall minutes behind).
 - predictor: runs the network, appends the detections to ``--events`` (flushed every row) and
   publishes them for drawing.
+
+With a tube-mode checkpoint the predictor also joins each clip's actors into tubes (``tube_events.LiveTubes``:
+test.py's joining rules, one clip at a time): ``--tube_events`` gets a ``start`` row per tube once it spans
+``--tube_start_sec`` and an ``end`` row once its actor stopped, left or changed action; ``--webhook`` gets the same
+rows as JSON (``webhook.WebhookSender``: its own thread, never in the way of frames); ``--output`` draws each tube's
+box and ``#id`` at every frame once the predictions cover it (frames wait in a bounded buffer).
 
 A live clip is the last W frames, W = ``--clip_sec`` x the source's frame rate (default: the training
 window a checkpoint stores, else T frames at the source rate, T = the model's frame count); T frames
@@ -72,6 +80,7 @@ EVENT_FIELDS = ("stream_time_sec", "wall_time", "latency_sec", "pred_class", "sc
                 "clip_start_sec", "clip_end_sec")
 EXIT_CODES = {"ended": 0, "max_seconds": 0, "stalled": 1, "broken": 1, "failed": 1, "interrupted": 130,
               "terminated": 143}
+TUBE_START_SEC = tube_events.START_SEC
 ANNOTATE_BUFFER_BYTES = 512 * 2**20   # tube mode's --output: frames waiting for their predictions, at most
 FRAME_QUEUE_SEC = 1.0     # frames the reader may run ahead of the main loop before dropping the oldest
 LATENCY_KEEP = 100_000    # latencies kept for the percentiles (bounded: hours of predictions)
@@ -315,6 +324,7 @@ class StreamSettings:
     score_threshold: float = 0.5
     events: str | None = None
     tube_events: str | None = None
+    tube_start_sec: float = TUBE_START_SEC
     webhook: str | None = None
     output: str | None = None
     show: bool = False
@@ -877,7 +887,8 @@ class StreamRun:
     def _start_tubes(self, fps: float) -> None:
         """Tube mode: link tubes with test.py's rules at the source's rate; open --tube_events and --webhook."""
         linker = inference.tube_linker(fps)
-        self.live = tube_events.LiveTubes(linker, tube_events.FrameClock(fps), linker.min_frames, self.settings.stride)
+        start = video.seconds_to_frames(self.settings.tube_start_sec, fps)
+        self.live = tube_events.LiveTubes(linker, tube_events.FrameClock(fps), start, self.settings.stride)
         if self.settings.tube_events:
             self.tube_file = tube_events.EventFile(self.settings.tube_events)
         if self.settings.webhook:
@@ -1011,6 +1022,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--tube_events", default=None,
                         help="tube-mode checkpoint: CSV with one row when a tube's action starts and one when it ends "
                              "(flushed every row); '-' writes JSON lines to stdout")
+    parser.add_argument("--tube_start_sec", type=number(float, 0, strict=True), default=tube_events.START_SEC,
+                        help="a tube's start is said once it spans this long: shorter answers sooner, longer says "
+                             "fewer false starts")
     parser.add_argument("--webhook", default=None, metavar="URL",
                         help="tube-mode checkpoint: POST each tube event as JSON to this http(s) URL (own thread, "
                              "bounded queue, retries; a slow receiver never delays the stream)")
@@ -1052,7 +1066,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def settings_from_args(args) -> StreamSettings:
     return StreamSettings(stride=args.stride, clip_sec=args.clip_sec, score_threshold=args.score_threshold,
-                          events=args.events, tube_events=args.tube_events, webhook=args.webhook, output=args.output,
+                          events=args.events, tube_events=args.tube_events, tube_start_sec=args.tube_start_sec,
+                          webhook=args.webhook, output=args.output,
                           show=args.show, reconnect=args.reconnect, reconnect_tries=args.reconnect_tries,
                           stall_sec=args.stall_sec, max_seconds=args.max_seconds, speed=args.speed)
 

@@ -3,10 +3,10 @@
 :class:`LiveTubes` feeds each predicted clip to a :class:`tubes.TubeLinker` (test.py's joining rules, one code path)
 and watches each actor's tubes as its parts so far make them (:meth:`tubes.TubeLinker.provisional_tubes`):
 
-- ``start``: a tube spans ``start_frames`` frames (test.py's shortest tube); it gets the next ``tube_id``.
-- ``end``: nothing later can extend it (its last frame is more than the joining gap before the next clip can show),
-  the actor's next tube has started (another action), its actor's parts no longer make it (relabelled), or the
-  stream ends.
+- ``start``: a tube spans ``start_frames`` frames (:data:`START_SEC` by default); it gets the next ``tube_id``.
+- ``end``: the newest prediction is more than the joining gap past its last frame (the actor stopped acting or
+  left), the actor's next tube has started (another action), its actor's parts no longer make it (relabelled), or
+  the stream ends. A later window that still extends an ended tube changes nothing said.
 
 Rows carry DESIGN.md's "Live tube events" columns (:data:`EVENT_FIELDS`); :class:`EventFile` writes them as CSV or
 JSON lines, flushed per row. Frames are 0-based indices over the stream; boxes are normalised xyxy.
@@ -31,6 +31,9 @@ from runtime import UsageError
 
 EVENT_FIELDS = ("event", "tube_id", "pred_class", "score", "action_start_sec", "action_end_sec", "stream_time_sec",
                 "wall_time", "latency_sec", "x1", "y1", "x2", "y2")
+# A tube is said to start once it spans this long. Twice test.py's shortest tube: on unseen tube sample data played
+# live, 0.6 s gave event precision 0.41-0.48, 1.2 s 0.71-0.76 at a median start delay of 1.3 s (docs/EXPERIMENTS.md).
+START_SEC = 1.2
 CLOCK_KEEP = 8192   # frame times kept for converting frame indices to stream seconds (minutes of video)
 
 
@@ -108,7 +111,8 @@ class LiveTubes:
     thread updates, the drawing thread reads).
 
     ``linker``: test.py's joining rules; ``start_frames``: frames a tube spans before its start is said;
-    ``stride``: frames between the stream's clips (the next clip starts at least that much later).
+    ``stride``: frames between the stream's clips (the next clip starts at least that much later: actors out of
+    reach retire).
     """
 
     def __init__(self, linker: tubes.TubeLinker, clock: FrameClock, start_frames: int, stride: int):
@@ -128,14 +132,15 @@ class LiveTubes:
         with self._lock:
             retired = self.linker.add(clip, next_first)
             self.covered = max(self.covered, int(span[1]))
-            now = (int(span[1]) - 1, arrival)
+            newest = int(span[1]) - 1
+            now = (newest, arrival)
             events = []
             for actor in retired:
                 events += self._follow(actor, self.linker.provisional_tubes(actor), now, lambda _: True)
                 self._by_actor.pop(actor.key, None)
             for actor in self.linker.open:
                 events += self._follow(actor, self.linker.provisional_tubes(actor), now,
-                                       lambda t: t.last < next_first - self.linker.max_gap - 1)
+                                       lambda t: t.last < newest - self.linker.max_gap)
             return events
 
     def finish(self, newest: int, arrival: float) -> list[TubeEvent]:
@@ -156,6 +161,8 @@ class LiveTubes:
         events = []
         for live in sorted(mine, key=lambda t: t.ended):   # open tubes choose first
             k = self._match(live, pieces, used)
+            if k is not None and live.ended and pieces[k].frames[-1] > live.last + self.linker.max_gap:
+                k = None   # the actor acts again after the end was said: a new tube
             if k is not None:
                 used.add(k)
                 if not live.ended:

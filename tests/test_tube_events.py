@@ -84,7 +84,8 @@ def _same_tubes(a, b):
 
 def _live(stride: int, fps: float = FPS) -> tube_events.LiveTubes:
     linker = inference.tube_linker(fps)
-    return tube_events.LiveTubes(linker, tube_events.FrameClock(fps), linker.min_frames, stride)
+    start = video.seconds_to_frames(tube_events.START_SEC, fps)
+    return tube_events.LiveTubes(linker, tube_events.FrameClock(fps), start, stride)
 
 
 @pytest.mark.parametrize("win, stride", [(32, 8), (32, 16), (16, 16), (8, 20)])
@@ -151,11 +152,11 @@ def test_one_tube_that_starts_and_ends_inside_the_stream(stride):
     start, end = events
     assert start.action_end_sec is None and end.action_start_sec == start.action_start_sec
     assert abs(start.action_start_sec - 60 / FPS) <= 4 / FPS and abs(end.action_end_sec - 160 / FPS) <= 4 / FPS
-    # said once 0.6 s of it were predicted, and ended before the stream did: once no later window could extend it
-    assert start.stream_time_sec - start.action_start_sec >= inference.MIN_TUBE_SEC - 1 / FPS
-    assert start.stream_time_sec <= start.action_start_sec + inference.MIN_TUBE_SEC + (32 + stride) / FPS
-    assert end.stream_time_sec < (frames - 1) / FPS
-    assert end.stream_time_sec <= end.action_end_sec + inference.MAX_GAP_SEC + (32 + stride) / FPS
+    # said once START_SEC of it were predicted, and ended once the newest window was a joining gap past its end
+    assert start.stream_time_sec - start.action_start_sec >= tube_events.START_SEC - 1 / FPS
+    assert start.stream_time_sec <= start.action_start_sec + tube_events.START_SEC + stride / FPS
+    assert end.action_end_sec + inference.MAX_GAP_SEC < end.stream_time_sec
+    assert end.stream_time_sec <= end.action_end_sec + inference.MAX_GAP_SEC + (stride + 1) / FPS
     assert all(0.0 <= v <= 1.0 for v in start.box) and start.latency_sec >= 0
 
 
@@ -298,3 +299,39 @@ def test_a_killed_stream_has_every_event_it_said_on_disk(tmp_path, tube_ckpt):
     assert said and "started" in said[0]
     rows = _rows(events)
     assert events.read_text().endswith("\n") and rows[0]["event"] == "start" and rows[0]["tube_id"] == "1"
+
+
+@pytest.mark.parametrize("receiver", ["healthy", "slow", "refusing"])
+def test_webhook_gets_every_event_and_a_bad_receiver_never_delays_the_stream(tmp_path, tube_ckpt, monkeypatch,
+                                                                             receiver):
+    """Each tube event POSTed as JSON with the file's keys; a receiver that hangs or refuses changes neither the
+    predictions (none skipped) nor the events file, and the run still ends at once."""
+    from test_webhook import Receiver
+    from conftest import free_port
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    server = Receiver(slow=receiver == "slow") if receiver != "refusing" else None
+    url = server.url if server else f"http://127.0.0.1:{free_port()}/hook"
+    src = write_video(tmp_path / "v.mp4", np.zeros((75, 48, 64, 3), np.uint8))
+    net, info, _ = inference.load_model(tube_ckpt, CPU)
+    events = tmp_path / "tubes.csv"
+    settings = stream.StreamSettings(stride=16, tube_events=str(events), webhook=url)
+    run = stream.StreamRun(stream.parse_source(str(src)), net, info, settings, CPU, None)
+    t0 = time.monotonic()
+    try:
+        stats = run.run()
+    finally:
+        if server:
+            server.stop()
+    assert time.monotonic() - t0 < 75 / 25 + 10   # close waits 5 s at most for a bad receiver
+    assert stats.skipped == 0 and stats.end == "ended"
+    rows = _rows(events)
+    assert rows and stats.tube_events == len(rows)
+    sender = run.webhook
+    assert sender.sent == len(rows)
+    if receiver == "healthy":
+        assert sender.delivered == len(rows)
+        assert [r["event"] for r in server.accepted] == [r["event"] for r in rows]
+        assert all(list(body) == FIELDS for body in server.accepted)
+    else:
+        assert sender.delivered == 0 and sender.failed + sender.undelivered == len(rows)
