@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -301,7 +302,7 @@ def test_a_killed_stream_has_every_event_it_said_on_disk(tmp_path, tube_ckpt):
     assert events.read_text().endswith("\n") and rows[0]["event"] == "start" and rows[0]["tube_id"] == "1"
 
 
-@pytest.mark.parametrize("receiver", ["healthy", "slow", "refusing"])
+@pytest.mark.parametrize("receiver", ["healthy", "slow", "refusing", "dies"])
 def test_webhook_gets_every_event_and_a_bad_receiver_never_delays_the_stream(tmp_path, tube_ckpt, monkeypatch,
                                                                              receiver):
     """Each tube event POSTed as JSON with the file's keys; a receiver that hangs or refuses changes neither the
@@ -312,6 +313,13 @@ def test_webhook_gets_every_event_and_a_bad_receiver_never_delays_the_stream(tmp
         monkeypatch.delenv(name, raising=False)
     server = Receiver(slow=receiver == "slow") if receiver != "refusing" else None
     url = server.url if server else f"http://127.0.0.1:{free_port()}/hook"
+    if receiver == "dies":   # the receiver goes away after its first event
+        def kill_after_first():
+            deadline = time.monotonic() + 30
+            while not server.accepted and time.monotonic() < deadline:
+                time.sleep(0.01)
+            server.stop()
+        threading.Thread(target=kill_after_first, daemon=True).start()
     src = write_video(tmp_path / "v.mp4", np.zeros((75, 48, 64, 3), np.uint8))
     net, info, _ = inference.load_model(tube_ckpt, CPU)
     events = tmp_path / "tubes.csv"
@@ -321,7 +329,7 @@ def test_webhook_gets_every_event_and_a_bad_receiver_never_delays_the_stream(tmp
     try:
         stats = run.run()
     finally:
-        if server:
+        if server and receiver != "dies":
             server.stop()
     assert time.monotonic() - t0 < 75 / 25 + 10   # close waits 5 s at most for a bad receiver
     assert stats.skipped == 0 and stats.end == "ended"
@@ -333,5 +341,8 @@ def test_webhook_gets_every_event_and_a_bad_receiver_never_delays_the_stream(tmp
         assert sender.delivered == len(rows)
         assert [r["event"] for r in server.accepted] == [r["event"] for r in rows]
         assert all(list(body) == FIELDS for body in server.accepted)
+    elif receiver == "dies":
+        assert sender.delivered >= 1 and sender.delivered + sender.failed + sender.undelivered == len(rows)
+        assert server.accepted[0]["event"] == "start" and server.accepted[0]["tube_id"] == 1
     else:
         assert sender.delivered == 0 and sender.failed + sender.undelivered == len(rows)
