@@ -54,6 +54,13 @@ step() {   # step NAME COMMAND...: run one bench, note a failure, go on
     else
         step epoch "$PY" bench/bench_epoch.py --sample   # the tester's command: ~20 min on 2 cores with native bf16
     fi
+    if [[ ${#QUICK[@]} -gt 0 ]]; then   # the dataset suite, one tiny variant, 1 epoch: checks the script
+        step suite "$PY" bench/bench_suite.py --quick --variants people_base --num_videos 8 --num_unseen 4 \
+            --main_args "--epochs 1 --decoder_steps 10" --fresh --data_dir /tmp/star_bench_quick/suite_data \
+            --work_dir /tmp/star_bench_quick/suite
+    else   # one variant on the quick schedule; the whole suite takes hours: python bench/bench_suite.py
+        step suite "$PY" bench/bench_suite.py --quick --variants people_base --fresh
+    fi
     echo
     if [[ ${#failed[@]} -gt 0 ]]; then echo "FAILED: ${failed[*]}"; else echo "all benches ran"; fi
     [[ ${#failed[@]} -eq 0 ]]
