@@ -346,3 +346,27 @@ def test_webhook_gets_every_event_and_a_bad_receiver_never_delays_the_stream(tmp
         assert server.accepted[0]["event"] == "start" and server.accepted[0]["tube_id"] == 1
     else:
         assert sender.delivered == 0 and sender.failed + sender.undelivered == len(rows)
+
+
+def test_sigterm_ends_every_open_tube_in_the_file(tmp_path, tube_ckpt):
+    """SIGTERM once a tube has started: the stream closes with an end row for every start row (exit code 143)."""
+    src = write_video(tmp_path / "long.mp4", np.zeros((500, 48, 64, 3), np.uint8))   # 20 s
+    events = tmp_path / "tubes.csv"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "stream.py"), "--source", str(src), "--model_path",
+                             str(tube_ckpt), "--tube_events", str(events), "--precision", "fp32"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if "started" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, out[-2000:]
+    rows = _rows(events)
+    starts = sorted(r["tube_id"] for r in rows if r["event"] == "start")
+    assert starts and starts == sorted(r["tube_id"] for r in rows if r["event"] == "end")
+    assert all(float(r["stream_time_sec"]) < 19 for r in rows)   # ended by the signal, not by the file's end

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Save one annotated frame as a PNG: the middle frame of the annotated video whose detection
-scored highest in predictions.csv (for the README's picture and a quick look at results).
+"""Save one annotated frame as a PNG: the middle of the best-scored detection's time span in its annotated
+video (predictions.csv), for the README's picture and a quick look at results.
 
     python tools/snapshot.py --predictions predictions.csv --annotated_dir annotated_videos --output frame.png
 """
@@ -34,10 +34,13 @@ def main(args) -> int:
     stem = pathlib.Path(str(found.iloc[0]["video_name"])).stem
     path = pathlib.Path(args.annotated_dir) / f"{stem}.mp4"
     info = video.probe_video(path)
-    frame = video.read_frames(path, [info.num_frames // 2], info)[0]
+    best = found.iloc[0]
+    middle = (float(best["start_sec"]) + float(best["end_sec"])) / 2 if "start_sec" in best else info.duration_sec / 2
+    index = min(max(int(middle * info.fps), 0), info.num_frames - 1)   # the middle of the best detection's span
+    frame = video.read_frames(path, [index], info)[0]
     frame = cv2.resize(frame, (frame.shape[1] * 3, frame.shape[0] * 3), interpolation=cv2.INTER_NEAREST)
     cv2.imwrite(args.output, cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-    print(f"{args.output}: middle frame of {path}")
+    print(f"{args.output}: frame {index} of {path}, the middle of its best detection")
     return 0
 
 
