@@ -278,26 +278,30 @@ def test_tube_events_need_a_tube_mode_checkpoint(tmp_path, make_video, capsys):
     assert stream.cli(["--source", "x.mp4", "--webhook", "ftp://host/x"]) == 2
 
 
-def test_a_killed_stream_has_every_event_it_said_on_disk(tmp_path, tube_ckpt):
-    """SIGKILL (no clean-up at all) once a tube has started: the file holds every row the log had announced."""
-    src = write_video(tmp_path / "long.mp4", np.zeros((500, 48, 64, 3), np.uint8))   # 20 s
-    events = tmp_path / "tubes.csv"
+def _signal_once_a_tube_started(tmp_path, tube_ckpt, sig) -> tuple[subprocess.Popen, str, str]:
+    """stream.py over a 20 s file with --tube_events, sent ``sig`` after its first "tube #" log line; returns the
+    process (ended), that line and the rest of its output."""
+    src = write_video(tmp_path / "long.mp4", np.zeros((500, 48, 64, 3), np.uint8))
     proc = subprocess.Popen([sys.executable, str(ROOT / "stream.py"), "--source", str(src), "--model_path",
-                             str(tube_ckpt), "--tube_events", str(events), "--precision", "fp32"],
+                             str(tube_ckpt), "--tube_events", str(tmp_path / "tubes.csv"), "--precision", "fp32"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    said = []
+    said = ""
     try:
-        for line in proc.stdout:
-            if "tube #" in line:
-                said.append(line)
-                break
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=20)
+        said = next((line for line in proc.stdout if "tube #" in line), "")
+        proc.send_signal(sig)
+        rest, _ = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert said and "started" in said[0]
+    return proc, said, rest
+
+
+def test_a_killed_stream_has_every_event_it_said_on_disk(tmp_path, tube_ckpt):
+    """SIGKILL (no clean-up at all) once a tube has started: the file holds every row the log had announced."""
+    _, said, _ = _signal_once_a_tube_started(tmp_path, tube_ckpt, signal.SIGKILL)
+    events = tmp_path / "tubes.csv"
+    assert "started" in said
     rows = _rows(events)
     assert events.read_text().endswith("\n") and rows[0]["event"] == "start" and rows[0]["tube_id"] == "1"
 
@@ -350,23 +354,9 @@ def test_webhook_gets_every_event_and_a_bad_receiver_never_delays_the_stream(tmp
 
 def test_sigterm_ends_every_open_tube_in_the_file(tmp_path, tube_ckpt):
     """SIGTERM once a tube has started: the stream closes with an end row for every start row (exit code 143)."""
-    src = write_video(tmp_path / "long.mp4", np.zeros((500, 48, 64, 3), np.uint8))   # 20 s
-    events = tmp_path / "tubes.csv"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "stream.py"), "--source", str(src), "--model_path",
-                             str(tube_ckpt), "--tube_events", str(events), "--precision", "fp32"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        for line in proc.stdout:
-            if "started" in line:
-                break
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 143, out[-2000:]
-    rows = _rows(events)
+    proc, said, out = _signal_once_a_tube_started(tmp_path, tube_ckpt, signal.SIGTERM)
+    assert "started" in said and proc.returncode == 143, out[-2000:]
+    rows = _rows(tmp_path / "tubes.csv")
     starts = sorted(r["tube_id"] for r in rows if r["event"] == "start")
     assert starts and starts == sorted(r["tube_id"] for r in rows if r["event"] == "end")
     assert all(float(r["stream_time_sec"]) < 19 for r in rows)   # ended by the signal, not by the file's end
