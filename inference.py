@@ -346,10 +346,7 @@ def finish_video(res: VideoResult, settings: "Settings") -> None:
     fps = res.info.fps
     between = settings.stride_sec - settings.window_sec if settings.window_sec else 0.0
     if res.tube_mode:
-        linker = tube_linker(fps, between, res.info.num_frames)
-        for clip in res.clip_tubes:
-            linker.add(clip)
-        res.tubes, res.clip_tubes = linker.finish(), []
+        res.tubes, res.clip_tubes = tube_linker(fps, between, res.info.num_frames).join(res.clip_tubes), []
         res.detections = [tube_detection(t, fps) for t in res.tubes]
         return
     if settings.window_sec:

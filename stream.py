@@ -491,7 +491,7 @@ class AnnotatedWriter:
         self.path, self.fps, self._writer = pathlib.Path(path), fps, None
 
     def write(self, image: np.ndarray, detections) -> None:
-        self._write_drawn(image, [(d.class_name, d.score, d.box) for d in detections])
+        self._write_drawn(image, drawn(detections))
 
     def _write_drawn(self, image: np.ndarray, shown: list) -> None:
         if self._writer is None:
@@ -536,6 +536,11 @@ class TubeVideoWriter(AnnotatedWriter):
         super().close()
 
 
+def drawn(detections) -> list[tuple]:
+    """``[inference.Detection]`` as video.draw_detections takes them: ``(class_name, score, box)``."""
+    return [(d.class_name, d.score, d.box) for d in detections]
+
+
 def has_display() -> bool:
     """Whether a window can be shown (Linux needs an X or Wayland display)."""
     if sys.platform.startswith("linux"):
@@ -554,11 +559,11 @@ class Display:
         if enabled and not self.enabled:
             log.warning("--show: no display here (DISPLAY/WAYLAND_DISPLAY unset); not showing the stream")
 
-    def show(self, image: np.ndarray, detections) -> bool:
-        """Show one frame; False when the user asked to stop (a normal end)."""
+    def show(self, image: np.ndarray, shown: list) -> bool:
+        """Show one frame with ``shown`` drawn (video.draw_detections' tuples); False when the user asked to stop (a
+        normal end)."""
         if not self.enabled:
             return True
-        shown = [(d.class_name, d.score, d.box) for d in detections]
         try:
             cv2.imshow(self.TITLE, cv2.cvtColor(video.draw_detections(image, shown), cv2.COLOR_RGB2BGR))
             key = cv2.waitKey(1) & 0xFF
@@ -950,10 +955,11 @@ class StreamRun:
             except (video.VideoError, OSError) as err:
                 self.stop.set("failed")
                 self.stats.message = f"--output {self.settings.output}: {one_line(err)}"
-        if self.live is not None:   # the window shows each open tube's newest predicted box
-            detections = [inference.Detection(0, name, score, box, 0.0, 0.0) for name, score, box, _ in
-                          self.live.latest_boxes()]
-        if not self.display.show(frame.image, detections):
+        if not self.display.enabled:
+            return
+        # the window shows the newest prediction's detections, or each open tube's newest predicted box
+        shown = drawn(detections) if self.live is None else [tube[:3] for tube in self.live.latest_boxes()]
+        if not self.display.show(frame.image, shown):
             self.stop.set("ended")
             self.stats.message = "closed in the window (q)"
 
@@ -1022,7 +1028,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--tube_events", default=None,
                         help="tube-mode checkpoint: CSV with one row when a tube's action starts and one when it ends "
                              "(flushed every row); '-' writes JSON lines to stdout")
-    parser.add_argument("--tube_start_sec", type=number(float, 0, strict=True), default=tube_events.START_SEC,
+    parser.add_argument("--tube_start_sec", type=number(float, 0, strict=True), default=TUBE_START_SEC,
                         help="a tube's start is said once it spans this long: shorter answers sooner, longer says "
                              "fewer false starts")
     parser.add_argument("--webhook", default=None, metavar="URL",

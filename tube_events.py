@@ -105,6 +105,11 @@ class LiveTube:
     def last(self) -> int:
         return int(self.piece.frames[-1])
 
+    def drawn(self, i: int) -> tuple:
+        """``(class_name, score, box, "#id")`` at the ``i``-th frame of its piece, as video.draw_detections takes it."""
+        return (self.piece.class_name, float(self.piece.frame_scores[i]), tuple(self.piece.boxes[i]),
+                f"#{self.tube_id}")
+
 
 class LiveTubes:
     """Tubes and their start/end events on a stream, one predicted clip at a time (thread-safe: the predictor
@@ -147,9 +152,8 @@ class LiveTubes:
         """The stream ended after frame ``newest``: every open tube ends; :attr:`final` holds test.py's tubes."""
         with self._lock:
             events = []
-            for actor in self.linker.open:
+            for actor in self.linker.open:   # a retired actor's tubes ended when it retired
                 events += self._follow(actor, self.linker.provisional_tubes(actor), (newest, arrival), lambda _: True)
-            events += [self._event("end", t, (newest, arrival)) for t in self.tubes if not t.ended]
             self.final = self.linker.finish()
             return events
 
@@ -214,18 +218,15 @@ class LiveTubes:
         with self._lock:
             out = []
             for live in self.tubes:
-                frames = live.piece.frames
-                i = int(np.searchsorted(frames, frame))
-                if i < len(frames) and frames[i] == frame:
-                    out.append((live.piece.class_name, float(live.piece.frame_scores[i]), tuple(live.piece.boxes[i]),
-                                f"#{live.tube_id}"))
+                i = int(np.searchsorted(live.piece.frames, frame))
+                if i < len(live.piece.frames) and live.piece.frames[i] == frame:
+                    out.append(live.drawn(i))
             return out
 
     def latest_boxes(self) -> list[tuple]:
         """``(class_name, score, box, "#id")`` of every open tube at its newest predicted frame (a live view)."""
         with self._lock:
-            return [(t.piece.class_name, float(t.piece.frame_scores[-1]), tuple(t.piece.boxes[-1]), f"#{t.tube_id}")
-                    for t in self.tubes if not t.ended]
+            return [t.drawn(-1) for t in self.tubes if not t.ended]
 
     def forget_before(self, frame: int) -> None:
         """Drop ended tubes whose last frame is before ``frame`` (drawn already): memory stays bounded."""

@@ -350,6 +350,12 @@ class TubeLinker:
         self._retire(lambda a: True)
         return number_tubes([t for _, tubes in sorted(self.retired, key=lambda kt: kt[0]) for t in tubes])
 
+    def join(self, clips: Sequence[Sequence[PredTube]]) -> list[PredTube]:
+        """A whole video's clip tubes (window order) linked, then :meth:`finish`."""
+        for clip in clips:
+            self.add(clip)
+        return self.finish()
+
 
 def part_classes(parts: Sequence[PredTube], switch_cost: float) -> np.ndarray:
     """The class of each part of one actor (window order): the sequence of classes that best explains every
@@ -388,7 +394,4 @@ def join_tubes(clips: Sequence[Sequence[PredTube]], iou_threshold: float, max_ga
     (:class:`TubeLinker`): the parts of one actor take their classes from :func:`action_runs`, parts of one class in a
     row become one tube, a tube missing for more than ``max_gap`` frames is cut (:func:`split_gaps`: a short pause
     keeps the id, a long one gives a new one), and tubes spanning fewer than ``min_frames`` frames are dropped."""
-    linker = TubeLinker(iou_threshold, max_gap, switch_cost, min_frames)
-    for clip in clips:
-        linker.add(clip)
-    return linker.finish()
+    return TubeLinker(iou_threshold, max_gap, switch_cost, min_frames).join(clips)
