@@ -98,13 +98,15 @@ def media_dir():
 TINY_PREP = {"num_frames": 4, "img_size": 64, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
-def tiny_checkpoint(path, confident: bool = False) -> pathlib.Path:
+def tiny_checkpoint(path, confident: bool = False, net=None) -> pathlib.Path:
     """A tiny project checkpoint (TINY_PREP, classes fight and collapse); ``confident``: its 12 queries all say class 1
-    (collapse) with probability ~1, else random weights (scores ~0.3-0.5)."""
+    (collapse) with probability ~1, else random weights (scores ~0.3-0.5). ``net``: a ``STAR(2)`` whose weights to
+    use instead of those seeded here (tests/test_golden.py seeds each weight by its key)."""
     import torch
     import model as star_model
-    torch.manual_seed(0)
-    net = star_model.STAR(2).eval()
+    if net is None:
+        torch.manual_seed(0)
+        net = star_model.STAR(2).eval()
     if confident:
         with torch.no_grad():
             bias = net.head.class_head[3].bias
@@ -116,14 +118,20 @@ def tiny_checkpoint(path, confident: bool = False) -> pathlib.Path:
     return pathlib.Path(path)
 
 
-def tube_checkpoint(path, acting: bool = True) -> pathlib.Path:
+TUBE_CKPT_ARGS = {"num_queries": 4, "tube_steps": 8, "dim_feedforward": 64, "num_decoder_layers": 2,
+                  "max_positions": 1000}
+
+
+def tube_checkpoint(path, acting: bool = True, net=None) -> pathlib.Path:
     """A tiny tube-mode STAR (8 frames, 4 queries) whose every step says collapse; ``acting``: its actionness map says
-    acting everywhere (4 tubes over the whole clip), else nowhere (no tube)."""
+    acting everywhere (4 tubes over the whole clip), else nowhere (no tube). ``net``: a ``STAR(2, **TUBE_CKPT_ARGS)``
+    whose weights to use instead of those seeded here."""
     import torch
     import model as star_model
-    torch.manual_seed(0)
-    args = {"num_queries": 4, "tube_steps": 8, "dim_feedforward": 64, "num_decoder_layers": 2, "max_positions": 1000}
-    net = star_model.STAR(2, **args).eval()
+    args = TUBE_CKPT_ARGS
+    if net is None:
+        torch.manual_seed(0)
+        net = star_model.STAR(2, **args).eval()
     with torch.no_grad():
         net.head.class_head[3].bias.zero_()
         net.head.class_head[3].bias[1] = 20.0

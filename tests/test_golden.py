@@ -63,7 +63,7 @@ import model as star_model
 import stream
 import tubes
 import video
-from conftest import ROOT, TINY_PREP, write_video
+from conftest import ROOT, TINY_PREP, TUBE_CKPT_ARGS, tiny_checkpoint, tube_checkpoint, write_video
 from losses import build_criterion
 
 import test as test_cli  # noqa: E402  (the repository's test.py: the root is first on the path, see conftest)
@@ -553,43 +553,13 @@ def test_evaluation_outputs_tube_mode():
 
 # --------------------------------------------------------------------------- 3. test.py's CSVs
 
-def clip_checkpoint(path) -> pathlib.Path:
-    """conftest.tiny_checkpoint(confident=True)'s checkpoint (the published network's size, TINY_PREP; its queries all
-    say collapse with probability ~1), its weights from :func:`keyed_state`."""
-    net = keyed_model({"num_classes": 2})
-    with torch.no_grad():
-        bias = net.head.class_head[3].bias
-        bias.zero_()
-        bias[1] = 20.0
-    ck = star_model.make_checkpoint(net, star_model.model_args_from(2), ["fight", "collapse"], TINY_PREP,
-                                    raw_class_ids=[0, 1])
-    star_model.save_checkpoint(ck, path)
-    return pathlib.Path(path)
-
-
-TUBE_CKPT_ARGS = {"num_queries": 4, "tube_steps": 8, "dim_feedforward": 64, "num_decoder_layers": 2, "max_positions": 1000}
-
-
-def tube_checkpoint(path) -> pathlib.Path:
-    """conftest.tube_checkpoint(acting=True)'s checkpoint (8 frames, 4 queries; every step says collapse, the
-    actionness map says acting everywhere), its weights from :func:`keyed_state`."""
-    net = keyed_model({"num_classes": 2, **TUBE_CKPT_ARGS})
-    with torch.no_grad():
-        net.head.class_head[3].bias.zero_()
-        net.head.class_head[3].bias[1] = 20.0
-        net.acting.out.weight.zero_()
-        net.acting.out.bias.fill_(20.0)
-    ck = star_model.make_checkpoint(net, star_model.model_args_from(2, **TUBE_CKPT_ARGS), ["fight", "collapse"],
-                                    {**TINY_PREP, "num_frames": 8})
-    star_model.save_checkpoint(ck, path)
-    return pathlib.Path(path)
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
+    """conftest's confident clip and acting tube checkpoints, their weights from :func:`keyed_state`."""
     folder = tmp_path_factory.mktemp("golden_ckpt")
     with torch.random.fork_rng():
-        return {"clip": clip_checkpoint(folder / "clip.pth"), "tube": tube_checkpoint(folder / "tube.pth")}
+        return {"clip": tiny_checkpoint(folder / "clip.pth", confident=True, net=keyed_model({"num_classes": 2})),
+                "tube": tube_checkpoint(folder / "tube.pth", net=keyed_model({"num_classes": 2, **TUBE_CKPT_ARGS}))}
 
 
 @pytest.fixture(scope="module")
