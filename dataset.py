@@ -1115,22 +1115,17 @@ class ActionDataset(torch.utils.data.Dataset):
         track_boxes   float32 (M, T, 4)   its box at each step, cxcywh normalised, zeros where -1
         frame_indices int64 (T,)          the decoded frame each step shows (0-based)
 
-    Per-video records (5-field labels): the seed's clip, T frames uniformly over the whole video;
-    every row acts at every step with the same box, N = M, and ``labels``/``boxes`` are those of
-    the seed. Per-frame records (``record.tracks``): a clip is a window of ``window_frames`` frames
-    (or ``window_sec`` seconds; None: the whole video), its T frames uniform in it; ``labels`` and
-    ``boxes`` are the tracks acting at the middle step, so the clip network trains on them.
-    Training windows (:func:`training_window`) are drawn where tracks are, with probability
-    ``negative_prob`` away from every track; validation uses :func:`validation_window`.
+    Per-video records (5-field labels): T frames uniformly over the whole video, every row acting at every step
+    with the same box (N = M). Per-frame records (``record.tracks``): a window of ``window_frames`` frames (or
+    ``window_sec``; None: the whole video), T frames uniform in it; training windows from :func:`training_window`
+    (``negative_prob`` of them away from every track), validation's from :func:`validation_window`.
 
-    Augmentation (``augment=True``, training only) is seeded by (seed, epoch, index): the
-    same sample gets the same augmentation and window in any worker or process, and after a
-    resume. The same crop, flip and colour apply to every frame and every box of the clip.
-    With ``still_prob`` > 0 a clip with an action becomes, with that probability, a still clip
-    without one (:func:`still_clip`). With ``clips_per_video = n`` every record is ``n`` samples (index
-    ``copy * len(records) + i``), each with its own window and augmentation; copy 0 is the sample of ``n = 1``.
-    With ``pair_prob`` > 0 a training window of a per-frame record is, with that probability, shown beside a window
-    of another per-frame record (:func:`side_by_side`: each in a half of the frame, with all its tracks).
+    Augmentation (``augment=True``) is seeded by (seed, epoch, index), so a sample is the same in any worker and
+    after a resume; one crop, flip and colour for every frame and box of the clip. ``still_prob``: a clip with an
+    action becomes a still clip without one (:func:`still_clip`). ``clips_per_video = n``: index ``copy *
+    len(records) + i`` is record i with its own window and augmentation. ``pair_prob``: a per-frame training window
+    is shown beside another record's (:func:`side_by_side`). A video that fails to decode is logged and another
+    sample is returned.
     """
 
     def __init__(self, records, num_frames: int, img_size: int, augment: bool = False, seed: int = 0,
@@ -1165,6 +1160,7 @@ class ActionDataset(torch.utils.data.Dataset):
         return [r.has_action for r in self.records] * self.clips_per_video
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch that seeds augmentation and windows (with the seed and the index)."""
         self.epoch = int(epoch)
 
     def __getitem__(self, index):
@@ -1286,6 +1282,7 @@ class BalancedBatchSampler(torch.utils.data.Sampler):
             log.warning("batch size 1: every batch must hold a positive, so videos without action are not used")
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch that seeds the shuffle (every rank computes the same batches)."""
         self.epoch = int(epoch)
 
     def _num_batches(self) -> int:
@@ -1326,6 +1323,7 @@ class EpochTaggedBatches(torch.utils.data.Sampler):
         self.batch_sampler, self.epoch = batch_sampler, 0
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch for the wrapped sampler and for the indices yielded."""
         self.epoch = int(epoch)
         self.batch_sampler.set_epoch(epoch)
 

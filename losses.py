@@ -1,8 +1,10 @@
 """Hungarian matching and the set criterion (CE with a weighted no-object class, L1, GIoU), as DETR.
 
-Boxes in model outputs and targets are ``(cx, cy, w, h)`` normalised to [0, 1]. Everything here runs
-in float32, whatever autocast the forward pass used: the matcher and the losses are cheap, and low
-precision there produced non-finite gradients (DESIGN.md, "Environment facts").
+Boxes in model outputs and targets are ``(cx, cy, w, h)`` normalised to [0, 1]. Targets: one dict per clip,
+``{"labels": int64 (N,), "boxes": float32 (N, 4)}`` (N may be 0); tube mode also reads ``track_labels (M, K)``
+(class, -1 = not acting) and ``track_boxes (M, K, 4)``. Everything here runs in float32, whatever autocast the
+forward pass used: the matcher and the losses are cheap, and low precision there gives non-finite gradients
+(DESIGN.md, "Environment facts").
 """
 from __future__ import annotations
 
@@ -116,8 +118,10 @@ class SetCriterion(nn.Module):
     L1 and GIoU over matched pairs normalised by the number of target boxes; the same terms on every
     auxiliary decoder output (suffix ``_<layer>``).
 
-    Returns named terms; ``weight_dict`` says which are trained on and how much. ``class_error`` and
-    ``matched_iou`` are for logging only (absent from ``weight_dict``)."""
+    Returns named terms: ``loss_ce``, ``loss_bbox``, ``loss_giou`` (and ``loss_ce_0``... per auxiliary layer),
+    ``loss_video``, and in tube mode ``loss_locate``, ``loss_acting``, ``loss_presence``, ``loss_actor_class`` (the
+    last three once, not per layer); ``weight_dict`` says which are trained on and how much (:meth:`total`).
+    ``class_error`` and ``matched_iou`` are for logging only (absent from ``weight_dict``)."""
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict,
                  eos_coef: float = 0.1, losses=("labels", "boxes")):
@@ -148,8 +152,8 @@ class SetCriterion(nn.Module):
         """Tube mode: weighted CE over all ``B*Q*K`` (query, step) pairs; a matched query's target at step k is
         its track's class there, or no_object where the track does not act (weight 1: when the actor acts is a
         label, not filler); unmatched queries: no_object, weighted ``eos_coef``. Why: with ``eos_coef`` on a
-        track's idle steps too, calling them acting cost a tenth of the reverse, and the step scores stayed flat
-        across each window (docs/EXPERIMENTS.md, "Tube mode")."""
+        track's idle steps too, calling them acting would cost a tenth of the reverse (docs/EXPERIMENTS.md, "Tube mode",
+        second session)."""
         logits = outputs["pred_logits"].float()                                  # (B, Q, K, C+1)
         target_classes = torch.full(logits.shape[:3], self.num_classes, dtype=torch.int64, device=logits.device)
         batch_idx, query_idx = _flat_indices(indices)
@@ -213,9 +217,8 @@ class SetCriterion(nn.Module):
         to). ``loss_acting``: binary CE of every cell of every step towards 1 where the cell holds an actor that
         acts then (:func:`acting_cells`), summed / the number of such cells (at least ``B*K``). ``loss_presence``:
         binary CE of each matched (query, step) towards whether its track acts then, the mean. Why plain CE: the
-        product with the class is thresholded at test time, so the map must be calibrated; under focal loss it
-        said 0.18 at acting actors, 0.09 at idle ones, and no tube passed 0.5 (docs/EXPERIMENTS.md, "Tube mode").
-        Nothing without ``pred_acting``."""
+        product with the class is thresholded at test time, so the map must be calibrated, which focal loss does not
+        give (docs/EXPERIMENTS.md, "Tube mode", third session). Nothing without ``pred_acting``."""
         if "pred_acting" not in outputs:
             return {}
         logits = outputs["pred_acting"].float()
@@ -322,8 +325,8 @@ def build_criterion(num_classes: int, num_decoder_layers: int = 4, aux_loss: boo
     """The published recipe: matcher costs and loss weights 2 / 5 / 2, no-object weight 0.1,
     auxiliary losses on every earlier decoder layer with the same weights. ``video_loss_coef`` > 0
     adds the video-level class loss (:meth:`SetCriterion.loss_video`) with that weight. The matcher's
-    costs are the loss weights, except ``cost_class`` when given. ``tube``: the tube mode's locator and actionness
-    losses too."""
+    costs are the loss weights, except ``cost_class`` when given. ``tube``: the tube mode's locator, actionness,
+    presence and actor-class losses too."""
     matcher = HungarianMatcher(weights["loss_ce"] if cost_class is None else cost_class,
                                weights["loss_bbox"], weights["loss_giou"])
     weight_dict = {**weights, **({"loss_locate": LOCATE_WEIGHT} if tube else {})}

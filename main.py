@@ -289,7 +289,7 @@ def make_loaders(args, train, val, rank: int, world: int):
                               still_prob=args.still_prob, window_sec=args.window_sec, negative_prob=args.negative_prob,
                               clips_per_video=args.clips_per_video, pair_prob=args.pair_prob)
     sampler = EpochTaggedBatches(BalancedBatchSampler(train_set.has_action, args.batch_size, args.seed, world, rank))
-    # workers live for the whole run (starting them cost ~2 s per epoch); the batches carry the epoch
+    # workers live for the whole run (starting them costs seconds every epoch); the batches carry the epoch
     kwargs = {"num_workers": args.workers, "collate_fn": collate, "persistent_workers": args.workers > 0}
     train_loader = DataLoader(train_set, batch_sampler=sampler, **kwargs)
     val_set = ActionDataset(val, args.num_frames, args.img_size, augment=False, window_sec=args.window_sec)
@@ -311,7 +311,7 @@ def build_training_state(args, class_map, device, world):
         load_for_finetuning(model, args.init_from)
     freeze_trunk_stages(model, args.freeze_trunk)
     model.to(device)
-    if device.type == "cpu":   # oneDNN's 3-D convs are faster on NDHWC: a bf16 step 1.54 -> 1.11 s (bench/README.md)
+    if device.type == "cpu":   # oneDNN's 3-D convs are faster on NDHWC, in training too (bench/README.md)
         model.use_channels_last()
     log.info("STAR: %.2f M parameters", count_parameters(model) / 1e6)
     criterion = build_criterion(len(class_map), model_args["num_decoder_layers"], model_args["aux_loss"],

@@ -48,7 +48,8 @@ def outputs_to_predictions(outputs: dict) -> list[dict]:
 
     Args:
         outputs: ``{"pred_logits": (B, Q, C+1), "pred_boxes": (B, Q, 4) cxcywh normalised}``;
-            the last logit is ``no_object``. Other keys (``aux_outputs``) are ignored.
+            the last logit is ``no_object``. Other keys (``aux_outputs``) are ignored. Tube-mode outputs
+            (``(B, Q, K, C+1)`` logits) go to :func:`tube_outputs_to_predictions`.
 
     Returns:
         ``B`` dicts ``{"scores": float32 (Q,), "labels": int64 (Q,), "boxes": float32 (Q, 4)}``

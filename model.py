@@ -34,11 +34,11 @@ class CheckpointError(Exception):
 
 
 class TemporalConv3d(nn.Conv3d):
-    """A ``(k, 1, 1)`` Conv3d (same parameters and keys) that, where oneDNN's bf16 weight gradient is wrong, pads time
-    itself. oneDNN 3.12's ``jit_bf16`` backward-weights kernel (torch 2.14.1, CPUs with AVX512-BF16) reads
-    uninitialised memory when the input has fewer steps than the kernel (2 steps, kernel 3, padding 1: R(2+1)D's
-    layer3 at 8 frames, layer4 at 16); with the padding done beforehand the conv sees 4 steps and no padding, and its
-    gradient is right (tools/check_bf16.py). Only bf16 CPU training takes this path; fp32 and inference do not."""
+    """A ``(k, 1, 1)`` Conv3d (same parameters and keys) that pads time itself in bf16 CPU training.
+
+    Why: oneDNN 3.12's bf16 backward-weights kernel (torch 2.14.1, AVX512-BF16 CPUs) reads uninitialised memory when
+    the input has fewer steps than the kernel (R(2+1)D's layer3 at 8 frames, layer4 at 16); padded beforehand, the
+    gradient is right (tools/check_bf16.py). fp32 and inference take the plain path."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pad = self.padding[0]
@@ -73,15 +73,11 @@ class Backbone(nn.Module):
     Input ``(B, 3, T, H, W)``; output tokens ``(B, N, hidden_dim)`` flattened in ``(t, h, w)`` order,
     ``N = T/8 * H/16 * W/16`` (rounded up).
 
-    With ``time_tokens`` (tube mode) ``T * (g*h) * (g*w)`` more tokens follow (``g = time_grid``): at every pixel of
-    the full frame rate, the stem's spatial conv (what frame k looks like, that frame alone), the stem's output (what
-    changes over frames k-1..k+1) and layer1's output go
-    through a 1x1 conv + ReLU (``time_pixel``), are average-pooled to ``time_steps`` x layer4's grid made ``g`` times
-    finer, projected (``time_proj``) and normalised (``time_norm``); :meth:`STAR.split_tokens` divides them between
-    decoder and locator. Why: at 8 frames layer4 has a single time step, so nothing in its tokens is tied to one
-    frame; layer1 mixes ~11 sampled frames and, under the motion stem, answers to change only; a cell's share of
-    actor pixels is a non-linear feature, which a linear map of pooled features cannot give (docs/EXPERIMENTS.md,
-    "Tube mode").
+    With ``time_tokens`` (tube mode) ``T * (g*h) * (g*w)`` more tokens follow (``g = time_grid``): the stem's spatial
+    conv, the stem's output and layer1's output at every frame, through a 1x1 conv + ReLU (``time_pixel``),
+    average-pooled to ``time_steps`` x layer4's grid made ``g`` times finer, projected (``time_proj``) and normalised
+    (``time_norm``); :meth:`STAR.split_tokens` divides them between decoder and locator. Why: at 8 frames layer4 has
+    one time step, so none of its tokens is tied to one frame (docs/EXPERIMENTS.md, "Tube mode").
     """
 
     def __init__(self, hidden_dim: int = 256, dropout: float = 0.1, time_tokens: bool = False, time_grid: int = 1):
@@ -195,17 +191,16 @@ class Head(nn.Module):
 
 
 class Locator(nn.Module):
-    """Tube mode with time tokens: where (actor q, step k) is, read from the attention of its decoder output over
-    its frame's time tokens. ``forward(hidden (B, Q, K, D), frame_memory (B, K, G, D))`` -> centres
-    ``(B, Q, K, 2)``, the attention-weighted mean ``(x, y)`` of the G grid cells' centres (a square grid), and the
-    attention logits. Why: the plain box head
-    learnt per-class mean places for a long time (matched cx error 0.11 after 30 epochs); a box centre that is a
-    weighted mean of cell centres moves with what the query attends to from the first step. The attention is also
-    trained to pick the true centre's cell: a mean over two actors' cells would fall between them
-    (docs/EXPERIMENTS.md, "Tube mode"). Each actor query has a learnt anchor ``(x, y)`` (``anchors (Q, 2)``, spread
-    over the frame at the start); the attention logits get ``-d^2 / (2 * ANCHOR_SPREAD^2)``, d the cell centre's
-    distance from it, as Anchor DETR's queries own a place. Why: without it every query of a two-actor clip looked
-    at the same actor, on training clips too, and the second actor was never found."""
+    """Tube mode with time tokens: where (actor q, step k) is, from the attention of its decoder output over its
+    frame's time tokens.
+
+    ``forward(hidden (B, Q, K, D), frame_memory (B, K, G, D))`` -> centres ``(B, Q, K, 2)`` (the attention-weighted
+    mean ``(x, y)`` of the G cells' centres, a square grid) and the attention logits ``(B, Q, K, G)``. Each actor
+    query has a learnt anchor (``anchors (Q, 2)``); the logits get ``-d^2 / (2 * ANCHOR_SPREAD^2)``, d a cell
+    centre's distance from it, as in Anchor DETR. Why: a centre that is a mean of cell centres moves with what the
+    query attends to from the first step, where a plain box head learns per-class mean places; the attention is
+    trained towards the true centre's cell, since a mean over two actors' cells falls between them; the anchors make
+    the queries of a two-actor clip look at different actors (docs/EXPERIMENTS.md, "Tube mode")."""
 
     def __init__(self, hidden_dim: int, num_queries: int):
         super().__init__()
@@ -231,13 +226,12 @@ class Locator(nn.Module):
 
 class Actionness(nn.Module):
     """Tube mode with time tokens: how likely each cell of each step's frame holds an actor that acts then.
+
     ``forward(frame_memory (B, K, G, D))`` -> logits ``(B, K, G)``: each fine time token through a linear layer and
-    ReLU, a conv over the cell's steps k-1..k+1, ReLU, a linear layer; trained densely and where each matched
-    (actor, step) reads it (losses.SetCriterion.loss_acting). :meth:`STAR.read` reads it at the cells each
-    (actor, step) attends to. Why: the decoder's step scores stayed flat across a window (a clip-wide "this is a
-    jump"), on training clips too; a cell of a few frames only knows that stretch of time, and every cell of every
-    step is a label; the conv over steps because one frame's motion alone is ambiguous (a hop stands still at its
-    top) (docs/EXPERIMENTS.md, "Tube mode")."""
+    ReLU, a conv over the cell's steps k-1..k+1, ReLU, a linear layer; trained by losses.SetCriterion.loss_acting,
+    read by :meth:`STAR.read`. Why: the decoder's step scores are clip-wide, while a cell of a few frames knows only
+    that stretch of time; the conv over steps because one frame's motion alone is ambiguous (a hop stands still at
+    its top) (docs/EXPERIMENTS.md, "Tube mode")."""
 
     def __init__(self, hidden_dim: int):
         super().__init__()
@@ -255,13 +249,13 @@ class Actionness(nn.Module):
 
 
 class SizeMap(nn.Module):
-    """Tube mode with time tokens: a box size correction at each cell of each step's frame. ``forward(frame_memory
-    (B, K, G, D))`` -> ``(B, K, G, 2)`` logits added to the box head's (w, h) logits where the :class:`Locator`
-    attends (:meth:`STAR.read`): each fine time token through a linear layer and ReLU, two 3x3 convs over its frame's
-    grid (the first with ReLU), the last at zero so the network starts as the box head alone. Why: the box head
-    reads the clip through the decoder and gave a wave actor (whose height swings by +-45 % in a second) about its
-    mean height at every step; a frame's own tokens around the actor see its extent at that frame
-    (docs/EXPERIMENTS.md, "Tube mode")."""
+    """Tube mode with time tokens: a box size correction at each cell of each step's frame.
+
+    ``forward(frame_memory (B, K, G, D))`` -> ``(B, K, G, 2)`` logits added to the box head's (w, h) logits where
+    the :class:`Locator` attends (:meth:`STAR.read`): a linear layer and ReLU per fine time token, two 3x3 convs
+    over the frame's grid, the last at zero so the network starts as the box head alone. Why: the box head reads
+    the whole clip and gives about the clip's mean size; a frame's own tokens see the actor's extent in that frame
+    (a wave's height swings) (docs/EXPERIMENTS.md, "Tube mode")."""
 
     def __init__(self, hidden_dim: int):
         super().__init__()
@@ -280,9 +274,9 @@ class SizeMap(nn.Module):
 
 
 def _neighbourhood_max(cells: torch.Tensor) -> torch.Tensor:
-    """``cells (B, K, G)`` on a square grid -> the maximum over each cell's 3x3 neighbourhood, same shape. Why: the
-    presence is read where the locator looks, the actor's centre, and a swelling (wave) moves the actor's edges, not
-    its centre: the map said 0.31 at acting wave centres, 0.76-0.79 at hops and walks (docs/EXPERIMENTS.md)."""
+    """``cells (B, K, G)`` on a square grid -> the maximum over each cell's 3x3 neighbourhood, same shape. Why: a
+    swelling (wave) moves the actor's edges, not its centre, where the locator looks (docs/EXPERIMENTS.md, "Tube
+    mode", third session)."""
     side = math.isqrt(cells.shape[-1])
     grid = cells.reshape(-1, 1, side, side)
     return nn.functional.max_pool2d(grid, 3, stride=1, padding=1).reshape_as(cells)   # reshape_as: ONNX keeps B free
@@ -330,15 +324,13 @@ class STAR(nn.Module):
     ``return_aux`` (default: training with ``aux_loss``), plus in training ``"video_logits" (B, C+1)``:
     the class head applied to the mean trunk token (for the criterion's optional video-level loss).
 
-    Tube mode (``tube_steps = K > 0``, the STAR paper's factorised queries): the decoder gets ``Q x K``
-    queries, actor query ``q`` plus time query ``k`` (``time_queries``, one per sampled frame: ``K`` must
-    equal the clip's ``T``), all attending to each other, and the same heads read every one:
-    ``pred_logits (B, Q, K, C+1)`` and ``pred_boxes (B, Q, K, 4)``, so actor ``q`` has a class (no_object =
-    not acting then) and a box at every step. Why one shared head: the published heads' keys stay as
-    they are and every (actor, step) is the same question. ``time_tokens`` (default: on in tube mode)
-    adds frame-rate tokens to the memory (:class:`Backbone`). How a tube's class and score are read
-    from the steps: :func:`metrics.outputs_to_predictions`. ``tube_steps = 0`` is the published network,
-    key for key.
+    Tube mode (``tube_steps = K > 0``, K = the clip's T; the STAR paper's factorised queries): ``Q x K`` queries,
+    actor query ``q`` plus time query ``k`` (``time_queries``), read by the same heads: ``pred_logits (B, Q, K,
+    C+1)`` (no_object = not acting then) and ``pred_boxes (B, Q, K, 4)``; in training also ``pred_cells (B, Q, K,
+    G)``, ``pred_acting (B, K, G)``, ``pred_presence (B, Q, K)`` and ``actor_map (B, G, C+1)`` for the criterion
+    (:meth:`read`, :meth:`decode`). ``time_tokens`` (default on in tube mode) adds frame-rate tokens
+    (:class:`Backbone`). Why one shared head: the published keys stay and every (actor, step) is the same question.
+    ``tube_steps = 0`` is the published network, key for key.
     """
 
     def __init__(self, num_classes: int, num_queries: int = 12, hidden_dim: int = 256,
@@ -376,6 +368,8 @@ class STAR(nn.Module):
         use_temporal_convs(self)
 
     def forward(self, x: torch.Tensor, return_aux: bool | None = None) -> dict:
+        """Clips ``x (B, T, 3, H, W)``, preprocessed -> the outputs dict (see the class); ``decode(encode(x))`` in
+        eval mode. ``return_aux`` None: the earlier decoder layers' outputs in training with ``aux_loss``."""
         if self.tube_steps and x.shape[1] != self.tube_steps:
             raise ValueError(f"this tube-mode network reads clips of {self.tube_steps} frames (one time query each), "
                              f"got {x.shape[1]}")
@@ -462,18 +456,17 @@ class STAR(nn.Module):
     def read(self, hidden: torch.Tensor, frames: torch.Tensor | None = None,
              acting_map: torch.Tensor | None = None, trunk: torch.Tensor | None = None,
              size_map: torch.Tensor | None = None) -> dict:
-        """The heads on decoder output ``(B, Q[*K], D)``; tube mode reshapes to ``(B, Q, K, ...)``. With time
-        tokens (``frames``, :meth:`frame_memory`, and ``acting_map``, the :class:`Actionness` logits of those frames)
-        the box centre is the :class:`Locator`'s plus the box head's offset (its cx, cy output minus 0.5), its size the
-        box head's with ``size_map`` (the :class:`SizeMap`'s logits of those frames) added where the locator attends,
-        and the class logits add ``actor_class`` of :meth:`box_features` (the ``trunk`` tokens under that box). In
-        evaluation the class log-probabilities are :func:`step_log_probs` of the decoder's logits and the presence: the :class:`Actionness` map (its 3x3 maximum) averaged over the
-        (actor, step)'s box (:func:`box_cell_weights`). In training they are the decoder's own logits, so that its
-        no_object keeps saying which queries are actors at all (with the product trained, idle actors in 7 of 16
-        videos without action scored as acting), and the presence, the map averaged over the cells the locator
-        attends to, is returned for the criterion. Why the box at test time: the map is trained on every cell of an
-        acting box, and read at the centre it missed waves (whose edges move, their centre hardly): on two trained
-        runs and two unseen sets video-mAP@0.5 rose by 0.02-0.09 (docs/EXPERIMENTS.md, "seventh session")."""
+        """The heads on decoder output ``(B, Q[*K], D)``; tube mode reshapes to ``(B, Q, K, ...)``.
+
+        With time tokens (``frames`` from :meth:`frame_memory`, ``acting_map`` and ``size_map`` their
+        :class:`Actionness` and :class:`SizeMap` logits, ``trunk`` the trunk's tokens): box centre = the
+        :class:`Locator`'s plus the box head's offset, size = the box head's plus ``size_map`` where the locator
+        attends, class logits + ``actor_class`` of :meth:`box_features`. In evaluation the logits become
+        :func:`step_log_probs` with the presence read as the 3x3-max map averaged over the box; in training they stay
+        the decoder's (its no_object keeps saying which queries are actors) and ``pred_cells``, ``pred_acting``,
+        ``pred_presence`` (the map where the locator attends) go to the criterion. Why the box at test time: the map
+        is trained on every cell of an acting box, and a wave's centre hardly moves (docs/EXPERIMENTS.md, "Tube
+        mode", seventh session)."""
         out = self.head(hidden)
         if not self.tube_steps:
             return out
@@ -492,17 +485,16 @@ class STAR(nn.Module):
             if self.training:   # the criterion trains the decoder's classes and the map apart (loss_acting)
                 presence = torch.einsum("bqkg,bkg->bqk", attention, acting)
                 out.update(pred_cells=cells, pred_acting=acting_map, pred_presence=presence)
-            else:   # read over the whole box: a wave's edges move, its centre hardly (docs/EXPERIMENTS.md)
+            else:   # read over the whole box: a wave's edges move, its centre hardly
                 weights = box_cell_weights(out["pred_boxes"].to(acting.dtype), math.isqrt(acting.shape[-1]))
                 out["pred_logits"] = step_log_probs(out["pred_logits"], torch.einsum("bqkg,bkg->bqk", weights, acting))
         return out
 
     def box_features(self, trunk: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """The trunk's tokens ``(B, t*h*w, D)`` (mean over its t steps) averaged under each box ``(B, Q, K, 4)``
-        (cxcywh, detached: this trains the classes, not the boxes) -> ``(B, Q, K, D)``. Why: a linear probe on these
-        (ground-truth boxes) told unseen wave from jump windows apart 56 of 56, the mean over the whole frame 44, and
-        the decoder, which reads the trunk through attention, swapped the two in most unseen videos
-        (docs/EXPERIMENTS.md, "Tube mode")."""
+        (cxcywh, detached: this trains the classes, not the boxes) -> ``(B, Q, K, D)``. Why: the trunk under the
+        actor's box tells actions apart that the decoder, reading the trunk through attention, confuses
+        (docs/EXPERIMENTS.md, "Tube mode", fourth session)."""
         grid = self.trunk_grid(trunk)                                                   # (B, h*w, D)
         weights = box_cell_weights(boxes.detach().to(grid.dtype), math.isqrt(grid.shape[1]))   # (B, Q, K, h*w)
         return torch.einsum("bqkg,bgd->bqkd", weights, grid)
@@ -568,10 +560,9 @@ def init_motion_stem(model: STAR) -> None:
     """Make every temporal kernel of the trunk's stem sum to zero over time (a from-scratch init, and
     the projection main.py applies after every step with ``--motion_constraint``).
 
-    Such a kernel ignores what stays the same from frame to frame and answers only to change, so
-    from its first step the trunk sees the actor's motion rather than the look of the scene, which
-    a few dozen videos otherwise teach it to memorise (docs/EXPERIMENTS.md, "Motion init and motion constraint"). Without the
-    constraint training is free to move the kernels afterwards."""
+    Why: such a kernel answers only to change, so from its first step the trunk sees the actor's motion rather than
+    the look of the scene, which a few dozen videos otherwise teach it to memorise (docs/EXPERIMENTS.md, "Motion init
+    and motion constraint"). Without the constraint training may move the kernels afterwards."""
     temporal = motion_stem_conv(model)
     with torch.no_grad():
         temporal.weight -= temporal.weight.mean(dim=2, keepdim=True)
@@ -580,9 +571,8 @@ def init_motion_stem(model: STAR) -> None:
 def freeze_trunk_stages(model: STAR, num_stages: int) -> None:
     """Keep the first ``num_stages`` of the trunk's five stages (stem, layer1..layer4) at their weights.
 
-    Why: the backward pass through the early, high-resolution stages is most of a CPU step (bench/README.md
-    has the figures). Their BatchNorm
-    statistics still follow the data in training."""
+    Why: the backward pass through the early, high-resolution stages is most of a CPU step (bench/README.md).
+    Their BatchNorm statistics still follow the data in training."""
     for stage in list(model.backbone.stem)[:num_stages]:
         for param in stage.parameters():
             param.requires_grad_(False)
@@ -695,9 +685,10 @@ def _raw_model_args(state: dict, path: Path) -> dict:
 def load_checkpoint(path, device="cpu", class_names=None) -> tuple[STAR, dict]:
     """Load a STAR checkpoint (this project's, or the published raw ``state_dict``) for inference.
 
-    Returns ``(model, info)``: the model in eval mode on ``device``; ``info`` has ``class_names``,
-    ``num_frames``, ``img_size``, ``mean``, ``std``, ``model_args``, ``source`` and ``checkpoint``
-    (the loaded dict of a project checkpoint, else None). ``class_names`` overrides stored names.
+    Returns ``(model, info)``: the model in eval mode on ``device``; ``info`` has ``class_names`` (foreground,
+    index = contiguous class id), ``num_frames``, ``img_size``, ``mean``, ``std``, ``model_args``, ``source``
+    (``"project"`` or ``"raw_state_dict"``) and ``checkpoint`` (the loaded dict of a project checkpoint, else
+    None). ``class_names`` overrides stored names. An unusable file: a one-line :class:`CheckpointError`.
     """
     path = Path(path)
     obj = _torch_load(path)
@@ -759,7 +750,14 @@ def load_for_finetuning(model: STAR, path) -> list[str]:
 
 
 def make_checkpoint(model: nn.Module, model_args: dict, class_names, preprocessing: dict, **extra) -> dict:
-    """A self-describing checkpoint dict (loadable with ``weights_only=True``)."""
+    """A self-describing checkpoint dict, loadable with ``torch.load(weights_only=True)`` (so ``extra`` holds no
+    numpy objects: lists and tensors only).
+
+    Keys: ``format="star"``, ``version=1``, ``model`` (state_dict), ``model_args`` (:func:`model_args_from`),
+    ``class_names`` (foreground, index = contiguous class id), ``preprocessing`` {``num_frames``, ``img_size``,
+    ``mean``, ``std``, ``window_sec``}, plus ``extra`` (main.py: ``raw_class_ids``, ``args``, ``epoch``,
+    ``metrics``; in checkpoint.pth also ``optimizer``, ``scheduler``, ``scaler``, ``rng``, ``best_score``,
+    ``precision``, ``ema``)."""
     model = getattr(model, "module", model)   # unwrap DistributedDataParallel
     return {"format": "star", "version": 1, "model": model.state_dict(), "model_args": dict(model_args),
             "class_names": list(class_names), "preprocessing": dict(preprocessing), **extra}
@@ -783,7 +781,7 @@ def count_parameters(model: nn.Module) -> int:
 def fold_batchnorm(module: torch.nn.Module) -> int:
     """Fold every eval-mode ``BatchNorm3d`` that directly follows a ``Conv3d`` (also the last conv
     of a ``Conv2Plus1D`` block) into that conv's weights; the BN becomes ``Identity``. Same outputs
-    (fp32 rounding), ~7% faster on a CPU. Returns how many were folded. Inference only."""
+    (fp32 rounding), faster on a CPU (bench/README.md). Returns how many were folded. Inference only."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
     folded = sum(fold_batchnorm(child) for child in module.children())
     if not isinstance(module, torch.nn.Sequential):
@@ -806,8 +804,7 @@ def fold_batchnorm(module: torch.nn.Module) -> int:
 
 def prepare_for_inference(model: STAR) -> STAR:
     """Eval mode, BatchNorm folded into the convs and channels_last_3d weights and input: the same
-    outputs (fp32 rounding) and, measured on a 2-core Zen 3 at 16x224, 2.38 s per clip against
-    3.77 s plain (bench/bench_network.py). Inference only."""
+    outputs (fp32 rounding), the fastest CPU path (bench/README.md, bench/bench_network.py). Inference only."""
     model.eval()
     fold_batchnorm(model)
     return model.use_channels_last()

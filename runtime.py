@@ -194,6 +194,7 @@ def close_logging() -> None:
 
 
 def logging_is_set_up() -> bool:
+    """Whether :func:`setup_logging`'s handlers are in place."""
     return any(getattr(h, "_star", False) for h in logging.getLogger().handlers)
 
 
