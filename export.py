@@ -456,12 +456,8 @@ def calibration_reader(clips: Sequence[torch.Tensor]):
 def quantize_int8(fp32_path, out_path, calib: Sequence[torch.Tensor]) -> None:
     """Static int8 quantisation of ``fp32_path`` into ``out_path``: the Conv layers (the trunk: nearly all
     of the FLOPs) in QDQ format, per-channel int8 weights, uint8 activations with min-max ranges from
-    ``calib``; the decoder and heads stay fp32.
-
-    Measured on STAR at 8x112 (random weights, 12 real clips, a 2-core EPYC with VNNI, busy, 1 thread,
-    best of 8): fp32 0.436 s/clip; Conv only 0.250 s (1.75x), logits within 0.014, boxes 0.0016;
-    every op 0.252 s, logits 0.019, boxes 0.0036 (the decoder gains no time, loses accuracy); dynamic
-    quantisation (ConvInteger) was 2.8x slower than fp32, so it is not offered."""
+    ``calib``; the decoder and heads stay fp32. Why: quantising the decoder too gains no time and loses accuracy,
+    and dynamic quantisation (ConvInteger) is slower than fp32 (docs/EXPERIMENTS.md, "Speed")."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
     with temp_beside(out_path) as pre:

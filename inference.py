@@ -52,9 +52,8 @@ NO_OBJECT = metrics.NO_OBJECT_NAME
 CSV_FIELDS = ("video_name", "pred_class", "score", "x1", "y1", "x2", "y2", "start_sec", "end_sec")
 JOIN_IOU = 0.3            # boxes of consecutive windows "overlap" when their IoU is at least this
 MAX_GAP_SEC = 1.0         # a tube missing this long at most (a pause, a window's edge) keeps its id
-# Tube mode: a joined tube shorter than this is dropped (ACT's tube builder: 15 frames, 0.6 s at 25 fps). Without it
-# one window's stray class on an actor (3-11 frames, scored 0.6-0.8) outranked true tubes: unseen video-mAP@0.5 0.64 /
-# 0.65 against 0.67 / 0.73 (docs/EXPERIMENTS.md, "ninth session").
+# Tube mode: a joined tube shorter than this is dropped (ACT's tube builder: 15 frames, 0.6 s at 25 fps), so that one
+# window's stray class on an actor does not outrank true tubes (docs/EXPERIMENTS.md, "Tube mode", ninth session).
 MIN_TUBE_SEC = 0.6
 FRAME_FIELDS = ("video_name", "tube_id", "frame", "time_sec", "pred_class", "score", "x1", "y1", "x2", "y2")
 PARTIAL_SUFFIX = ".partial.mp4"   # an annotated video being written (hidden, renamed when complete)
@@ -604,8 +603,7 @@ class Settings:
 def trained_cut(info: dict) -> tuple[float | None, float | None]:
     """``(window_sec, stride_sec)`` as the checkpoint ``info`` was trained (Nones: whole videos). A tube-mode
     checkpoint strides half a window: each frame is then scored from a window it lies near the middle of, where its
-    steps see motion on both sides (unseen tube sample data: video-mAP@0.5 0.45 against 0.24 with windows end to end,
-    docs/EXPERIMENTS.md, "Tube mode")."""
+    steps see motion on both sides (docs/EXPERIMENTS.md, "Tube mode", third session)."""
     window = info.get("window_sec")
     if not window:
         return None, None

@@ -31,8 +31,8 @@ from runtime import UsageError
 
 EVENT_FIELDS = ("event", "tube_id", "pred_class", "score", "action_start_sec", "action_end_sec", "stream_time_sec",
                 "wall_time", "latency_sec", "x1", "y1", "x2", "y2")
-# A tube is said to start once it spans this long. Twice test.py's shortest tube: on unseen tube sample data played
-# live, 0.6 s gave event precision 0.41-0.48, 1.2 s 0.71-0.76 at a median start delay of 1.3 s (docs/EXPERIMENTS.md).
+# A tube is said to start once it spans this long: twice test.py's shortest tube, since the model's false tubes are
+# mostly shorter (docs/EXPERIMENTS.md, "Live tube events (stream.py --tube_events)").
 START_SEC = 1.2
 CLOCK_KEEP = 8192   # frame times kept for converting frame indices to stream seconds (minutes of video)
 
@@ -73,6 +73,7 @@ class FrameClock:
         self._lock = threading.Lock()
 
     def add(self, index: int, time_sec: float) -> None:
+        """Record the stream time of frame ``index`` (consecutive indices, in order)."""
         with self._lock:
             if len(self._times) == self._times.maxlen:
                 self._first += 1
@@ -81,6 +82,7 @@ class FrameClock:
             self._times.append(float(time_sec))
 
     def time(self, index: int) -> float:
+        """Stream seconds of frame ``index``: its recorded time, else extrapolated from the nearest kept one."""
         with self._lock:
             if not self._times:
                 return index / self.fps
@@ -258,6 +260,7 @@ class EventFile:
         self._file.flush()
 
     def write(self, event: TubeEvent) -> None:
+        """Append one event row and flush it."""
         row = event.as_dict()
         if self._csv is None:
             self._file.write(json.dumps(row) + "\n")

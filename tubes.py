@@ -121,9 +121,9 @@ def clip_tubes(pred: dict, frame_indices, span: tuple[int, int], threshold: floa
 
     ``frame_indices (K,)``: the video frame step k shows; ``span = [first, end)``: the video frames the clip
     covers. A frame of the span is present when its :func:`nearest_step` is; the tube's score is the mean step
-    score (its class's probability) over its present steps. Why the extent from acting, not the class: an actor
-    whose steps split between two classes (wave and jump) fell under the threshold at most of them, and its tube was
-    a fragment: unseen video-mAP@0.5 0.61 / 0.60 against 0.64 / 0.65 (docs/EXPERIMENTS.md, "ninth session")."""
+    score (its class's probability) over its present steps. Why the extent from acting, not the class: an actor whose
+    steps split between two classes passes the threshold for neither, and its tube falls apart (docs/EXPERIMENTS.md,
+    "Tube mode", ninth session)."""
     frame_indices = np.asarray(frame_indices, dtype=np.int64)
     present = pred["step_acting"].float().numpy() >= threshold            # (Q, K)
     frames, scores, boxes = dense(pred, frame_indices, span)
@@ -179,10 +179,9 @@ def merge_duplicate_queries(pred: dict, threshold: float, iou_threshold: float =
     score), and each joins the first group whose leader's boxes it overlaps by ``iou_threshold`` on average over the
     clip's steps (box IoU at each step), else leads a group of its own. A group is one query of its leader's class:
     at each step the box and probabilities of the member most confident of that class. Tubes merge across classes
-    (one actor, one tube); frame-mAP reads every class of every query (:func:`class_detections`). Why merge at all:
-    two queries often followed one actor (one saying jump, the other wave or jump again, both ~0.8, boxes at IoU
-    ~0.9): in frame-mAP the second is a false positive at a high score (a run's jump AP 0.77, 0.95 merged), and linked
-    apart they were two tubes (docs/EXPERIMENTS.md, "sixth session" and "seventh session")."""
+    (one actor, one tube); frame-mAP reads every class of every query (:func:`class_detections`). Why: two queries
+    often follow one actor; in frame-mAP the second is a false positive at a high score, and linked apart they are
+    two tubes (docs/EXPERIMENTS.md, "Tube mode", sixth and seventh sessions)."""
     scores, boxes, probs = pred["step_scores"].float(), pred["step_boxes"].float(), pred["step_probs"].float()
     present = scores >= threshold
     tube_score = (scores * present).sum(1) / present.sum(1).clamp(min=1)
@@ -202,8 +201,8 @@ def class_detections(pred: dict, threshold: float) -> list[dict]:
     """A tube-mode clip prediction as frame-mAP reads it: for each class c, the prediction with every query a
     detection of c, scored at each step by its probability of c, each actor's queries merged
     (:func:`merge_duplicate_queries`). Why every class: the field scores each box for every class (ACT's and YOWO's
-    frame detections), so an actor whose query leans to another class still ranks in c by its probability of c; with
-    one class per query, unseen wave frame-AP@0.5 was 0.27 against 0.38 (docs/EXPERIMENTS.md, "ninth session")."""
+    frame detections), so an actor whose query leans to another class still ranks in c by its probability of c
+    (docs/EXPERIMENTS.md, "Tube mode", ninth session)."""
     step_probs = pred["step_probs"]
     classes = torch.zeros(step_probs.shape[0], dtype=torch.long)
     return [merge_duplicate_queries(metrics.tube_prediction(step_probs, classes + c, pred["step_boxes"]), threshold)

@@ -92,8 +92,8 @@ def print_machine(device: str = "cpu") -> dict:
     print()
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if load > 0.5 * cores:
-        # Measured here: with 2 OpenMP threads on 2 busy cores one forward pass took 4-25x longer
-        # than on 1 quiet thread; such figures are noise, not the code's speed.
+        # OpenMP threads that compete with other processes for the cores make a forward pass several times slower
+        # from run to run: such figures are noise, not the code's speed (bench/README.md).
         print(f"WARNING: load average {load:.1f} on {cores} cores: other processes compete for the cores, "
               "the figures below are not representative\n")
     return info

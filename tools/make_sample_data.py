@@ -47,9 +47,8 @@ ACTIONS = ("jump", "walk", "wave", "circle")
 def _x264_cpu_cap() -> dict:
     """x264 options that keep it off its AVX-512 code, on CPUs that have AVX-512 (Linux) only.
 
-    There its AVX-512 code made 5 of 8 encodes of the same frames differ (one thread, a Xeon with
-    AVX512-BF16/AMX), so the same seed gave other pixels each run; capped at AVX2 every run gives
-    the same pixels (those of x264 on an AVX2 CPU). Elsewhere nothing changes."""
+    Why: x264's AVX-512 code encodes the same frames differently from run to run; capped at AVX2 every run gives
+    the same pixels, those of x264 on an AVX2 CPU (docs/EXPERIMENTS.md, "Conventions"). Elsewhere nothing changes."""
     try:
         flags = pathlib.Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
@@ -58,9 +57,9 @@ def _x264_cpu_cap() -> dict:
 
 
 # index % 12 -> (suffix, codec, pixel format, encoder options); H.264 MP4 most of the time
-# One x264 thread: on a 16-core host the same seed gave different H.264 pixels in 5 of 10 x264 videos
-# (the MJPEG/MPEG-4 ones were equal), so the "same pixels for the same seed" promise needs it; these
-# videos are tiny, a thread costs nothing here.
+# One x264 thread: with several, the same seed gives different H.264 pixels on a many-core host (docs/EXPERIMENTS.md,
+# "Conventions"), so the "same pixels for the same seed" promise needs it; these videos are tiny, a thread costs
+# nothing here.
 _X264 = {"crf": "18", "preset": "veryfast", "threads": "1", **_x264_cpu_cap()}
 _CONTAINERS = {3: (".avi", "mjpeg", "yuvj420p", {"b": "1500000"}),  # default MJPEG/MPEG-4 rates blur
                7: (".avi", "mpeg4", "yuv420p", {"b": "1500000"}),
