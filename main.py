@@ -319,7 +319,7 @@ def build_training_state(args, class_map, device, world):
                                          "loss_giou": args.giou_loss_coef},
                                 eos_coef=args.eos_coef, video_loss_coef=args.video_loss_coef,
                                 cost_class=args.set_cost_class, tube=args.mode == "tube").to(device)
-    optimizer = torch.optim.AdamW(engine.parameter_groups(model, args), weight_decay=args.weight_decay)
+    optimizer = engine.make_optimizer(model, args)
     scheduler = engine.make_scheduler(optimizer, args)
     amp_dtype, amp_note = autocast_settings(device, args.precision)
     log.info("precision: %s", amp_note)
