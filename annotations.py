@@ -34,7 +34,7 @@ from runtime import UsageError
 
 Row = tuple  # (frame, track_id, class_id, x1, y1, x2, y2)
 
-# Ids become int64 training targets (dataset.py refuses larger ones): a reader refuses them where it can name the line.
+# Ids become int64 training targets (labels.py refuses larger ones): a reader refuses them where it can name the line.
 INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
 # AVA timestamps are seconds of a movie; beyond this (116 days) one is no time in a video, and 1e308 would overflow
 # the frame number it becomes.

@@ -41,6 +41,8 @@ from tqdm import tqdm
 
 import backend
 import metrics
+import postprocess
+import tube_metrics
 import tubes
 import video
 from files import atomic_write, write_text
@@ -48,7 +50,7 @@ from runtime import UsageError, autocast, one_line
 
 log = logging.getLogger("star.inference")
 
-NO_OBJECT = metrics.NO_OBJECT_NAME
+NO_OBJECT = postprocess.NO_OBJECT_NAME
 CSV_FIELDS = ("video_name", "pred_class", "score", "x1", "y1", "x2", "y2", "start_sec", "end_sec")
 JOIN_IOU = 0.3            # boxes of consecutive windows "overlap" when their IoU is at least this
 MAX_GAP_SEC = 1.0         # a tube missing this long at most (a pause, a window's edge) keeps its id
@@ -244,9 +246,9 @@ class Detection:
 
 def detections_from_prediction(pred: dict, class_names: Sequence[str], threshold: float,
                                start_sec: float, end_sec: float) -> list[Detection]:
-    """The published rule (``metrics.detections``) as ``Detection`` objects for a time span, best first."""
+    """The published rule (``postprocess.detections``) as ``Detection`` objects for a time span, best first."""
     return [Detection(label, class_names[label], score, tuple(box), float(start_sec), float(end_sec))
-            for label, score, box in metrics.detections(pred, threshold)]
+            for label, score, box in postprocess.detections(pred, threshold)]
 
 
 def join_windows(detections: Iterable[Detection], iou_threshold: float = JOIN_IOU,
@@ -468,13 +470,14 @@ def video_level_prediction(queries: Sequence[dict]) -> dict:
 def load_labels(labels_dir, model_names, raw_ids=None, folder_fps: float = video.DEFAULT_FOLDER_FPS
                 ) -> tuple[list, list[int]]:
     """The dataset's records and, per dataset class, the model's class id (checked before inference)."""
-    import dataset
+    from problems import DatasetError, format_problems
+    from records import load_dataset
     try:
-        records, class_map, problems = dataset.load_dataset(labels_dir, fps=folder_fps)
-    except dataset.DatasetError as err:
+        records, class_map, problems = load_dataset(labels_dir, fps=folder_fps)
+    except DatasetError as err:
         raise UsageError(f"--labels {labels_dir}: {one_line(err)}") from None
     if problems:
-        log.warning("--labels: %d problem(s) in the dataset:\n%s", len(problems), dataset.format_problems(problems))
+        log.warning("--labels: %d problem(s) in the dataset:\n%s", len(problems), format_problems(problems))
     return records, model_index_of_dataset_classes(class_map, model_names, raw_ids)
 
 
@@ -517,7 +520,7 @@ def span_frames(start_sec: float, end_sec: float, info: video.VideoInfo) -> np.n
     return np.arange(first, last, dtype=np.int64)
 
 
-def add_tube_predictions(scorer: metrics.TubeScorer, res: VideoResult, width: int, height: int,
+def add_tube_predictions(scorer: tube_metrics.TubeScorer, res: VideoResult, width: int, height: int,
                          threshold: float) -> None:
     """A tube-mode video into ``scorer``: for frame-mAP every query as a detection of every class at each frame
     (:func:`tubes.class_detections`), with its interpolated box and that class's step probability (all queries,
@@ -537,12 +540,12 @@ def add_tube_predictions(scorer: metrics.TubeScorer, res: VideoResult, width: in
 
 def score_tubes(results: Sequence[VideoResult], records_by_path: dict, to_model: Sequence[int],
                 class_names: Sequence[str], threshold: float) -> dict:
-    """frame-mAP and video-mAP (and per class: :meth:`metrics.TubeScorer.result`) of whole videos against per-frame
+    """frame-mAP and video-mAP (and per class: :meth:`tube_metrics.TubeScorer.result`) of whole videos against per-frame
     labels. Tube mode: :func:`add_tube_predictions`.
     Clip mode: frames: every query of every clip stands at each frame of its clip's span (one box per clip); tubes:
     the video's detections as written to predictions.csv (windows joined, above the threshold). The labels' tracks,
     interpolated as in training, are the ground truth."""
-    scorer = metrics.TubeScorer(len(class_names))
+    scorer = tube_metrics.TubeScorer(len(class_names))
     for res in results:
         record = records_by_path.get(os.path.realpath(res.path))
         if record is None or res.error or not res.queries or not record.per_frame:
@@ -613,10 +616,10 @@ def trained_cut(info: dict) -> tuple[float | None, float | None]:
 
 def predict_clips(model, clips: torch.Tensor, device, dtype=None) -> list[dict]:
     """The network on preprocessed clips ``(B, T, 3, S, S)``: per clip ``{"scores": (Q,), "labels": (Q,),
-    "boxes": (Q, 4) normalised xyxy}`` (:func:`metrics.outputs_to_predictions`), plus ``"step_scores" (Q, T)`` and
+    "boxes": (Q, 4) normalised xyxy}`` (:func:`postprocess.outputs_to_predictions`), plus ``"step_scores" (Q, T)`` and
     ``"step_boxes" (Q, T, 4)`` from a tube-mode network."""
     with torch.inference_mode(), autocast(device, dtype):
-        return metrics.outputs_to_predictions(model(clips.to(device, non_blocking=True)))
+        return postprocess.outputs_to_predictions(model(clips.to(device, non_blocking=True)))
 
 
 def predict(model, loader, results: list[VideoResult], class_names, threshold: float, device, dtype,

@@ -30,15 +30,18 @@ from torch.utils.data import DataLoader
 import engine
 import inference
 import metrics
-from dataset import (ActionDataset, BalancedBatchSampler, DatasetError, EpochTaggedBatches, collate, format_problems,
-                     load_dataset, split_dataset)
+import plots
+from checkpoint import CheckpointError, make_checkpoint, model_args_from, save_checkpoint
+from dataset import ActionDataset, BalancedBatchSampler, EpochTaggedBatches, collate
 from files import atomic_write, write_text
 from losses import PUBLISHED_WEIGHTS, build_criterion
-from model import (PRETRAINED_CHOICES, STAR, CheckpointError, build_model, count_parameters, freeze_trunk_stages,
-                   init_motion_stem, init_positions, load_for_finetuning, make_checkpoint, model_args_from,
-                   save_checkpoint)
+from model import STAR, count_parameters
+from model_setup import (PRETRAINED_CHOICES, build_model, freeze_trunk_stages, init_motion_stem, init_positions,
+                         load_for_finetuning)
+from problems import DatasetError, format_problems
 from recipes import (DECODER_STEPS_PER_EPOCH, PAIR_PROB, WINDOWS_PER_VIDEO, WINDOW_STRIDE, add_recipe_defaults_to_help,
                      apply_recipe)
+from records import load_dataset, split_dataset
 from runtime import (UsageError, autocast_settings, init_distributed, number, one_line, resolve_device, setup_logging,
                      writable_dir)
 from video import DEFAULT_FOLDER_FPS, IMAGENET_MEAN, IMAGENET_STD, VideoInfo
@@ -404,7 +407,7 @@ def final_report(model_args, best_path: Path, val_loader, criterion, device, amp
     inference.write_predictions(validation_rows(preds, val_loader.dataset.records, class_names, args.score_threshold),
                                 output_dir / "test_predictions.csv")
     write_text(output_dir / "val_metrics.json", json.dumps(result, indent=2, default=float))
-    plot(metrics.plot_confusion_matrix, np.array(result["confusion_matrix"]), class_names,
+    plot(plots.plot_confusion_matrix, np.array(result["confusion_matrix"]), class_names,
          output_dir / "confusion_matrix.png")
     return result
 
@@ -510,7 +513,7 @@ def train(args) -> dict:
     final = {}
     if rank == 0:
         with run_times("final report and plots"):
-            plot(metrics.plot_training_history, results_csv, output_dir)
+            plot(plots.plot_training_history, results_csv, output_dir)
             if val_records and best_path.exists():
                 final = final_report(model_args, best_path, val_loader, criterion, device, precision.dtype,
                                      class_map.names, args, output_dir)

@@ -44,7 +44,7 @@ TUBE_DECODER_STEPS = 600
 # trains on every annotated frame of a video, not one clip of it; with one, 30 epochs were 300 steps (docs/EXPERIMENTS.md).
 WINDOWS_PER_VIDEO = 2
 # Per-frame datasets show this share of training windows beside another video's window (main.py --pair_prob,
-# dataset.side_by_side): two-actor scenes were 5 of 39 training videos, and the decoder missed the second actor.
+# augment.side_by_side): two-actor scenes were 5 of 39 training videos, and the decoder missed the second actor.
 PAIR_PROB = 0.5
 
 

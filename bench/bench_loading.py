@@ -24,7 +24,8 @@ import common   # noqa: F401  (puts the project on sys.path)
 import numpy as np
 
 import video
-from dataset import ActionDataset, load_dataset
+from dataset import ActionDataset
+from records import load_dataset
 
 CLASSES = ("walk",)
 CONFIGS = ((8, 112), (16, 224))   # (frames, size) per clip

@@ -36,10 +36,12 @@ import torch
 
 import common   # first: puts the project on the path
 
-import dataset  # noqa: E402
 import inference  # noqa: E402
+import sources  # noqa: E402
 import stream  # noqa: E402
+import stream_state  # noqa: E402
 import video  # noqa: E402
+from records import load_dataset  # noqa: E402
 from runtime import autocast_settings, setup_logging  # noqa: E402
 
 TIME_IOU = 0.5
@@ -151,10 +153,10 @@ def quantiles(values) -> tuple[float, float]:
 
 def play(path: pathlib.Path, net, info, args, device, dtype, events: pathlib.Path):
     """The stream through stream.py's run; returns its stats and the tubes joined once it ended (test.py's)."""
-    settings = stream.StreamSettings(stride=args.stride, score_threshold=args.score_threshold,
-                                     tube_events=str(events))
+    settings = stream_state.StreamSettings(stride=args.stride, score_threshold=args.score_threshold,
+                                           tube_events=str(events))
     info, settings.clip_sec = stream.model_info(info)
-    run = stream.StreamRun(stream.parse_source(str(path)), net, info, settings, device, dtype)
+    run = stream.StreamRun(sources.parse_source(str(path)), net, info, settings, device, dtype)
     stats = run.run()
     return stats, run.live.final
 
@@ -172,7 +174,7 @@ def as_event_tubes(final, fps: float) -> list[dict]:
 def main(args) -> int:
     setup_logging()
     machine = common.print_machine("cpu")
-    records, class_map, _ = dataset.load_dataset(args.data_dir)
+    records, class_map, _ = load_dataset(args.data_dir)
     records = sorted([r for r in records if r.tracks is not None or not r.labels], key=lambda r: r.path)[:args.videos]
     device = torch.device("cpu")
     dtype, note = autocast_settings(device, args.precision)

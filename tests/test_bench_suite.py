@@ -12,8 +12,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import bench_suite  # noqa: E402
 import common  # noqa: E402
-import dataset  # noqa: E402
 import inference  # noqa: E402
+from records import load_dataset  # noqa: E402
 from tools import make_suite_data as suite  # noqa: E402
 
 
@@ -192,7 +192,7 @@ def test_multi_actor_subset_of_a_tiny_generated_variant(tmp_path):
         tracks[name] = {ln.split()[1] for ln in lines if not ln.startswith("#")}
     assert picked == [n for n, t in tracks.items() if len(t) >= 2] and 0 < len(picked) < len(tracks)
     assert len(picked) == stats["unseen"]["multi_actor"]
-    records, _, problems = dataset.load_dataset(tmp_path / "subset")   # classes.txt: all 5, the subset uses fewer
+    records, _, problems = load_dataset(tmp_path / "subset")   # classes.txt: all 5, the subset uses fewer
     assert all(p.kind == "class names" for p in problems) and [r.video for r in records] == picked and all(len(r.tracks) >= 2 for r in records)
     videos = inference.list_videos(tmp_path / "subset")
     assert [p.name for p in videos] == picked and all(p.resolve().parent == unseen.resolve() for p in videos)

@@ -1,5 +1,5 @@
-"""dataset.py and tools/make_sample_data.py: parsing, class map, validation, split, sampler,
-augmentation, the dataset itself, and the synthetic data generator."""
+"""The training data (labels.py, problems.py, records.py, augment.py, dataset.py) and tools/make_sample_data.py:
+parsing, class map, validation, split, sampler, augmentation, the dataset itself, and the synthetic data generator."""
 import json
 import logging
 
@@ -9,7 +9,12 @@ import torch
 
 import dataset
 import video
+from augment import (MIN_BOX_KEEP, STILL_NOISE, _kept_fraction, augment_clip, hflip_boxes, jittered_indices,
+                     random_crop, still_clip)
 from conftest import frame_number, numbered_frames, write_video
+from labels import build_class_map, normalise_box, parse_label_lines
+from problems import DatasetError, format_problems
+from records import VideoRecord, load_dataset, split_dataset
 from tools.make_sample_data import make_sample_dataset
 
 # ---------------------------------------------------------------- parsing and class map
@@ -18,7 +23,7 @@ from tools.make_sample_data import make_sample_dataset
 def test_parse_several_lines_comments_and_bad_lines():
     text = ["# class x1 y1 x2 y2", "", "1 10 20 30 40", "  2 5.5 6 7 8.25  # trailing comment",
             "3,1,2,3,4", "1 10 20 30", "x 1 2 3 4", "1.5 1 2 3 4", "1 nan 2 3 4", "2.0 0 0 9 9"]
-    inst, problems, data_lines = dataset.parse_label_lines(text, "a.txt")
+    inst, problems, data_lines = parse_label_lines(text, "a.txt")
     assert [(i.raw_id, i.box, i.line) for i in inst] == [
         (1, (10, 20, 30, 40), 3), (2, (5.5, 6, 7, 8.25), 4), (3, (1, 2, 3, 4), 5), (2, (0, 0, 9, 9), 10)]
     assert [p.line for p in problems] == [6, 7, 8, 9]
@@ -30,7 +35,7 @@ def test_parse_several_lines_comments_and_bad_lines():
                                           ([10, 3, 7], {3: 0, 7: 1, 10: 2})])
 def test_class_ids_map_to_contiguous_indices(raw, expected):
     """0-based, 1-based and gapped raw ids all become 0..C-1 in sorted order."""
-    cmap, problems = dataset.build_class_map(raw)
+    cmap, problems = build_class_map(raw)
     assert {r: cmap.index(r) for r in raw} == expected and len(cmap) == len(expected)
     assert cmap.names == [f"action_{r}" for r in sorted(set(raw))] and not problems
 
@@ -38,21 +43,21 @@ def test_class_ids_map_to_contiguous_indices(raw, expected):
 def test_class_names_sources(tmp_path):
     classes = tmp_path / "classes.txt"
     classes.write_text("fight\n\ncollapse\n")
-    assert dataset.build_class_map([1, 2], classes_file=classes)[0].names == ["fight", "collapse"]
-    assert dataset.build_class_map([1, 2], "a,b", classes)[0].names == ["a", "b"]  # --class_names wins
-    assert dataset.build_class_map([1, 2], ["a", "b"])[0].names == ["a", "b"]
-    with pytest.raises(dataset.DatasetError, match="3 names"):
-        dataset.build_class_map([1, 2], "a,b,c")
-    cmap, problems = dataset.build_class_map([1, 2, 3], classes_file=classes)  # 2 names, 3 ids
+    assert build_class_map([1, 2], classes_file=classes)[0].names == ["fight", "collapse"]
+    assert build_class_map([1, 2], "a,b", classes)[0].names == ["a", "b"]  # --class_names wins
+    assert build_class_map([1, 2], ["a", "b"])[0].names == ["a", "b"]
+    with pytest.raises(DatasetError, match="3 names"):
+        build_class_map([1, 2], "a,b,c")
+    cmap, problems = build_class_map([1, 2, 3], classes_file=classes)  # 2 names, 3 ids
     assert cmap.names == ["action_1", "action_2", "action_3"] and "2 names for 3 class ids" in problems[0].message
 
 
 def test_box_normalisation_and_clipping():
-    assert np.allclose(dataset.normalise_box((16, 12, 48, 36), 64, 48), [0.25, 0.25, 0.75, 0.75])
-    assert np.allclose(dataset.normalise_box((-10, 10, 80, 60), 64, 48), [0, 10 / 48, 1, 1])
-    assert np.allclose(dataset.normalise_box((48, 36, 16, 12), 64, 48), [0.25, 0.25, 0.75, 0.75])  # swapped
-    assert dataset.normalise_box((70, 10, 90, 20), 64, 48) is None  # outside the frame
-    assert dataset.normalise_box((10, 10, 10, 20), 64, 48) is None  # zero width
+    assert np.allclose(normalise_box((16, 12, 48, 36), 64, 48), [0.25, 0.25, 0.75, 0.75])
+    assert np.allclose(normalise_box((-10, 10, 80, 60), 64, 48), [0, 10 / 48, 1, 1])
+    assert np.allclose(normalise_box((48, 36, 16, 12), 64, 48), [0.25, 0.25, 0.75, 0.75])  # swapped
+    assert normalise_box((70, 10, 90, 20), 64, 48) is None  # outside the frame
+    assert normalise_box((10, 10, 10, 20), 64, 48) is None  # zero width
 
 
 # ---------------------------------------------------------------- load_dataset
@@ -76,7 +81,7 @@ def test_load_dataset_reads_all_lines_and_normalises_by_real_size(tmp_path):
     _write_dataset(root, [("a.mp4", "a.txt"), ("B.AVI", "b.txt"), ("neg.mkv", "")],
                    {"a.txt": "# two actors\n1 0 0 32 24\n2 32 24 64 48\n", "b.txt": "2 -5 16 48 80\n"})
     (root / "classes.txt").write_text("walk\njump\n")
-    records, cmap, problems = dataset.load_dataset(root)
+    records, cmap, problems = load_dataset(root)
     assert not problems and cmap.names == ["walk", "jump"] and cmap.raw_ids == [1, 2]
     a, b, neg = records
     assert a.labels == [0, 1] and np.allclose(a.boxes, [[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]])
@@ -100,7 +105,7 @@ def test_each_bad_input_is_reported_and_skipped(tmp_path):
     labels = {"good.txt": "0 1 1 20 20\n", "partly.txt": "0 1 1 20 20\nfoo\n",
               "bad.txt": "0 1 2\n", "box.txt": "0 100 100 120 120\n"}
     _write_dataset(root, rows, labels)
-    records, cmap, problems = dataset.load_dataset(root)
+    records, cmap, problems = load_dataset(root)
     assert [r.video for r in records] == ["good.mp4", "good2.mp4", "dup.mp4"]
     assert records[1].labels == [0]  # the malformed line is skipped, the good one kept
     found = {(p.file, p.line): p.message for p in problems}
@@ -111,7 +116,7 @@ def test_each_bad_input_is_reported_and_skipped(tmp_path):
               ("box.txt", 1): "empty box", ("action_challenge.csv", 12): "duplicate row"}
     for key, text in expect.items():
         assert text in found.get(key, ""), (key, found)
-    table = dataset.format_problems(problems)
+    table = format_problems(problems)
     assert len(table.splitlines()) == len(problems) + 3
     for key in expect:
         assert key[0] in table
@@ -119,15 +124,15 @@ def test_each_bad_input_is_reported_and_skipped(tmp_path):
 
 
 def test_nothing_usable_or_no_csv_is_a_clear_error(tmp_path):
-    with pytest.raises(dataset.DatasetError, match="no action_challenge.csv"):
-        dataset.load_dataset(tmp_path)
+    with pytest.raises(DatasetError, match="no action_challenge.csv"):
+        load_dataset(tmp_path)
     _write_dataset(tmp_path, [("missing.mp4", "")], {})
-    with pytest.raises(dataset.DatasetError, match="no usable videos") as err:
-        dataset.load_dataset(tmp_path)
-    assert "missing video" in dataset.format_problems(err.value.problems)
+    with pytest.raises(DatasetError, match="no usable videos") as err:
+        load_dataset(tmp_path)
+    assert "missing video" in format_problems(err.value.problems)
     (tmp_path / "action_challenge.csv").write_text("path,label\nx.mp4,\n")
-    with pytest.raises(dataset.DatasetError, match="header"):
-        dataset.load_dataset(tmp_path)
+    with pytest.raises(DatasetError, match="header"):
+        load_dataset(tmp_path)
 
 
 def test_quick_probe_and_a_lying_container(tmp_path):
@@ -140,9 +145,9 @@ def test_quick_probe_and_a_lying_container(tmp_path):
         struct.pack_into("<I", data, data.find(tag) + 8 + offset, 500)
     path.write_bytes(bytes(data))
     _write_dataset(tmp_path, [("a.mp4", ""), ("lie.avi", "")], {})
-    quick = dataset.load_dataset(tmp_path, probe=False)[0]
+    quick = load_dataset(tmp_path, probe=False)[0]
     assert [r.num_frames for r in quick] == [11, 500]
-    assert [r.num_frames for r in dataset.load_dataset(tmp_path)[0]] == [11, 20]
+    assert [r.num_frames for r in load_dataset(tmp_path)[0]] == [11, 20]
     clip, _ = dataset.ActionDataset(quick, 8, 64, mean=(0, 0, 0), std=(1, 1, 1))[1]
     frames = (clip.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     assert [frame_number(f) for f in frames] == video.sample_indices(20, 8).tolist()
@@ -153,36 +158,36 @@ def test_quick_probe_and_a_lying_container(tmp_path):
 
 def _records(classes):
     """Fake records: one per entry of classes (-1 = no action)."""
-    return [dataset.VideoRecord(f"v{i:03d}.mp4", f"/x/v{i:03d}.mp4", [] if c < 0 else [c],
-                                np.zeros((0 if c < 0 else 1, 4), np.float32), 64, 48, 10, 25.0)
+    return [VideoRecord(f"v{i:03d}.mp4", f"/x/v{i:03d}.mp4", [] if c < 0 else [c],
+                        np.zeros((0 if c < 0 else 1, 4), np.float32), 64, 48, 10, 25.0)
             for i, c in enumerate(classes)]
 
 
 def test_split_is_stratified_reproducible_and_saved(tmp_path):
     recs = _records([0] * 20 + [1] * 10 + [-1] * 15)
-    train, val, note = dataset.split_dataset(recs, 0.2, seed=3)
+    train, val, note = split_dataset(recs, 0.2, seed=3)
     assert "stratified" in note and len(val) == 4 + 2 + 3 and len(train) + len(val) == 45
     assert not {r.video for r in train} & {r.video for r in val}
-    again = dataset.split_dataset(recs, 0.2, seed=3)[1]
+    again = split_dataset(recs, 0.2, seed=3)[1]
     assert [r.video for r in again] == [r.video for r in val]
-    assert [r.video for r in dataset.split_dataset(recs, 0.2, seed=4)[1]] != [r.video for r in val]
+    assert [r.video for r in split_dataset(recs, 0.2, seed=4)[1]] != [r.video for r in val]
     path = tmp_path / "out" / "split.json"
-    val1 = dataset.split_dataset(recs, 0.2, seed=3, split_path=path)[1]
+    val1 = split_dataset(recs, 0.2, seed=3, split_path=path)[1]
     saved = json.loads(path.read_text())
     assert sorted(saved["val"]) == sorted(r.video for r in val1)
     # resume: the saved split is reused, whatever the record order
     saved["val"], saved["train"] = saved["val"][1:], saved["train"] + saved["val"][:1]
     path.write_text(json.dumps(saved))
-    train2, val2, note2 = dataset.split_dataset(recs[::-1], 0.2, seed=3, split_path=path)
+    train2, val2, note2 = split_dataset(recs[::-1], 0.2, seed=3, split_path=path)
     assert "reused" in note2 and sorted(r.video for r in val2) == sorted(saved["val"])
     # other videos: a new split replaces it, and says so
-    _, _, note3 = dataset.split_dataset(recs[:-1], 0.2, seed=3, split_path=path)
+    _, _, note3 = split_dataset(recs[:-1], 0.2, seed=3, split_path=path)
     assert "replaced" in note3
 
 
 def test_split_falls_back_to_random_for_tiny_classes():
     recs = _records([0] * 10 + [1] + [-1] * 5)
-    train, val, note = dataset.split_dataset(recs, 0.25, seed=0)
+    train, val, note = split_dataset(recs, 0.25, seed=0)
     assert "random split" in note and "class 1" in note and len(val) == 4
 
 
@@ -227,7 +232,7 @@ def test_sampler_shards_disjointly_across_processes(every):
 
 
 def test_sampler_without_positives_is_a_clear_error():
-    with pytest.raises(dataset.DatasetError, match="no training video has an action"):
+    with pytest.raises(DatasetError, match="no training video has an action"):
         dataset.BalancedBatchSampler([False] * 5, 2)
 
 
@@ -235,7 +240,7 @@ def test_sampler_without_positives_is_a_clear_error():
 
 
 def test_flipped_box_by_hand():
-    assert np.allclose(dataset.hflip_boxes(np.array([[0.1, 0.2, 0.3, 0.6]], np.float32)),
+    assert np.allclose(hflip_boxes(np.array([[0.1, 0.2, 0.3, 0.6]], np.float32)),
                        [[0.7, 0.2, 0.9, 0.6]])
 
 
@@ -254,7 +259,7 @@ def test_augmentation_keeps_the_box_on_the_actor():
     box = np.array([[50 / w, 10 / h, 70 / w, 40 / h]], np.float32)
     flips = 0
     for seed in range(40):
-        out, out_box = dataset.augment_clip(frames, box, np.random.default_rng(seed), S)
+        out, out_box = augment_clip(frames, box, np.random.default_rng(seed), S)
         assert out.shape == (4, S, S, 3) and out_box.shape == (1, 4)
         ys, xs = np.nonzero(out[0].mean(axis=-1) > 100)
         actor = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]) / S
@@ -269,7 +274,7 @@ def test_channel_swap_changes_colour_but_not_the_box():
     box = np.array([[50 / 80, 10 / 60, 70 / 80, 40 / 60]], np.float32)
     dominant = set()
     for seed in range(30):
-        out, out_box = dataset.augment_clip(frames, box, np.random.default_rng(seed), 64)
+        out, out_box = augment_clip(frames, box, np.random.default_rng(seed), 64)
         ys, xs = np.nonzero(out[0].max(axis=-1) > 100)
         actor = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]) / 64
         assert np.allclose(out_box[0], actor, atol=2.5 / 64)
@@ -279,19 +284,19 @@ def test_channel_swap_changes_colour_but_not_the_box():
 
 def test_still_clip_is_one_frame_with_faint_noise():
     frames = np.stack([np.full((6, 8, 3), 20 * t, np.uint8) for t in range(5)])   # brightness = time
-    out = dataset.still_clip(frames, np.random.default_rng(0))
+    out = still_clip(frames, np.random.default_rng(0))
     assert out.shape == frames.shape and out.dtype == np.uint8
     source = round(float(out.mean()) / 20)
     assert 0 <= source < 5 and abs(float(out.mean()) - 20 * source) < 1     # one of the frames
     diffs = np.diff(out.astype(np.float32), axis=0)
-    assert 0 < diffs.std() < 4 * dataset.STILL_NOISE       # only noise moves
+    assert 0 < diffs.std() < 4 * STILL_NOISE       # only noise moves
 
 
 def test_crop_keeps_most_of_every_box():
     box = np.array([[0.0, 0.0, 0.2, 0.2], [0.8, 0.8, 1.0, 1.0]], np.float32)
     for seed in range(30):
-        crop = dataset.random_crop(box, np.random.default_rng(seed))
-        assert (dataset._kept_fraction(box, crop) >= dataset.MIN_BOX_KEEP).all()
+        crop = random_crop(box, np.random.default_rng(seed))
+        assert (_kept_fraction(box, crop) >= MIN_BOX_KEEP).all()
 
 
 def test_temporal_jitter_stays_near_the_grid():
@@ -299,7 +304,7 @@ def test_temporal_jitter_stays_near_the_grid():
     step = 99 / 7
     seen = set()
     for seed in range(20):
-        idx = dataset.jittered_indices(100, 8, np.random.default_rng(seed))
+        idx = jittered_indices(100, 8, np.random.default_rng(seed))
         assert idx.min() >= 0 and idx.max() <= 99 and np.all(np.diff(idx) >= 0)
         assert np.abs(idx - base).max() <= step / 2 + 1
         seen.add(tuple(idx))
@@ -312,7 +317,7 @@ def _small_dataset(tmp_path):
     for k in range(4):
         write_video(root / f"v{k}.mp4", numbered_frames(20 + k))
     _write_dataset(root, [(f"v{k}.mp4", "l.txt" if k % 2 else "") for k in range(4)], {"l.txt": "3 8 8 40 40\n"})
-    return dataset.load_dataset(root)[0]
+    return load_dataset(root)[0]
 
 
 def test_action_dataset_items_and_seeded_augmentation(tmp_path):
@@ -390,7 +395,7 @@ def test_collate(tmp_path):
 def test_sample_data_is_valid_deterministic_and_labelled(tmp_path):
     kwargs = dict(num_videos=12, num_frames=16, width=96, height=72, seed=3, two_actor_fraction=0.5)
     summary = make_sample_dataset(tmp_path / "a", **kwargs)
-    records, cmap, problems = dataset.load_dataset(tmp_path / "a")
+    records, cmap, problems = load_dataset(tmp_path / "a")
     assert not problems and len(records) == 12 and cmap.names == ["jump", "walk", "wave"]
     assert summary["negatives"] == 4 and summary["two_actor"] >= 1
     assert {r.video.rsplit(".", 1)[1] for r in records} == {"mp4", "avi", "MOV", "mkv"}
@@ -423,12 +428,12 @@ def test_odd_boxes_are_used_and_listed_as_warnings(tmp_path):
     root.mkdir()
     write_video(root / "a.mp4", numbered_frames(10, 64, 48))
     _write_dataset(root, [("a.mp4", "a.txt")], {"a.txt": "0 40 30 10 12\n0 -2 0 20 20\n1 50 30 130 90\n"})
-    records, _, problems = dataset.load_dataset(root)
+    records, _, problems = load_dataset(root)
     assert np.allclose(records[0].boxes, [[10 / 64, 12 / 48, 40 / 64, 30 / 48], [0, 0, 20 / 64, 20 / 48],
                                           [50 / 64, 30 / 48, 1, 1]])
     assert [(p.file, p.line, p.severity) for p in problems] == [("a.txt", 1, "warning"), ("a.txt", 3, "warning")]
     assert "swapped corners" in problems[0].message and "x y w h" in problems[0].message
     assert "outside the 64x48 frame" in problems[1].message
-    table = dataset.format_problems(problems)
+    table = format_problems(problems)
     assert "severity" in table.splitlines()[1] and "0 skipped, 2 warning(s)" in table
     assert all(line.split()[2] == "warning" for line in table.splitlines()[3:])

@@ -1,6 +1,6 @@
-"""main.py and dataset.py under faults and bad input (issue "Faults, bad input"): a run killed before its first
-checkpoint, a second run into an old output folder, temporary files left by a kill, a full disk, an unwritable
-output folder, a dataset of many missing files, and track ids that do not fit in 64 bits.
+"""main.py and the dataset loading (records.py, labels.py) under faults and bad input (issue "Faults, bad input"):
+a run killed before its first checkpoint, a second run into an old output folder, temporary files left by a kill, a
+full disk, an unwritable output folder, a dataset of many missing files, and track ids that do not fit in 64 bits.
 
 Training runs use test_train's tiny network and settings (a few seconds each)."""
 from __future__ import annotations
@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import dataset
+import checkpoint
 import files
 import main
-import model as star_model
+from records import CSV_NAME, load_dataset
 from test_train import TINY_ARGS, log_text, read_rows, run_main, sample_data, tiny_net  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def test_resume_after_a_kill_before_the_first_checkpoint_starts_a_fresh_results_
         if Path(path).name == "checkpoint.pth":
             raise KeyboardInterrupt   # SIGKILL at the first checkpoint write
         real_save(ckpt, path)
-    real_save = star_model.save_checkpoint
+    real_save = checkpoint.save_checkpoint
     monkeypatch.setattr(main, "save_checkpoint", killed)
     with pytest.raises(KeyboardInterrupt):
         run_main(sample_data, out, *ONE_EPOCH)
@@ -163,7 +163,7 @@ def test_a_full_disk_while_writing_the_checkpoint_says_so_and_keeps_the_last_goo
             return context
         return _wrapped(context, FullDisk)
 
-    monkeypatch.setattr(star_model, "atomic_write", atomic_write)
+    monkeypatch.setattr(checkpoint, "atomic_write", atomic_write)
     assert run_main(sample_data, out, "--epochs", "2") == 2
     (line,) = error_lines(out)
     assert "disk is full" in line and str(out / "checkpoint.pth") in line, line
@@ -220,7 +220,7 @@ def test_a_read_only_output_dir_is_one_line_exit_2(sample_data, tmp_path, tiny_n
 
 def many_missing_rows(root: Path, count: int) -> None:
     """Append ``count`` rows naming videos that do not exist to the dataset's CSV."""
-    with open(root / dataset.CSV_NAME, "a") as f:
+    with open(root / CSV_NAME, "a") as f:
         f.writelines(f"gone/video_{k:06d}.mp4,\n" for k in range(count))
 
 
@@ -244,7 +244,7 @@ def test_many_missing_videos_are_summarised_and_listed_in_a_file(sample_data, tm
 def test_a_dataset_of_missing_videos_only_is_summarised_and_exit_2(tmp_path, tiny_net):
     data = tmp_path / "data"
     data.mkdir()
-    (data / dataset.CSV_NAME).write_text("video_file,label_file\n")
+    (data / CSV_NAME).write_text("video_file,label_file\n")
     many_missing_rows(data, 3000)
     out = tmp_path / "out"
     assert run_main(data, out, *ONE_EPOCH) == 2
@@ -256,12 +256,12 @@ def test_a_dataset_of_missing_videos_only_is_summarised_and_exit_2(tmp_path, tin
 def test_a_track_id_beyond_64_bits_is_a_malformed_line_in_the_dataset_check(sample_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(sample_data, data)
-    rows = (data / dataset.CSV_NAME).read_text().splitlines()
+    rows = (data / CSV_NAME).read_text().splitlines()
     video = next(r.split(",")[0] for r in rows[1:])
     (data / "tracks.txt").write_text("0 1 0 2 2 30 30\n1 99999999999999999999999 0 2 2 30 30\n"
                                      "2 1 18446744073709551616 2 2 30 30\n")
-    (data / dataset.CSV_NAME).write_text("video_file,label_file\n" + f"{video},tracks.txt\n")
-    records, _, problems = dataset.load_dataset(data)
+    (data / CSV_NAME).write_text("video_file,label_file\n" + f"{video},tracks.txt\n")
+    records, _, problems = load_dataset(data)
     found = {p.line: p.message for p in problems if p.file == "tracks.txt"}
     assert set(found) == {2, 3}, found
     assert all("malformed label line" in m and "64 bits" in m for m in found.values()), found

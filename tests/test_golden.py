@@ -3,20 +3,21 @@
 
 Covered, all on the CPU in fp32 at tiny sizes:
 
-1. training: 3 steps of a clip-mode and of a tube-mode model on fixed batches (targets made by ``dataset.clip_target``,
+1. training: 3 steps of a clip-mode and of a tube-mode model on fixed batches (targets made by ``targets.clip_target``,
    batched by ``dataset.collate``) through ``losses.build_criterion``, ``engine.checked_losses`` and
    ``engine.optimizer_step`` (AdamW on ``engine.parameter_groups``, clipping at 0.5; clip mode: the published
    criterion, tube mode: the from-scratch recipe's): every loss term, the total, the matcher's assignments, the
    gradient norm before clipping (global and per module) at each step, and the parameter norms after the last;
 2. evaluation: raw outputs (with the auxiliary ones) of a clip-mode and a tube-mode model on fixed clips, their
-   post-processing (``metrics.outputs_to_predictions``, the clip mode's detections, the tube mode's
+   post-processing (``postprocess.outputs_to_predictions``, the clip mode's detections, the tube mode's
    ``merge_duplicate_queries``, ``class_detections`` and ``tubes.clip_tubes``) and ``engine.evaluate`` (validation loss
    and metrics, frame-mAP and video-mAP included);
 3. ``test.py``: predictions.csv, predictions_frames.csv and the ``--labels`` report (JSON and text) of two generated
    videos for a clip checkpoint (``conftest.tiny_checkpoint(confident=True)``'s configuration) and a tube checkpoint
    (``conftest.tube_checkpoint``'s), the latter also in windows;
-4. frame-mAP and video-mAP of a hand-made prediction set against hand-made ground truth (``metrics.TubeScorer``,
-   ``metrics.frame_map`` / ``video_map`` with their options, ``inference.score_tubes`` as ``test.py --labels`` runs it);
+4. frame-mAP and video-mAP of a hand-made prediction set against hand-made ground truth
+   (``tube_metrics.TubeScorer``, ``tube_metrics.frame_map`` / ``video_map`` with their options,
+   ``inference.score_tubes`` as ``test.py --labels`` runs it);
 5. ``stream.py --tube_events`` on a generated video with the tube checkpoint: every column but ``wall_time`` and
    ``latency_sec`` (no clip may be skipped, no frame dropped);
 6. ONNX export parity: ``export.py``'s export of the evaluation's clip-mode model, run by onnxruntime, against the
@@ -55,16 +56,22 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import dataset
 import engine
 import inference
 import metrics
 import model as star_model
+import model_setup
+import postprocess
 import stream
+import tube_metrics
 import tubes
 import video
 from conftest import ROOT, TINY_PREP, TUBE_CKPT_ARGS, tiny_checkpoint, tube_checkpoint, write_video
 from losses import build_criterion
+from records import Track, VideoRecord
+from targets import clip_target
 
 import test as test_cli  # noqa: E402  (the repository's test.py: the root is first on the path, see conftest)
 
@@ -129,7 +136,7 @@ def keyed_state(net: torch.nn.Module) -> dict:
 
 
 def keyed_model(args: dict) -> star_model.STAR:
-    net = star_model.STAR(**star_model.model_args_from(**args))
+    net = star_model.STAR(**checkpoint.model_args_from(**args))
     net.load_state_dict(keyed_state(net))
     return net
 
@@ -145,17 +152,17 @@ W, H = 96, 72
 COLOURS = np.array([[230, 70, 60], [70, 220, 90], [80, 90, 235]], np.uint8)
 
 
-def _track(track_id, frames, labels, start, velocity, size=(24, 30), max_gap=12) -> dataset.Track:
+def _track(track_id, frames, labels, start, velocity, size=(24, 30), max_gap=12) -> Track:
     """An actor moving at ``velocity`` pixels a frame, annotated at ``frames`` (normalised xyxy, as loaded)."""
     frames = np.asarray(list(frames), np.int64)
     x, y = start[0] + velocity[0] * frames, start[1] + velocity[1] * frames
     boxes = np.stack([x, y, x + size[0], y + size[1]], 1) / [W, H, W, H]
     labels = labels if isinstance(labels, list) else [labels] * len(frames)
-    return dataset.Track(track_id, frames, boxes.astype(np.float32), labels, max_gap)
+    return Track(track_id, frames, boxes.astype(np.float32), labels, max_gap)
 
 
-def _record(name, tracks, labels=None, boxes=None, num_frames=48, fps=12.0) -> dataset.VideoRecord:
-    """A record as dataset.load_dataset makes it (per-frame records: one entry per track and class, its enclosing box)."""
+def _record(name, tracks, labels=None, boxes=None, num_frames=48, fps=12.0) -> VideoRecord:
+    """A record as records.load_dataset makes it (per-frame records: one entry per track and class, its enclosing box)."""
     if tracks is not None:
         pairs = {}
         for t in tracks:
@@ -164,10 +171,10 @@ def _record(name, tracks, labels=None, boxes=None, num_frames=48, fps=12.0) -> d
                 pairs[(t.track_id, c)] = [b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()]
         labels = [c for _, c in pairs]
         boxes = np.array(list(pairs.values()), np.float32).reshape(-1, 4)
-    return dataset.VideoRecord(name, name, list(labels), np.asarray(boxes, np.float32), W, H, num_frames, fps, tracks)
+    return VideoRecord(name, name, list(labels), np.asarray(boxes, np.float32), W, H, num_frames, fps, tracks)
 
 
-def world() -> dict[str, dataset.VideoRecord]:
+def world() -> dict[str, VideoRecord]:
     """a: two actors (wave, jump); b: one actor switching wave -> fall, one doing jump and fall at once, one with a
     gap longer than max_gap; c: a 5-field (per-video) record, fall; d: per-frame labels, no action."""
     switch = [(0,)] * 6 + [(2,)] * 5
@@ -182,7 +189,7 @@ def world() -> dict[str, dataset.VideoRecord]:
     }
 
 
-def render(record: dataset.VideoRecord, frames) -> np.ndarray:
+def render(record: VideoRecord, frames) -> np.ndarray:
     """``(n, H, W, 3)`` uint8 frames of ``record``: a textured background that changes over time and each acting
     actor's box filled with its class's colour."""
     yy, xx = np.mgrid[0:H, 0:W]
@@ -205,7 +212,7 @@ def render(record: dataset.VideoRecord, frames) -> np.ndarray:
 
 
 def batch(records, starts, T: int, window: int = 24):
-    """``dataset.collate`` of clips (rendered, ``video.preprocess``) and their ``dataset.clip_target``: a window of
+    """``dataset.collate`` of clips (rendered, ``video.preprocess``) and their ``targets.clip_target``: a window of
     ``window`` frames from each start (None: the whole video, the published sampling)."""
     items = []
     for record, start in zip(records, starts):
@@ -214,7 +221,7 @@ def batch(records, starts, T: int, window: int = 24):
         else:
             idx = np.linspace(start, start + window - 1, T).astype(np.int64)
         clip = video.preprocess(render(record, idx), IMG, video.IMAGENET_MEAN, video.IMAGENET_STD)
-        items.append((clip, dataset.clip_target(record, idx)))
+        items.append((clip, clip_target(record, idx)))
     return dataset.collate(items)
 
 
@@ -400,8 +407,8 @@ def module_of(name: str) -> str:
 def train_steps(args: dict, batches, tube: bool) -> dict:
     net = keyed_model(args)
     T = TUBE_T if tube else CLIP_T
-    star_model.init_positions(net, T, IMG)       # the from-scratch recipe's inits (main.build_training_state)
-    star_model.init_motion_stem(net)
+    model_setup.init_positions(net, T, IMG)      # the from-scratch recipe's inits (main.build_training_state)
+    model_setup.init_motion_stem(net)
     out = {"weights_sum": weights_sum(net)}
     net.use_channels_last()                      # as main.py trains on a CPU
     net.train()
@@ -517,7 +524,7 @@ def test_evaluation_outputs_clip_mode():
     net = keyed_model(CLIP_ARGS).eval()
     with torch.no_grad():
         out = net(clips, return_aux=True)
-    preds = metrics.outputs_to_predictions(out)
+    preds = postprocess.outputs_to_predictions(out)
     detections = [[vars(d) for d in inference.detections_from_prediction(p, NAMES, CLIP_THRESHOLD, 0.5, 2.5)]
                   for p in preds]
     assert any(detections) and not all(len(d) == CLIP_ARGS["num_queries"] for d in detections)   # the threshold bites
@@ -525,7 +532,7 @@ def test_evaluation_outputs_clip_mode():
     check_tensors("eval_clip", {**raw_outputs(out), **prediction_tensors("pred", preds),
                                 **prediction_tensors("evaluate/pred", evaluated)})
     check_json("eval_clip", {"weights_sum": weights_sum(net), "detections": detections,
-                             "video_prediction": [list(metrics.video_prediction(p, CLIP_THRESHOLD)) for p in preds],
+                             "video_prediction": [list(postprocess.video_prediction(p, CLIP_THRESHOLD)) for p in preds],
                              "evaluate": result})
 
 
@@ -534,7 +541,7 @@ def test_evaluation_outputs_tube_mode():
     net = keyed_model(TUBE_ARGS).eval()
     with torch.no_grad():
         out = net(clips, return_aux=True)
-    preds = metrics.outputs_to_predictions(out)
+    preds = postprocess.outputs_to_predictions(out)
     merged = [tubes.merge_duplicate_queries(p, TUBE_THRESHOLD) for p in preds]
     views = [tubes.class_detections(p, TUBE_THRESHOLD) for p in preds]
     spans = [(int(t["frame_indices"][0]), int(t["frame_indices"][-1]) + 1) for t in targets]
@@ -617,11 +624,11 @@ def _boxes(x1, y1, size, frames, dx=0.0, dy=0.0) -> np.ndarray:
     return np.stack([x1 + dx * f, y1 + dy * f, x1 + dx * f + size, y1 + dy * f + size], 1)
 
 
-def hand_made_scorer() -> metrics.TubeScorer:
+def hand_made_scorer() -> tube_metrics.TubeScorer:
     """Ground truth of 3 classes in 3 videos (one tube with a gap, two actors of one class in a frame) and predictions of
     every kind the scorer takes: clip-mode queries, tube-mode clips, frame detections and tubes, hits and misses,
     ties in score."""
-    s = metrics.TubeScorer(3)
+    s = tube_metrics.TubeScorer(3)
     s.add_truth("v1", 0, [*range(0, 10), *range(14, 20)], _boxes(0.1, 0.2, 0.3, [*range(0, 10), *range(14, 20)], 0.01),
                 100, 50)
     s.add_truth("v1", 1, range(5, 15), _boxes(0.5, 0.4, 0.25, range(5, 15)), 100, 50)
@@ -639,7 +646,7 @@ def hand_made_scorer() -> metrics.TubeScorer:
                           [[0.3, 0.1, 0.1], [0.2, 0.2, 0.1], [0.1, 0.1, 0.1], [0.1, 0.1, 0.2]]])
     step_boxes = torch.tensor(np.stack([_boxes(0.5, 0.4, 0.25, range(4)), _boxes(0.1, 0.3, 0.3, range(4), 0.02)]),
                               dtype=torch.float32)
-    tube_pred = metrics.tube_prediction(probs, torch.tensor([1, 0]), step_boxes)
+    tube_pred = postprocess.tube_prediction(probs, torch.tensor([1, 0]), step_boxes)
     s.add_clip_predictions("v1", [10, 12, 14, 16], tube_pred, 100, 50, threshold=0.5)
     # v2: two detections a frame for the two actors, scores tied between frames; one tube covering both actors' span
     s.add_frame_detections("v2", 1, range(0, 8), [0.8] * 8, _boxes(0.02, 0.0, 0.4, range(0, 8)), 80, 60)
@@ -674,7 +681,7 @@ def score_tubes_of_results() -> dict:
             step = np.full((TUBE_T, 3), (1 - p) / 4)
             step[:, c] = np.where(present, p, 0.1)
             probs.append(step)
-        queries.append(metrics.tube_prediction(torch.tensor(np.stack(probs), dtype=torch.float32),
+        queries.append(postprocess.tube_prediction(torch.tensor(np.stack(probs), dtype=torch.float32),
                                                torch.tensor([0, 1, 2]), torch.tensor(np.stack(boxes), dtype=torch.float32)))
     settings = inference.Settings(0.5, 2.0, 2.0)
     res_a = inference.VideoResult(0, "a.avi", a.path, info_a, queries=queries, frame_indices=steps, frame_spans=spans,
@@ -699,10 +706,10 @@ def score_tubes_of_results() -> dict:
 def test_frame_and_video_map_of_a_fixed_prediction_set():
     s = hand_made_scorer()
     figures = {"result": s.result(NAMES),
-               "frame_map_trapezoid": metrics.frame_map(s.detections, s.ground_truth, 3, 0.5, "trapezoid"),
-               "frame_map_75": metrics.frame_map(s.detections, s.ground_truth, 3, 0.75),
-               "video_map_no_nms": metrics.video_map(s.pred_tubes, s.gt_tubes, 3, 0.2, None),
-               "video_map_trapezoid": metrics.video_map(s.pred_tubes, s.gt_tubes, 3, 0.5, 0.3, "trapezoid"),
+               "frame_map_trapezoid": tube_metrics.frame_map(s.detections, s.ground_truth, 3, 0.5, "trapezoid"),
+               "frame_map_75": tube_metrics.frame_map(s.detections, s.ground_truth, 3, 0.75),
+               "video_map_no_nms": tube_metrics.video_map(s.pred_tubes, s.gt_tubes, 3, 0.2, None),
+               "video_map_trapezoid": tube_metrics.video_map(s.pred_tubes, s.gt_tubes, 3, 0.5, 0.3, "trapezoid"),
                **score_tubes_of_results()}
     assert 0 < figures["result"]["frame_map50"] < 1 and 0 < figures["score_tubes"]["video_map20"] <= 1
     check_json("tube_metrics", figures)
@@ -720,7 +727,7 @@ def test_export_parity_with_the_golden_pytorch_outputs(tmp_path):
     _, clips, _ = eval_inputs(CLIP_T)
     ck = tmp_path / "clip.pth"
     prep = {**TINY_PREP, "num_frames": CLIP_T, "img_size": IMG}
-    star_model.save_checkpoint(star_model.make_checkpoint(keyed_model(CLIP_ARGS), star_model.model_args_from(**CLIP_ARGS),
+    checkpoint.save_checkpoint(checkpoint.make_checkpoint(keyed_model(CLIP_ARGS), checkpoint.model_args_from(**CLIP_ARGS),
                                                           NAMES, prep), ck)
     path = tmp_path / "star.onnx"
     args = export.get_args_parser().parse_args(["--model_path", str(ck), "--output", str(path)])

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 import annotations as ann
-import dataset
 from conftest import ROOT, numbered_frames, write_video
+from labels import parse_label_file
+from records import _resolve, load_dataset
 
 sys.path.insert(0, str(ROOT / "tools"))
 import import_annotations as tool  # noqa: E402
@@ -28,13 +29,13 @@ def run_tool(capsys, *argv) -> tuple[int, str, str]:
 
 
 def read_dataset(root: pathlib.Path) -> dict[str, list[str]]:
-    """{video_file: label lines} of a written dataset; checks each video path resolves as dataset.py does."""
+    """{video_file: label lines} of a written dataset; checks each video path resolves as records.py does."""
     with (root / "action_challenge.csv").open(newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["video_file", "label_file"]
     out = {}
     for video_file, label_file in rows[1:]:
-        assert dataset._resolve(root, video_file).exists(), video_file
+        assert _resolve(root, video_file).exists(), video_file
         out[video_file] = (root / label_file).read_text().splitlines()
     return out
 
@@ -376,7 +377,7 @@ def test_unreadable_video_is_skipped_with_a_line(tmp_path, capsys):
 
 
 def test_written_dataset_loads(tmp_path, capsys):
-    """End to end through dataset.load_dataset (needs its per-frame label parsing)."""
+    """End to end through records.load_dataset (needs its per-frame label parsing)."""
     videos = tmp_path / "videos"
     videos.mkdir()
     write_video(videos / "street.mp4", numbered_frames(20))
@@ -385,8 +386,8 @@ def test_written_dataset_loads(tmp_path, capsys):
                     "--output_dir", tmp_path / "ds")[0] == 0
     probe = tmp_path / "probe.txt"
     probe.write_text("0 0 1 1 2 21 30\n")
-    if dataset.parse_label_file(probe, "probe.txt")[1]:
-        pytest.skip("needs per-frame labels in dataset.py")
-    records, class_map, _ = dataset.load_dataset(tmp_path / "ds")
+    if parse_label_file(probe, "probe.txt")[1]:
+        pytest.skip("needs per-frame labels in labels.py")
+    records, class_map, _ = load_dataset(tmp_path / "ds")
     assert len(records) == 1 and records[0].path == str(videos / "street.mp4")
     assert class_map.names == ["run", "walk"]

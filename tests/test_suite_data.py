@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-import dataset
 import video
 from conftest import MEDIA_DIR
+from records import load_dataset
 from tools import make_suite_data as suite
 from tools import people, suite_scenes as scenes
 from tools.make_sample_data import make_sample_dataset
@@ -254,7 +254,7 @@ def test_labels_load_with_the_dataset_loader_without_problems(tmp_path):
     v = tiny(actors=(1, 2, 3), negative_fraction=1 / 6, occlusion=True, resolutions=((128, 96),), pan=0.2,
              zoom=(1.0, 1.3), video_sec=(1.2, 1.2), action_sec=(1.0, 1.0))
     suite.write_people(v, tmp_path, 6, seed=11)
-    records, class_map, problems = dataset.load_dataset(tmp_path)
+    records, class_map, problems = load_dataset(tmp_path)
     assert problems == [] and len(records) == 6 and class_map.names == list(people.ACTIONS)
     labels = _labels(tmp_path)
     assert sum(r.has_action for r in records) == len(labels) == 5

@@ -27,6 +27,7 @@ import pytest
 import torch
 from torch import nn
 
+import checkpoint
 import dataset
 import engine
 import inference
@@ -35,8 +36,11 @@ import recipes
 import runtime
 import losses as losses_module
 import model as star_model
+import model_setup
 from conftest import free_port
+from records import load_dataset
 from tools.make_sample_data import make_sample_dataset
+from video import IMAGENET_MEAN, IMAGENET_STD
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -66,11 +70,11 @@ def tiny_r2plus1d_18(weights=None, **kwargs) -> nn.Module:
 
 def tiny_model_args(num_classes: int, **overrides) -> dict:
     small = {"hidden_dim": 32, "num_decoder_layers": 2, "nheads": 2, "dim_feedforward": 64, "max_positions": 512}
-    return star_model.model_args_from(num_classes, **{**small, **overrides})
+    return checkpoint.model_args_from(num_classes, **{**small, **overrides})
 
 
 def install_tiny_network(setattr_=setattr) -> None:
-    """Make STAR (wherever it is built: main.py, model.load_checkpoint) use the tiny trunk and
+    """Make STAR (wherever it is built: main.py, checkpoint.load_checkpoint) use the tiny trunk and
     decoder. ``setattr_`` is ``monkeypatch.setattr`` in-process (undone after the test)."""
     setattr_(star_model, "r2plus1d_18", tiny_r2plus1d_18)
     setattr_(main, "model_args_from", tiny_model_args)
@@ -155,11 +159,11 @@ def test_end_to_end_writes_every_output(reference_run, sample_data, tiny_net):
     assert sorted({r[0] for r in table[1:]}) == sorted(split["val"])      # every validation video, only those
     assert len(split["train"]) + len(split["val"]) == 10
 
-    net, info = star_model.load_checkpoint(out / "best_model.pth")
+    net, info = checkpoint.load_checkpoint(out / "best_model.pth")
     assert info["source"] == "project"
     assert info["class_names"] == (sample_data / "classes.txt").read_text().split()
     assert info["num_frames"] == 4 and info["img_size"] == 64
-    assert info["mean"] == list(star_model.IMAGENET_MEAN) and info["std"] == list(star_model.IMAGENET_STD)
+    assert info["mean"] == list(IMAGENET_MEAN) and info["std"] == list(IMAGENET_STD)
     with torch.no_grad():
         outputs = net(torch.zeros(1, 4, 3, 64, 64))
     assert outputs["pred_logits"].shape == (1, 4, len(info["class_names"]) + 1)
@@ -404,14 +408,14 @@ def test_init_from_checkpoint_with_other_classes(sample_data, tmp_path, tiny_net
     args = tiny_model_args(5, num_queries=4)
     other = star_model.STAR(**args)
     source = tmp_path / "five_classes.pth"
-    star_model.save_checkpoint(star_model.make_checkpoint(other, args, [f"c{i}" for i in range(5)],
-                                                          star_model.PUBLISHED_PREPROCESSING, epoch=0), source)
+    checkpoint.save_checkpoint(checkpoint.make_checkpoint(other, args, [f"c{i}" for i in range(5)],
+                                                          checkpoint.PUBLISHED_PREPROCESSING, epoch=0), source)
     out = tmp_path / "finetune"
     assert run_main(sample_data, out, "--epochs", "1", "--init_from", str(source)) == 0
     log = log_text(out)
-    assert f"class layer {star_model.CLASS_LAYER} re-initialised (5 classes there, 3 here)" in log
+    assert f"class layer {checkpoint.CLASS_LAYER} re-initialised (5 classes there, 3 here)" in log
     assert f"lr {recipes.PUBLISHED_RECIPE['lr']:g} (trunk" in log                          # fine-tuning default
-    net, info = star_model.load_checkpoint(out / "best_model.pth")
+    net, info = checkpoint.load_checkpoint(out / "best_model.pth")
     assert net.num_classes == 3 and len(info["class_names"]) == 3
 
 
@@ -442,7 +446,7 @@ def _remember_initial_stem(monkeypatch) -> dict:
     freeze = main.freeze_trunk_stages
 
     def remember(model, num_stages):     # called once the model is initialised
-        initial["weight"] = star_model.motion_stem_conv(model).weight.detach().clone()
+        initial["weight"] = model_setup.motion_stem_conv(model).weight.detach().clone()
         return freeze(model, num_stages)
 
     monkeypatch.setattr(main, "freeze_trunk_stages", remember)
@@ -456,7 +460,7 @@ def test_motion_constraint_keeps_the_stem_blind_to_stillness_through_training(sa
     initial = _remember_initial_stem(monkeypatch)
     out = tmp_path / "stem_trained"
     assert run_main(sample_data, out, "--freeze_trunk", "0") == 0
-    weight = star_model.motion_stem_conv(star_model.load_checkpoint(out / "checkpoint.pth")[0]).weight
+    weight = model_setup.motion_stem_conv(checkpoint.load_checkpoint(out / "checkpoint.pth")[0]).weight
     assert not torch.allclose(weight, initial["weight"])                 # trained
     assert weight.sum(2).abs().max() < 1e-6 * weight.abs().max()
     assert "motion constraint on, position init on" in log_text(out) and "frozen trunk stages 0," in log_text(out)
@@ -467,7 +471,7 @@ def test_a_frozen_stem_is_not_reprojected_by_the_motion_constraint(sample_data, 
     initial = _remember_initial_stem(monkeypatch)
     out = tmp_path / "frozen_stem"
     assert run_main(sample_data, out, "--epochs", "1", "--freeze_trunk", "2", "--no-motion_init") == 0
-    weight = star_model.motion_stem_conv(star_model.load_checkpoint(out / "checkpoint.pth")[0]).weight
+    weight = model_setup.motion_stem_conv(checkpoint.load_checkpoint(out / "checkpoint.pth")[0]).weight
     assert weight.sum(2).abs().max() > 1e-3                              # not zero-sum: never projected
     assert torch.equal(weight, initial["weight"])
 
@@ -489,7 +493,7 @@ def test_resume_with_another_freeze_trunk_says_what_to_do(reference_run, sample_
 
 def test_class_loss_and_no_object_weights_reach_the_criterion_and_the_matcher(sample_data, tiny_net):
     dataset_args = main.get_args_parser().parse_args(["--input_dir", str(sample_data), "--output_dir", "o", *TINY_ARGS])
-    class_map = dataset.load_dataset(sample_data)[1]
+    class_map = load_dataset(sample_data)[1]
     for extra, expected in (([], recipes.SCRATCH_RECIPE["ce_loss_coef"]), (["--ce_loss_coef", "3"], 3.0)):
         args = main.get_args_parser().parse_args(["--input_dir", str(sample_data), "--output_dir", "o", *TINY_ARGS, *extra])
         recipes.apply_recipe(args)
@@ -511,7 +515,7 @@ def test_class_loss_and_no_object_weights_reach_the_criterion_and_the_matcher(sa
 
 
 def test_dropout_flag_reaches_every_dropout_and_the_model_args(sample_data, tiny_net):
-    class_map = dataset.load_dataset(sample_data)[1]
+    class_map = load_dataset(sample_data)[1]
     for extra, expected in (([], 0.1), (["--dropout", "0.3"], 0.3)):      # 0.1: the published network's
         args = main.get_args_parser().parse_args(["--input_dir", str(sample_data), "--output_dir", "o", *TINY_ARGS, *extra])
         recipes.apply_recipe(args)
@@ -536,7 +540,7 @@ def test_parameter_groups_split_trunk_from_the_rest_once():
 def test_freeze_trunk_keeps_the_first_stages_and_trains_the_rest(sample_data, tiny_net):
     """--freeze_trunk 2: stem and layer1 get no gradient and are in no optimizer group, so a step leaves
     their weights as they were (their BatchNorm statistics still follow the data); later stages train."""
-    records, class_map, _ = dataset.load_dataset(sample_data)
+    records, class_map, _ = load_dataset(sample_data)
     args = main.get_args_parser().parse_args(["--input_dir", str(sample_data), "--output_dir", "o", *TINY_ARGS,
                                               "--freeze_trunk", "2", "--motion_constraint"])
     recipes.apply_recipe(args)
@@ -845,7 +849,7 @@ def test_auto_precision_keeps_bf16_where_its_gradients_are_finite(sample_data, t
 
 
 def test_the_bf16_check_leaves_the_model_and_the_random_streams_as_they_were(sample_data, tiny_net):
-    records, class_map, _ = dataset.load_dataset(sample_data)
+    records, class_map, _ = load_dataset(sample_data)
     net = star_model.STAR(**tiny_model_args(len(class_map))).train()
     criterion = losses_module.build_criterion(len(class_map), 2)
     clips, targets = dataset.collate([dataset.ActionDataset(records, 4, 64)[i] for i in range(2)])
@@ -872,7 +876,7 @@ def test_on_an_amx_cpu_the_real_check_chooses_fp32_for_the_recommended_shapes():
     """The real network at the recommended 8x112, batch 4, stem and layer1 frozen (torch 2.14.1: NaN there)."""
     torch.manual_seed(0)
     net = star_model.STAR(num_classes=3)
-    star_model.freeze_trunk_stages(net, 2)
+    model_setup.freeze_trunk_stages(net, 2)
     criterion = losses_module.build_criterion(3, 4)
     clips = torch.randn(4, 8, 3, 112, 112)
     targets = [{"labels": torch.tensor([i % 3]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.4]])} for i in range(4)]
@@ -941,11 +945,11 @@ def test_per_frame_labels_train_on_windows_and_report_tube_metrics(tube_data, tm
     assert "frame-mAP@0.5" in log_text(out) and "video-mAP@0.5" in log_text(out)
     full = json.loads((out / "val_metrics.json").read_text())            # per class, as test.py's report shows them
     for key in ("frame_ap50", "video_ap50"):
-        assert set(full[key]) == set(star_model.load_checkpoint(out / "best_model.pth")[1]["class_names"]), key
+        assert set(full[key]) == set(checkpoint.load_checkpoint(out / "best_model.pth")[1]["class_names"]), key
         assert all(v is None or 0.0 <= v <= 1.0 for v in full[key].values()), key
     best = torch.load(out / "best_model.pth", map_location="cpu", weights_only=True)
     assert best["preprocessing"]["window_sec"] == 0.8                  # test.py cuts its windows so by default
-    _, info = star_model.load_checkpoint(out / "best_model.pth")
+    _, info = checkpoint.load_checkpoint(out / "best_model.pth")
     assert info["window_sec"] == 0.8
 
 
@@ -964,7 +968,7 @@ def test_per_frame_labels_train_the_tube_mode_by_default_with_its_decoder_phase(
     assert "mode tube" in log_text(out) and "decoder step 12/12" in log_text(out)
     assert "the class under each true box fitted" in log_text(out)
     assert f"{recipes.WINDOWS_PER_VIDEO} per video and epoch; {recipes.PAIR_PROB:g} side by side" in log_text(out)
-    net, info = star_model.load_checkpoint(out / "best_model.pth")
+    net, info = checkpoint.load_checkpoint(out / "best_model.pth")
     with torch.no_grad():
         pred = net(torch.zeros(1, 4, 3, 64, 64))
     assert pred["pred_logits"].shape[:3] == (1, 4, 4) and net.locate is not None

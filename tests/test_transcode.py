@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import dataset
+from records import load_dataset
 from tools import transcode_videos
 from tools.make_sample_data import make_sample_dataset
 
@@ -22,8 +22,8 @@ def test_a_transcoded_dataset_loads_as_the_same_dataset(source, tmp_path, flags)
     out = tmp_path / "copy"
     rc = transcode_videos.main(transcode_videos.get_args_parser().parse_args([str(source), "--output", str(out), *flags]))
     assert rc == 0
-    before, _, problems_before = dataset.load_dataset(source)
-    after, _, problems_after = dataset.load_dataset(out)
+    before, _, problems_before = load_dataset(source)
+    after, _, problems_after = load_dataset(out)
     assert len(after) == len(before) == 3
     assert [p.message for p in problems_after] == [p.message for p in problems_before]
     for a, b in zip(sorted(after, key=lambda r: r.video), sorted(before, key=lambda r: r.video)):

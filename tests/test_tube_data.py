@@ -9,7 +9,13 @@ import torch
 
 import dataset
 import video
+from augment import MAX_STRIP, side_by_side
 from conftest import frame_number, numbered_frames, write_video
+from labels import FrameInstance, Instance, parse_label_lines
+from problems import format_problems
+from records import MAX_PROBLEMS_PER_KIND, Track, VideoRecord, default_max_gap, load_dataset
+from targets import (clip_target, track_spans, training_window, validation_window, video_windows, window_length,
+                     xyxy_to_cxcywh)
 from tools.make_sample_data import main as make_sample_main
 from tools.make_sample_data import make_sample_dataset
 
@@ -33,13 +39,13 @@ def _frames_folder(folder, frames):
 
 
 def _track(frames, boxes, labels, max_gap=5, track_id=1):
-    return dataset.Track(track_id, np.array(frames, np.int64), np.array(boxes, np.float32), labels, max_gap)
+    return Track(track_id, np.array(frames, np.int64), np.array(boxes, np.float32), labels, max_gap)
 
 
 def _record(tracks, n=200, fps=25.0):
     """A per-frame record that needs no file (for window and target logic)."""
-    return dataset.VideoRecord("v.mp4", "/nowhere/v.mp4", [0] * len(tracks), np.zeros((len(tracks), 4), np.float32),
-                               64, 48, n, fps, tracks)
+    return VideoRecord("v.mp4", "/nowhere/v.mp4", [0] * len(tracks), np.zeros((len(tracks), 4), np.float32),
+                       64, 48, n, fps, tracks)
 
 
 # ---------------------------------------------------------------- parsing
@@ -48,17 +54,17 @@ def _record(tracks, n=200, fps=25.0):
 def test_parse_per_frame_lines_and_files_of_mixed_kinds():
     lines = ["# " + FMT, "0 1 2 10 20 30 40", "3,7,2,1,2,3,4  # commas", "2.0 1 5 0 0 9 9",
              "4 1 2 10 20 30", "-1 1 2 0 0 5 5", "1.5 1 2 0 0 5 5", "1 2 3 4 5"]
-    inst, problems, data_lines = dataset.parse_label_lines(lines, "t.txt")
+    inst, problems, data_lines = parse_label_lines(lines, "t.txt")
     assert [(i.frame, i.track, i.raw_id, i.box, i.line) for i in inst] == [
         (0, 1, 2, (10, 20, 30, 40), 2), (3, 7, 2, (1, 2, 3, 4), 3), (2, 1, 5, (0, 0, 9, 9), 4)]
-    assert all(isinstance(i, dataset.FrameInstance) for i in inst) and data_lines == 7
+    assert all(isinstance(i, FrameInstance) for i in inst) and data_lines == 7
     assert [(p.line, p.severity) for p in problems] == [(5, "skipped"), (6, "skipped"), (7, "skipped"), (8, "skipped")]
     assert all("malformed label line" in p.message and FMT in p.message for p in problems[:3])
     assert "frame must be >= 0" in problems[1].message
     assert "mixes 5- and 7-field lines" in problems[3].message
     # the kind of most lines wins: one stray 7-field line in a 5-field file is the problem
-    inst, problems, _ = dataset.parse_label_lines(["0 1 1 5 5", "1 2 2 6 6", "0 1 0 1 1 5 5"], "s.txt")
-    assert len(inst) == 2 and type(inst[0]) is dataset.Instance
+    inst, problems, _ = parse_label_lines(["0 1 1 5 5", "1 2 2 6 6", "0 1 0 1 1 5 5"], "s.txt")
+    assert len(inst) == 2 and type(inst[0]) is Instance
     assert [(p.line, "mixes" in p.message) for p in problems] == [(3, True)]
 
 
@@ -82,7 +88,7 @@ def _per_frame_dataset(tmp_path, label_text, n=40, fps=25, **load):
     root.mkdir(exist_ok=True)
     write_video(root / "a.mp4", numbered_frames(n, 64, 48), fps=fps)
     _write(root, [("a.mp4", "a.txt")], {"a.txt": label_text})
-    return dataset.load_dataset(root, **load)
+    return load_dataset(root, **load)
 
 
 def test_every_bad_per_frame_line_is_named_and_skipped(tmp_path):
@@ -114,7 +120,7 @@ def test_every_bad_per_frame_line_is_named_and_skipped(tmp_path):
     for line, (severity, text) in expect.items():
         assert found[line][0] == severity and text in found[line][1], (line, found[line])
     assert all(p.file == "a.txt" and "\n" not in p.message for p in problems)
-    table = dataset.format_problems(problems)
+    table = format_problems(problems)
     assert "7 skipped, 2 warning(s)" in table and all(f"a.txt  {ln:>4}" in table for ln in expect)
     (record,) = records
     assert record.per_frame and cmap.raw_ids == [0, 1]
@@ -134,13 +140,13 @@ def test_max_gap_defaults_to_one_second_of_the_video(tmp_path):
     assert record.tracks[0].segments() == [(0, 10), (21, 21)]         # 10 frames apart: joined; 11: not
     (record,), _, _ = _per_frame_dataset(tmp_path, text, fps=10, max_gap=11)
     assert record.tracks[0].segments() == [(0, 21)]
-    assert dataset.default_max_gap(29.97) == 30 and dataset.default_max_gap(25.0) == 25
+    assert default_max_gap(29.97) == 30 and default_max_gap(25.0) == 25
 
 
 def test_problems_of_one_kind_are_capped_per_file(tmp_path):
     text = "0 1 0 0 0 10 10\n" + "".join(f"{50 + k} 1 0 0 0 10 10\n" for k in range(25))
     _, _, problems = _per_frame_dataset(tmp_path, text)
-    assert len(problems) == dataset.MAX_PROBLEMS_PER_KIND + 1
+    assert len(problems) == MAX_PROBLEMS_PER_KIND + 1
     assert [p.line for p in problems[:-1]] == list(range(2, 12))
     assert "15 more line(s) like the above (beyond, lines 12 to 26); skipped" in problems[-1].message
 
@@ -152,7 +158,7 @@ def test_a_per_frame_dataset_with_frame_folders_and_negatives(tmp_path):
     write_video(root / "old.mp4", numbered_frames(20))
     _write(root, [("frames/v1", "v1.txt"), ("neg.mp4", ""), ("old.mp4", "old.txt"), ("frames/none", "")],
            {"v1.txt": "3 0 1 0 0 10 10\n", "old.txt": "1 0 0 10 10\n"})
-    records, cmap, problems = dataset.load_dataset(root, fps=10)
+    records, cmap, problems = load_dataset(root, fps=10)
     v1, neg, old = records
     assert (v1.num_frames, v1.fps, v1.tracks[0].max_gap) == (30, 10.0, 10) and v1.per_frame
     assert neg.tracks == [] and neg.per_frame and not neg.has_action   # windowed like the per-frame videos
@@ -167,27 +173,27 @@ def test_training_windows_hold_a_track_or_avoid_every_track():
     tracks = [_track([40, 60], [[0, 0, .2, .2]] * 2, [(0,), (0,)], max_gap=30),
               _track([150, 155], [[0, 0, .2, .2]] * 2, [(1,), (1,)], max_gap=30, track_id=2)]
     record = _record(tracks, n=200)
-    assert dataset.track_spans(record) == [(40, 60), (150, 155)]
+    assert track_spans(record) == [(40, 60), (150, 155)]
     starts = set()
     for seed in range(200):
         rng = np.random.default_rng(seed)
-        s, e = dataset.training_window(record, 32, rng, negative_prob=0.0)
+        s, e = training_window(record, 32, rng, negative_prob=0.0)
         assert e - s == 32 and 0 <= s <= 168 and any(a <= e - 1 and b >= s for a, b in [(40, 60), (150, 155)])
         starts.add(s)
-        s, e = dataset.training_window(record, 32, rng, negative_prob=1.0)
+        s, e = training_window(record, 32, rng, negative_prob=1.0)
         assert all(b < s or a >= e for a, b in [(40, 60), (150, 155)]), (s, e)
     assert len(starts) > 50
     crowded = _record([_track([0, 199], [[0, 0, .2, .2]] * 2, [(0,), (0,)], max_gap=300)], n=200)
-    assert dataset.training_window(crowded, 32, np.random.default_rng(0), negative_prob=1.0)[1] <= 200
-    assert dataset.training_window(record, 500, np.random.default_rng(0)) == (0, 200)   # window > video
-    assert dataset.validation_window(record, 32) == (82, 114)       # centred on the extent 40..155
-    assert dataset.validation_window(_record([], n=100), 32) == (34, 66)
+    assert training_window(crowded, 32, np.random.default_rng(0), negative_prob=1.0)[1] <= 200
+    assert training_window(record, 500, np.random.default_rng(0)) == (0, 200)   # window > video
+    assert validation_window(record, 32) == (82, 114)       # centred on the extent 40..155
+    assert validation_window(_record([], n=100), 32) == (34, 66)
 
 
 def test_video_windows_are_the_inference_windows(make_video):
     path = make_video("long.mp4", n=57, fps=10)
-    record = dataset.VideoRecord("long.mp4", str(path), [], np.zeros((0, 4), np.float32), 64, 48, 57, 10.0, [])
-    windows = dataset.video_windows(record, 4, window_frames=20, stride_frames=15)
+    record = VideoRecord("long.mp4", str(path), [], np.zeros((0, 4), np.float32), 64, 48, 57, 10.0, [])
+    windows = video_windows(record, 4, window_frames=20, stride_frames=15)
     decoded = list(video.iter_windows(path, 4, window_sec=2.0, stride_sec=1.5))
     assert len(windows) == len(decoded) == 4 and windows[-1][1] == 57
     for (s, e, idx), (frames, start, end) in zip(windows, decoded):
@@ -202,7 +208,7 @@ def test_targets_of_per_video_labels_repeat_at_every_step(make_video, tmp_path):
     root.mkdir()
     write_video(root / "a.mp4", numbered_frames(20))
     _write(root, [("a.mp4", "a.txt")], {"a.txt": "3 8 8 40 40\n4 0 0 32 24\n"})
-    records = dataset.load_dataset(root)[0]
+    records = load_dataset(root)[0]
     for augment in (False, True):
         _, t = dataset.ActionDataset(records, 6, 32, augment=augment)[0]
         assert t["track_ids"].tolist() == [0, 1] and t["track_labels"].tolist() == [[0] * 6, [1] * 6]
@@ -223,7 +229,7 @@ def test_validation_targets_follow_the_tube_at_the_decoded_frames(tmp_path):
     ds = dataset.ActionDataset([record], 8, 64, window_frames=24, mean=(0, 0, 0), std=(1, 1, 1))
     clip, t = ds[0]
     idx = t["frame_indices"].numpy()
-    start, end = dataset.validation_window(record, 24)
+    start, end = validation_window(record, 24)
     assert abs((start + end) / 2 - (10 + 47) / 2) <= 0.5          # centred on the tracks' extent 10..46
     assert idx.tolist() == (start + video.sample_indices(24, 8)).tolist()
     frames = (clip.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
@@ -233,13 +239,13 @@ def test_validation_targets_follow_the_tube_at_the_decoded_frames(tmp_path):
     assert t["track_labels"][1].tolist() == [1 if 29 <= f <= 32 else -1 for f in idx]
     assert t["track_labels"][2].tolist() == [1 if 30 <= f <= 38 else -1 for f in idx]   # track 7: 30..38
     for step, f in enumerate(idx):                # track 1 moves 1 px a frame: x1 = frame
-        want = dataset.xyxy_to_cxcywh(np.array([[f / 64, 4 / 48, (f + 10) / 64, 20 / 48]], np.float32))[0]
+        want = xyxy_to_cxcywh(np.array([[f / 64, 4 / 48, (f + 10) / 64, 20 / 48]], np.float32))[0]
         assert np.allclose(t["track_boxes"][0, step].numpy(), want, atol=1e-6)
     mid = 8 // 2
     assert t["labels"].tolist() == [lab for lab in t["track_labels"][:, mid].tolist() if lab >= 0]
     assert torch.equal(t["boxes"], t["track_boxes"][t["track_labels"][:, mid] >= 0, mid])
     assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
-               for a, b in zip(dataset.clip_target(record, idx).values(), t.values()))
+               for a, b in zip(clip_target(record, idx).values(), t.values()))
 
 
 def _moving_box(f):
@@ -260,7 +266,7 @@ def test_augmentation_keeps_every_steps_box_on_the_decoded_frame(tmp_path):
     _frames_folder(root / "tube", frames)
     lines = "".join(f"{f} 3 0 {' '.join(map(str, _moving_box(f)))}\n" for f in list(range(0, n, 5)) + [n - 1])
     _write(root, [("tube", "tube.txt")], {"tube.txt": lines})
-    records, _, problems = dataset.load_dataset(root)
+    records, _, problems = load_dataset(root)
     assert not problems
     ds = dataset.ActionDataset(records, 8, S, augment=True, window_frames=24, negative_prob=0.0,
                                mean=(0, 0, 0), std=(1, 1, 1), seed=4)
@@ -297,7 +303,7 @@ def test_training_windows_are_redrawn_every_epoch_and_reproducible(tmp_path):
     assert len(seen) > 3
     with pytest.raises(ValueError, match="not both"):
         dataset.ActionDataset(records, 4, 16, window_frames=20, window_sec=1.0)
-    assert dataset.window_length(records[0], window_sec=0.5) == 12   # 0.5 s at 25 fps, as window_spans cuts
+    assert window_length(records[0], window_sec=0.5) == 12   # 0.5 s at 25 fps, as window_spans cuts
 
 
 def test_clips_per_video_draws_more_windows_of_each_video_and_keeps_the_first(tmp_path):
@@ -349,7 +355,7 @@ def test_side_by_side_puts_each_clip_in_a_half_with_its_boxes_where_its_actor_is
     clips[1][2][0, 0] = 0.0
     sides = set()
     for _ in range(10):
-        joined = dataset.side_by_side(clips[0], clips[1], rng)
+        joined = side_by_side(clips[0], clips[1], rng)
         assert joined is not None
         frames, acting, boxes = joined
         assert frames.shape == (T, S, S, 3) and acting.tolist() == [[True] * T, [False] + [True] * (T - 1)]
@@ -369,11 +375,11 @@ def test_side_by_side_puts_each_clip_in_a_half_with_its_boxes_where_its_actor_is
 def test_side_by_side_declines_boxes_wider_than_a_strip():
     S, T = 32, 2
     wide = np.zeros((1, T, 4), np.float32)
-    wide[0, :] = [0.0, 0.2, dataset.MAX_STRIP + 0.05, 0.6]
+    wide[0, :] = [0.0, 0.2, MAX_STRIP + 0.05, 0.6]
     frames = np.zeros((T, S, S, 3), np.uint8)
     empty = (frames, np.zeros((0, T), bool), np.zeros((0, T, 4), np.float32))
-    assert dataset.side_by_side((frames, np.ones((1, T), bool), wide), empty, np.random.default_rng(0)) is None
-    frames_, acting, boxes = dataset.side_by_side(empty, empty, np.random.default_rng(0))   # nobody acts: still pairs
+    assert side_by_side((frames, np.ones((1, T), bool), wide), empty, np.random.default_rng(0)) is None
+    frames_, acting, boxes = side_by_side(empty, empty, np.random.default_rng(0))   # nobody acts: still pairs
     assert frames_.shape == frames.shape and acting.shape == (0, T) and boxes.shape == (0, T, 4)
 
 
@@ -385,7 +391,7 @@ def test_pair_prob_shows_windows_of_two_videos_in_one_clip(tmp_path):
     _write(root, [("a.mp4", "a.txt"), ("b.mp4", "b.txt")],
            {"a.txt": "".join(f"{f} 1 0 8 8 20 30\n" for f in [*range(0, 60, 5), 59]),
             "b.txt": "".join(f"{f} 1 1 40 10 52 40\n" for f in [*range(0, 60, 5), 59])})
-    records, _, problems = dataset.load_dataset(root)
+    records, _, problems = load_dataset(root)
     assert not problems
     alone = dataset.ActionDataset(records, 4, 32, augment=True, window_frames=20, seed=3, negative_prob=0.0)
     paired = dataset.ActionDataset(records, 4, 32, augment=True, window_frames=20, seed=3, negative_prob=0.0,
@@ -436,7 +442,7 @@ def test_per_frame_sample_data(tmp_path):
     kwargs = dict(num_videos=8, num_frames=60, width=96, height=72, seed=2, two_actor_fraction=0.7, per_frame=True)
     summary = make_sample_dataset(tmp_path / "a", **kwargs)
     assert summary["frame_folders"] == 1 and (tmp_path / "a" / "video_005").is_dir()
-    records, cmap, problems = dataset.load_dataset(tmp_path / "a")
+    records, cmap, problems = load_dataset(tmp_path / "a")
     assert not problems and cmap.names == ["jump", "walk", "wave"] and all(r.per_frame for r in records)
     positives = [r for r in records if r.has_action]
     assert len(positives) == summary["positives"] and summary["two_actor"] >= 1
@@ -461,7 +467,7 @@ def test_per_frame_sample_data(tmp_path):
     assert make_sample_main(["--output_dir", str(tmp_path / "b"), "--num_videos", "8", "--num_frames", "60",
                              "--width", "96", "--height", "72", "--seed", "2", "--two_actor_fraction", "0.7",
                              "--per_frame", "--label_step", "5"]) == 0
-    sparse, _, problems = dataset.load_dataset(tmp_path / "b")
+    sparse, _, problems = load_dataset(tmp_path / "b")
     assert not problems
     for dense_r, sparse_r in zip(records, sparse):    # keyframes every 5th frame, interpolated: the same tubes
         assert [t.segments() for t in dense_r.tracks] == [t.segments() for t in sparse_r.tracks]

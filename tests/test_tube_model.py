@@ -11,10 +11,14 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_convert, generalized_box_iou
 
-import dataset
-import metrics
+import checkpoint
 import model as M
+import model_setup
+import postprocess
+import tube_metrics
 from losses import HungarianMatcher, acting_cells, build_criterion, num_target_boxes
+from records import VideoRecord
+from targets import clip_target, tube_target
 
 TUBE_KEYS = {"backbone.time_pixel.0.weight", "backbone.time_pixel.0.bias", "backbone.time_proj.weight", "backbone.time_proj.bias", "backbone.time_norm.weight",
              "backbone.time_norm.bias", "time_queries.weight", "locate.query.weight", "locate.query.bias",
@@ -70,30 +74,30 @@ def test_tube_layout_is_the_published_one_plus_the_tube_keys_and_records_its_mod
     assert tube["time_queries.weight"].shape == (8, 256) and tube["backbone.time_proj.weight"].shape == (256, 128, 1, 1, 1)
     # per pixel: the stem's spatial conv (45 channels, one frame each), its output (64) and layer1 (64)
     assert tube["backbone.time_pixel.0.weight"].shape == (128, 45 + 64 + 64, 1, 1, 1)
-    args = M.model_args_from(2, tube_steps=4, **SMALL)
+    args = checkpoint.model_args_from(2, tube_steps=4, **SMALL)
     net = M.STAR(**args).eval()
     path = tmp_path / "tube.pth"
-    M.save_checkpoint(M.make_checkpoint(net, args, ["a", "b"], {"num_frames": 4, "img_size": 64, "window_sec": 1.0}), path)
-    loaded, info = M.load_checkpoint(path)
+    checkpoint.save_checkpoint(checkpoint.make_checkpoint(net, args, ["a", "b"], {"num_frames": 4, "img_size": 64, "window_sec": 1.0}), path)
+    loaded, info = checkpoint.load_checkpoint(path)
     assert info["model_args"]["tube_steps"] == 4 and loaded.tube_steps == 4
     x = torch.randn(1, 4, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded(x)["pred_boxes"], net(x)["pred_boxes"])
     # a clip-mode checkpoint written before tube mode existed (no tube keys in model_args) loads as clip mode
-    old_args = {k: v for k, v in M.model_args_from(2, **SMALL).items() if k not in ("tube_steps", "time_tokens")}
-    M.save_checkpoint(M.make_checkpoint(M.STAR(2, **SMALL), old_args, ["a", "b"], {"num_frames": 4, "img_size": 64}), path)
-    loaded, info = M.load_checkpoint(path)
+    old_args = {k: v for k, v in checkpoint.model_args_from(2, **SMALL).items() if k not in ("tube_steps", "time_tokens")}
+    checkpoint.save_checkpoint(checkpoint.make_checkpoint(M.STAR(2, **SMALL), old_args, ["a", "b"], {"num_frames": 4, "img_size": 64}), path)
+    loaded, info = checkpoint.load_checkpoint(path)
     assert loaded.tube_steps == 0 and not hasattr(loaded, "time_queries") and loaded.backbone.time_proj is None
 
 
 def test_position_init_covers_the_time_tokens():
     net = M.STAR(2, tube_steps=4, **SMALL)
-    M.init_positions(net, 4, 64)
+    model_setup.init_positions(net, 4, 64)
     t, h, w = M.token_grid(net, 4, 64)
     table = net.pos_embedding.embedding.weight.detach()
     reference, fine = M.STAR(2, **SMALL), M.STAR(2, **SMALL)
-    M.init_position_table(reference, (4, h, w))                              # the decoder's pooled time tokens
-    M.init_position_table(fine, (4, 2 * h, 2 * w))                           # the locator's
+    model_setup.init_position_table(reference, (4, h, w))                    # the decoder's pooled time tokens
+    model_setup.init_position_table(fine, (4, 2 * h, 2 * w))                 # the locator's
     n = t * h * w
     assert torch.equal(table[n:n + 4 * h * w], reference.pos_embedding.embedding.weight.detach()[:4 * h * w])
     n += 4 * h * w
@@ -163,11 +167,11 @@ def test_a_track_absent_at_a_step_supervises_no_object_there_and_no_box():
 
 def test_tube_criterion_trains_on_whole_video_targets_and_empty_clips():
     C, K = 3, 4
-    record = dataset.VideoRecord(video="v.mp4", path="v.mp4", labels=np.array([2]), boxes=np.array([[0.1, 0.2, 0.5, 0.6]]),
-                                 width=10, height=10, num_frames=20, fps=10.0)
-    target = dataset.clip_target(record, np.arange(K))
+    record = VideoRecord(video="v.mp4", path="v.mp4", labels=np.array([2]), boxes=np.array([[0.1, 0.2, 0.5, 0.6]]),
+                         width=10, height=10, num_frames=20, fps=10.0)
+    target = clip_target(record, np.arange(K))
     assert target["track_labels"].tolist() == [[2] * K]    # 5-field labels: the same class at every step
-    empty = dataset.tube_target("e.mp4", np.arange(K), [], [], np.zeros((0, K), bool), np.zeros((0, K, 4)))
+    empty = tube_target("e.mp4", np.arange(K), [], [], np.zeros((0, K), bool), np.zeros((0, K, 4)))
     out = {"pred_logits": torch.randn(2, 3, K, C + 1, requires_grad=True),
            "pred_boxes": torch.rand(2, 3, K, 4, requires_grad=True)}
     criterion = build_criterion(C, aux_loss=False)
@@ -184,7 +188,7 @@ def test_tube_class_is_the_best_summed_over_steps_and_step_scores_follow_it():
     # one query, 3 steps, classes a, b (+ no_object): a wins over the steps though b is the best at step 0
     probs = torch.tensor([[[0.1, 0.6, 0.3], [0.7, 0.1, 0.2], [0.6, 0.1, 0.3]]])
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.4, 0.5, 0.2, 0.2], [0.3, 0.5, 0.2, 0.2]]])
-    (pred,) = metrics.outputs_to_predictions({"pred_logits": probs.log()[None], "pred_boxes": boxes[None]})
+    (pred,) = postprocess.outputs_to_predictions({"pred_logits": probs.log()[None], "pred_boxes": boxes[None]})
     assert pred["labels"].tolist() == [0]
     assert torch.allclose(pred["step_scores"], torch.tensor([[0.1, 0.7, 0.6]]))
     assert torch.allclose(pred["step_acting"], torch.tensor([[0.7, 0.8, 0.7]]))   # any class: 1 - p(no_object)
@@ -197,7 +201,7 @@ def test_tube_scorer_takes_a_detection_per_step_and_a_tube_of_the_steps_where_it
     pred = {"scores": torch.tensor([0.9]), "labels": torch.tensor([1]), "boxes": torch.tensor([[0.1, 0.1, 0.5, 0.5]]),
             "step_scores": torch.tensor([[0.9, 0.2, 0.4]]), "step_acting": torch.tensor([[0.95, 0.3, 0.6]]),
             "step_boxes": torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.1, 0.0, 0.6, 0.5], [0.2, 0.0, 0.7, 0.5]]])}
-    scorer = metrics.TubeScorer(2)
+    scorer = tube_metrics.TubeScorer(2)
     scorer.add_clip_predictions("v", [0, 5, 10], pred, 100, 10, threshold=0.5)
     assert [(d[1], d[2], round(d[3], 2), round(d[4], 4)) for d in scorer.detections] == [(0, 1, 0.9, 0.0), (5, 1, 0.2, 10.0),
                                                                                (10, 1, 0.4, 20.0)]
@@ -473,3 +477,30 @@ def test_each_frames_tokens_where_the_locator_looks_correct_the_box_size_from_ze
     net(x)["pred_boxes"].sum().backward()
     assert size_map.out.weight.grad.abs().sum() > 0 and net.locate.query.weight.grad is not None
     assert M.STAR(2, tube_steps=4, time_tokens=False, **SMALL).actor_size is None
+
+
+def test_the_decoder_phase_steps_under_the_runs_autocast_and_says_how_many_it_skipped(monkeypatch, caplog):
+    import logging
+    import engine
+    from losses import build_criterion
+    torch.manual_seed(0)
+    net = M.STAR(2, **SMALL)
+    with torch.no_grad():
+        tokens = net.encode(torch.randn(4, 4, 3, 64, 64))
+    targets = [{"labels": torch.tensor([i % 2]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.4]])} for i in range(4)]
+    params = [p for name, p in net.named_parameters() if not name.startswith("backbone.")]
+    seen, decode = [], net.decode
+
+    def recording_decode(*args, **kwargs):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return decode(*args, **kwargs)
+    monkeypatch.setattr(net, "decode", recording_decode)
+    fit = dict(steps=2, lr=1e-4, weight_decay=1e-4, batch_size=2, grad_clip=0.1, seed=0, device=torch.device("cpu"),
+               on_eval=lambda step, loss: None)
+    engine.fit_decoder(net, params, build_criterion(2), tokens, targets, amp_dtype=torch.bfloat16, **fit)
+    engine.fit_decoder(net, params, build_criterion(2), tokens, targets, amp_dtype=None, **fit)
+    assert seen == [torch.bfloat16] * 2 + [None] * 2
+    monkeypatch.setattr(engine, "optimizer_step", lambda *a, **k: False)          # every gradient norm non-finite
+    with caplog.at_level(logging.WARNING, logger="star"):
+        engine.fit_decoder(net, params, build_criterion(2), tokens, targets, amp_dtype=None, **fit)
+    assert "decoder phase: 2 of 2 steps had a non-finite gradient norm and were skipped" in caplog.text

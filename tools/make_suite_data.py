@@ -268,7 +268,7 @@ def make_variant(name: str, v: SuiteVariant, output_dir, seed: int = 0, num_vide
 def summary_line(name: str, split: str, s: dict) -> str:
     """One printed line of a set's statistics."""
     actors = "-" if s["actors"] is None else s["actors"]
-    missing = s.get("missing")   # classes.txt then does not fit the ids in use: dataset.py names them action_<id>
+    missing = s.get("missing")   # classes.txt then does not fit the ids in use: labels.py names them action_<id>
     return (f"{name}/{split}: {s['videos']} videos ({s['positives']} with action, {s['multi_actor']} multi-actor), "
             f"{actors} actors, {s['tracks']} actions, {s['frames']} frames, actor height {s['height']:.2f} of the "
             f"frame, action {s['action_sec']:.1f} s mean ({s['seconds']:.1f} s)"
