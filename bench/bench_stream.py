@@ -41,7 +41,9 @@ import common   # first: puts the project on the path
 import inference  # noqa: E402
 import model as star_model  # noqa: E402
 import runtime  # noqa: E402
+import sources  # noqa: E402
 import stream  # noqa: E402
+import stream_state  # noqa: E402
 import torch  # noqa: E402
 import video  # noqa: E402
 
@@ -113,9 +115,9 @@ def trend(latencies) -> float | None:
 
 def measure(spec, net, info, device, dtype, stride: int, speed: float, args, folder) -> dict:
     """One play of the file through stream.run_stream; the row's figures."""
-    settings = stream.StreamSettings(stride=stride, speed=speed, score_threshold=0.5,
-                                     events=str(folder / "events.csv"), max_seconds=args.seconds,
-                                     output=str(folder / "annotated.mp4") if args.annotate else None)
+    settings = stream_state.StreamSettings(stride=stride, speed=speed, score_threshold=0.5,
+                                           events=str(folder / "events.csv"), max_seconds=args.seconds,
+                                           output=str(folder / "annotated.mp4") if args.annotate else None)
     stats = stream.run_stream(spec, net, info, settings, device, dtype)
     grow = trend(stats.latencies)
     kept = stats.dropped_frames == 0 and stats.max_lag_sec <= KEEP_UP_LAG_SEC and (grow is None or grow < KEEP_UP_LAG_SEC)
@@ -151,8 +153,8 @@ def run_size(size: str, args, model_path, source, folder) -> tuple[list, list]:
     net, info, _ = inference.load_model(model_path, device, list(CLASS_NAMES))
     info, _ = stream.model_info(info, frames, pixels)
     print(f"{size}: model loaded in {time.perf_counter() - t0:.1f} s; {note}", file=sys.stderr, flush=True)
-    spec = stream.parse_source(str(source))
-    fps = stream.FileSource(spec).fps
+    spec = sources.parse_source(str(source))
+    fps = sources.FileSource(spec).fps
     rows, best = [], []
     for stride in args.strides:
         runs = {}

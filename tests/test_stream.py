@@ -21,14 +21,22 @@ import numpy as np
 import pytest
 import torch
 
+import capture
+import checkpoint
 import inference
 import model as star_model
+import predictor
+import sources
 import stream
+import stream_outputs
+import stream_state
 from conftest import ROOT, frame_number, numbered_frames, write_video
+from runtime import UsageError
+from video import IMAGENET_MEAN, IMAGENET_STD
 
-TINY_PREP = {"num_frames": 4, "img_size": 64, "mean": list(star_model.IMAGENET_MEAN),
-             "std": list(star_model.IMAGENET_STD)}
-FIELDS = list(stream.EVENT_FIELDS)
+TINY_PREP = {"num_frames": 4, "img_size": 64, "mean": list(IMAGENET_MEAN),
+             "std": list(IMAGENET_STD)}
+FIELDS = list(stream_outputs.EVENT_FIELDS)
 CPU = torch.device("cpu")
 
 
@@ -37,10 +45,10 @@ def tiny_ckpt(tmp_path_factory):
     """A project checkpoint of a random tiny-input STAR (scores ~0.3-0.5)."""
     torch.manual_seed(0)
     net = star_model.STAR(2).eval()
-    ck = star_model.make_checkpoint(net, star_model.model_args_from(2), ["fight", "collapse"], TINY_PREP,
+    ck = checkpoint.make_checkpoint(net, checkpoint.model_args_from(2), ["fight", "collapse"], TINY_PREP,
                                     raw_class_ids=[0, 1])
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    star_model.save_checkpoint(ck, path)
+    checkpoint.save_checkpoint(ck, path)
     return path
 
 
@@ -55,7 +63,7 @@ def _run(tiny, spec, **settings):
     """run_stream with a low threshold (rows with detections) and fp32; returns the stats."""
     settings.setdefault("score_threshold", 0.3)
     net, info = tiny
-    return stream.run_stream(spec, net, info, stream.StreamSettings(**settings), CPU, None)
+    return stream.run_stream(spec, net, info, stream_state.StreamSettings(**settings), CPU, None)
 
 
 def _events(path):
@@ -158,22 +166,22 @@ def plan_die(data):
 
 
 def test_parse_source(tmp_path, make_video):
-    assert stream.parse_source("rtsp://cam/1").options == {"rtsp_transport": "tcp"}
-    assert stream.parse_source("udp://127.0.0.1:5000").kind == "url"
-    assert stream.parse_source(str(make_video("a.mp4", n=3))).kind == "file"
+    assert sources.parse_source("rtsp://cam/1").options == {"rtsp_transport": "tcp"}
+    assert sources.parse_source("udp://127.0.0.1:5000").kind == "url"
+    assert sources.parse_source(str(make_video("a.mp4", n=3))).kind == "file"
     if sys.platform.startswith("linux"):
-        assert stream.parse_source("0") == stream.SourceSpec("camera", "/dev/video0", "v4l2", {})
-    with pytest.raises(stream.UsageError, match="no such video file"):
-        stream.parse_source(str(tmp_path / "missing.mp4"))
-    with pytest.raises(stream.UsageError, match="KEY=VALUE"):
-        stream.parse_options(["novalue"])
+        assert sources.parse_source("0") == sources.SourceSpec("camera", "/dev/video0", "v4l2", {})
+    with pytest.raises(UsageError, match="no such video file"):
+        sources.parse_source(str(tmp_path / "missing.mp4"))
+    with pytest.raises(UsageError, match="KEY=VALUE"):
+        sources.parse_options(["novalue"])
 
 
 def test_ring_samples_the_newest_window_uniformly():
-    ring = stream.FrameRing(10, 64)
+    ring = capture.FrameRing(10, 64)
     frames = numbered_frames(23, 64, 64)
     for i, image in enumerate(frames):
-        ring.push(stream.Frame(image, i / 25, 100.0 + i))
+        ring.push(capture.Frame(image, i / 25, 100.0 + i))
     job = ring.clip(4, 1 / 25)
     assert [frame_number(f) for f in job.frames] == list(13 + np.linspace(0, 9, 4).astype(int))
     assert job.start_sec == pytest.approx(13 / 25) and job.last_sec == pytest.approx(22 / 25)
@@ -182,7 +190,7 @@ def test_ring_samples_the_newest_window_uniformly():
 
 
 def test_mailbox_keeps_only_the_newest():
-    box = stream.Mailbox()
+    box = predictor.Mailbox()
     assert box.put(1) is False
     assert box.put(2) is True   # 1 was never taken: skipped
     assert box.take() == 2
@@ -197,8 +205,9 @@ def test_file_source_events_and_every_frame_annotated(tiny, tmp_path, make_video
     src = make_video("in.mp4", n=40, fps=25)
     events, out = tmp_path / "ev" / "events.csv", tmp_path / "annotated.mp4"
     flushed = []   # per prediction: every row written so far is on disk when the prediction is published
-    settings = stream.StreamSettings(stride=4, score_threshold=0.3, events=str(events), output=str(out), speed=4.0)
-    run = stream.StreamRun(stream.parse_source(str(src)), *tiny, settings, CPU, None,
+    settings = stream_state.StreamSettings(stride=4, score_threshold=0.3, events=str(events), output=str(out),
+                                           speed=4.0)
+    run = stream.StreamRun(sources.parse_source(str(src)), *tiny, settings, CPU, None,
                            on_prediction=lambda _pred: flushed.append(len(_events(events)) == run.stats.events_rows))
     stats = run.run()
     assert stats.end == "ended" and stats.frames == 40 and stats.dropped_frames == 0
@@ -222,12 +231,12 @@ def test_a_tube_mode_checkpoint_streams(tmp_path, make_video):
     torch.manual_seed(0)
     args = {"num_queries": 4, "tube_steps": 8, "dim_feedforward": 64, "num_decoder_layers": 2, "max_positions": 1000}
     net = star_model.STAR(2, **args).eval()
-    ck = star_model.make_checkpoint(net, star_model.model_args_from(2, **args), ["fight", "collapse"],
+    ck = checkpoint.make_checkpoint(net, checkpoint.model_args_from(2, **args), ["fight", "collapse"],
                                     {**TINY_PREP, "num_frames": 8})
-    star_model.save_checkpoint(ck, tmp_path / "tube.pth")
+    checkpoint.save_checkpoint(ck, tmp_path / "tube.pth")
     net, info, _ = inference.load_model(tmp_path / "tube.pth", CPU)
     events, out = tmp_path / "events.csv", tmp_path / "annotated.mp4"
-    stats = _run((net, info), stream.parse_source(str(make_video(n=24))), stride=8, score_threshold=0.0,
+    stats = _run((net, info), sources.parse_source(str(make_video(n=24))), stride=8, score_threshold=0.0,
                  events=str(events), output=str(out), speed=4.0)
     assert stats.end == "ended" and stats.predictions >= 1
     rows = _events(events)
@@ -237,7 +246,7 @@ def test_a_tube_mode_checkpoint_streams(tmp_path, make_video):
 
 def test_clip_sec_window_and_no_object_rows(tiny, tmp_path, make_video):
     events = tmp_path / "events.csv"
-    stats = _run(tiny, stream.parse_source(str(make_video(n=20))), stride=8, score_threshold=1.0, clip_sec=0.4,
+    stats = _run(tiny, sources.parse_source(str(make_video(n=20))), stride=8, score_threshold=1.0, clip_sec=0.4,
                  events=str(events), speed=4.0)
     assert stats.window_frames == 10 and stats.clips == 2   # 0.4 s at 25 fps; clips end at frames 10 and 18
     rows = _events(events)
@@ -250,7 +259,7 @@ def test_show_without_a_display_warns_once(monkeypatch, caplog):
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
     monkeypatch.setattr(sys, "platform", "linux")
-    display = stream.Display(True)
+    display = stream_outputs.Display(True)
     assert display.show(np.zeros((8, 8, 3), np.uint8), []) is True
     display.close()
     assert [r.message for r in caplog.records if "--show" in r.message] == [
@@ -266,7 +275,7 @@ def test_slow_model_drops_clips_not_queues(tiny, tmp_path, make_video, monkeypat
 
     monkeypatch.setattr(inference, "predict_clips", slow)
     events = tmp_path / "events.csv"
-    stats = _run(tiny, stream.parse_source(str(make_video(n=50))), stride=1, events=str(events))
+    stats = _run(tiny, sources.parse_source(str(make_video(n=50))), stride=1, events=str(events))
     assert stats.frames == 50 and stats.clips == 47
     assert stats.skipped > 0 and stats.predictions + stats.skipped == stats.clips
     assert stats.predictions <= 2 / 0.25 + 2   # ~2 s of stream at 0.25 s a prediction
@@ -283,7 +292,7 @@ def test_tcp_stream_served_on_loopback(tiny, tmp_path):
     server = TcpServer([plan_whole(mpegts_bytes(40))])
     try:
         events = tmp_path / "events.csv"
-        stats = _run(tiny, stream.parse_source(server.url), stride=4, events=str(events), stall_sec=5,
+        stats = _run(tiny, sources.parse_source(server.url), stride=4, events=str(events), stall_sec=5,
                      output=str(tmp_path / "a.mp4"))
     finally:
         server.close()
@@ -320,8 +329,8 @@ def test_udp_mpegts_written_by_pyav(tiny, tmp_path):
     sender = threading.Thread(target=send, daemon=True)
     sender.start()
     events = tmp_path / "events.csv"
-    settings = stream.StreamSettings(stride=4, score_threshold=0.3, events=str(events), stall_sec=2.0)
-    run = stream.StreamRun(stream.parse_source(f"udp://127.0.0.1:{port}"), *tiny, settings, CPU, None,
+    settings = stream_state.StreamSettings(stride=4, score_threshold=0.3, events=str(events), stall_sec=2.0)
+    run = stream.StreamRun(sources.parse_source(f"udp://127.0.0.1:{port}"), *tiny, settings, CPU, None,
                            on_prediction=lambda _pred: run.stats.predictions >= 3 and done.set())
     try:
         stats = run.run()
@@ -338,7 +347,7 @@ def test_stall_is_reported_and_outputs_closed(tiny, tmp_path):
     events, out = tmp_path / "events.csv", tmp_path / "a.mp4"
     try:
         t0 = time.monotonic()
-        stats = _run(tiny, stream.parse_source(server.url), stride=4, events=str(events), output=str(out),
+        stats = _run(tiny, sources.parse_source(server.url), stride=4, events=str(events), output=str(out),
                      stall_sec=1.0)
         elapsed = time.monotonic() - t0
     finally:
@@ -354,7 +363,7 @@ def test_source_dying_mid_stream_keeps_every_event(tiny, tmp_path):
     server = TcpServer([plan_die(mpegts_bytes(60))])
     events = tmp_path / "events.csv"
     try:
-        stats = _run(tiny, stream.parse_source(server.url), stride=2, events=str(events), stall_sec=2.0)
+        stats = _run(tiny, sources.parse_source(server.url), stride=2, events=str(events), stall_sec=2.0)
     finally:
         server.close()
     assert stats.end in ("ended", "broken")   # a reset may read as the end of the data or as an error
@@ -367,7 +376,7 @@ def test_reconnect_after_the_source_dies(tiny, tmp_path):
     data = mpegts_bytes(40)
     server = TcpServer([plan_die(data), plan_whole(data)])
     try:
-        stats = _run(tiny, stream.parse_source(server.url), stride=4, events=str(tmp_path / "e.csv"),
+        stats = _run(tiny, sources.parse_source(server.url), stride=4, events=str(tmp_path / "e.csv"),
                      stall_sec=2.0, reconnect=True, reconnect_tries=2, backoff_sec=0.2)
     finally:
         server.close()

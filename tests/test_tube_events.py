@@ -16,8 +16,10 @@ import pytest
 import torch
 
 import inference
-import metrics
+import postprocess
+import sources
 import stream
+import stream_state
 import tube_events
 import tubes
 import video
@@ -61,7 +63,7 @@ def window_prediction(actors, first: int, win: int, steps: int, rng) -> tuple[di
             if "probs" in a:
                 probs[q, s] = a["probs"](f)
     boxes[-1] = [0.0, 0.0, 0.1, 0.1]
-    pred = metrics.tube_prediction(torch.tensor(probs, dtype=torch.float32), torch.tensor(probs.sum(1).argmax(-1)),
+    pred = postprocess.tube_prediction(torch.tensor(probs, dtype=torch.float32), torch.tensor(probs.sum(1).argmax(-1)),
                                    torch.tensor(boxes, dtype=torch.float32))
     return pred, indices
 
@@ -244,9 +246,9 @@ def test_stream_tubes_equal_test_py_tubes_on_the_same_windows(tmp_path, tube_ckp
                       lambda res: inference.finish_video(res, settings))
     assert results[0].tubes
     events = tmp_path / "tubes.csv"
-    run = stream.StreamRun(stream.parse_source(str(src)), net, {**info, "window_sec": 1.28},
-                           stream.StreamSettings(stride=16, clip_sec=1.28, tube_events=str(events), speed=0.5), CPU,
-                           None)
+    run = stream.StreamRun(sources.parse_source(str(src)), net, {**info, "window_sec": 1.28},
+                           stream_state.StreamSettings(stride=16, clip_sec=1.28, tube_events=str(events), speed=0.5),
+                           CPU, None)
     stats = run.run()
     assert stats.skipped == 0 and stats.predictions == 4
     _same_tubes(run.live.final, results[0].tubes)
@@ -327,8 +329,8 @@ def test_webhook_gets_every_event_and_a_bad_receiver_never_delays_the_stream(tmp
     src = write_video(tmp_path / "v.mp4", np.zeros((75, 48, 64, 3), np.uint8))
     net, info, _ = inference.load_model(tube_ckpt, CPU)
     events = tmp_path / "tubes.csv"
-    settings = stream.StreamSettings(stride=16, tube_events=str(events), webhook=url)
-    run = stream.StreamRun(stream.parse_source(str(src)), net, info, settings, CPU, None)
+    settings = stream_state.StreamSettings(stride=16, tube_events=str(events), webhook=url)
+    run = stream.StreamRun(sources.parse_source(str(src)), net, info, settings, CPU, None)
     t0 = time.monotonic()
     try:
         stats = run.run()
