@@ -21,9 +21,12 @@ from torchvision.ops import box_convert
 from tqdm import tqdm
 
 import metrics
+import postprocess
+import tube_metrics
 from dataset import ActionDataset, collate
 from losses import is_tube_output, num_target_boxes
-from model import STAR, acting_box_average, init_motion_stem, init_positions, motion_stem_conv, prepare_for_inference
+from model import STAR, acting_box_average
+from model_setup import init_motion_stem, init_positions, motion_stem_conv, prepare_for_inference
 from runtime import UsageError, autocast
 from tubes import class_detections, merge_duplicate_queries
 
@@ -31,7 +34,7 @@ log = logging.getLogger("star")
 
 EPOCH_FIELDS = ["epoch", "lr", "seconds", "train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou",
                 "train_loss_video", "train_class_error", "train_matched_iou", "skipped_steps", "val_loss", "video_acc", "det_acc_50",
-                "mean_iou", "map50", "map50_95", *metrics.TUBE_FIELDS, "score"]
+                "mean_iou", "map50", "map50_95", *tube_metrics.TUBE_FIELDS, "score"]
 
 
 # ----------------------------------------------------------------------------- training state
@@ -268,7 +271,7 @@ def inference_copy(model: STAR) -> STAR:
 def evaluate(model, criterion, loader, device, amp_dtype, class_names, threshold) -> tuple[dict, list, list, list]:
     """Validation loss and metrics of ``model`` as test.py runs it (:func:`inference_copy`); also returns
     predictions, targets (xyxy) and video names. Per-frame records (``record.tracks``) add frame-mAP@0.5 and
-    video-mAP@0.2/0.5 of the validation windows (:class:`metrics.TubeScorer`)."""
+    video-mAP@0.2/0.5 of the validation windows (:class:`tube_metrics.TubeScorer`)."""
     model = inference_copy(model)
     preds, targets, loss_sum, batches = [], [], 0.0, 0
     for clips, batch_targets in loader:
@@ -276,7 +279,7 @@ def evaluate(model, criterion, loader, device, amp_dtype, class_names, threshold
             outputs = model(clips.to(device))
         loss_sum += float(criterion.total(criterion(outputs, device_targets(batch_targets, device))))
         batches += 1
-        preds += metrics.outputs_to_predictions(outputs)
+        preds += postprocess.outputs_to_predictions(outputs)
         targets += batch_targets
     result = clip_metrics(preds, targets, loader.dataset.records, class_names, threshold)
     result["val_loss"] = loss_sum / max(batches, 1)
@@ -286,15 +289,15 @@ def evaluate(model, criterion, loader, device, amp_dtype, class_names, threshold
 
 def clip_metrics(preds: list[dict], targets: list[dict], records, class_names, threshold) -> dict:
     """Metrics of validation clips, one per record: the clip metrics on ``labels``/``boxes`` (cxcywh), and for
-    per-frame records frame-mAP@0.5 and video-mAP@0.2/0.5 at the clips' sampled frames (:class:`metrics.TubeScorer`),
-    a tube-mode clip read as test.py reads it: every class of every query for frame-mAP, one query per actor for
-    tubes."""
+    per-frame records frame-mAP@0.5 and video-mAP@0.2/0.5 at the clips' sampled frames
+    (:class:`tube_metrics.TubeScorer`), a tube-mode clip read as test.py reads it: every class of every query for
+    frame-mAP, one query per actor for tubes."""
     if not preds:
         return {}
     xyxy = [{"labels": t["labels"].cpu(), "boxes": box_convert(t["boxes"].cpu(), "cxcywh", "xyxy")} for t in targets]
     result = metrics.evaluate(preds, xyxy, class_names, threshold)
     if any(r.per_frame for r in records):
-        tubes = metrics.TubeScorer(len(class_names))
+        tubes = tube_metrics.TubeScorer(len(class_names))
         for pred, t, record in zip(preds, targets, records):
             frames = t["frame_indices"].cpu()
             if "step_scores" in pred:
@@ -545,7 +548,7 @@ def fit_decoder(model: STAR, params, criterion, tokens, targets, *, steps: int, 
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     no_scaler = torch.amp.GradScaler(device.type, enabled=False)
     generator = torch.Generator().manual_seed(seed)
-    warmup, eval_every = min(20, steps), max(steps // evaluations, 1)
+    warmup, eval_every, skipped = min(20, steps), max(steps // evaluations, 1), 0
     for step in range(1, steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, step / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -554,9 +557,11 @@ def fit_decoder(model: STAR, params, criterion, tokens, targets, *, steps: int, 
         with autocast(device, amp_dtype):   # the precision of the epochs' steps
             outputs = model.decode(model.backbone.dropout(tokens[picks].float()))    # the token dropout of training
         _, loss = checked_losses(criterion, outputs, [targets[i] for i in picks], device, 1, epoch)
-        optimizer_step(loss, params, optimizer, no_scaler, grad_clip)
+        skipped += not optimizer_step(loss, params, optimizer, no_scaler, grad_clip)
         if step % eval_every == 0 or step == steps:
             on_eval(step, loss.item())
+    if skipped:
+        log.warning("decoder phase: %d of %d steps had a non-finite gradient norm and were skipped", skipped, steps)
 
 
 @torch.no_grad()
@@ -569,7 +574,7 @@ def evaluate_tokens(model: STAR, criterion, tokens, targets, records, class_name
     with autocast(tokens.device, amp_dtype):
         parts = [model.decode(tokens[i:i + batch_size]) for i in range(0, len(tokens), batch_size)]
     outputs = {k: torch.cat([part[k] for part in parts]) for k in ("pred_logits", "pred_boxes")}
-    result = clip_metrics(metrics.outputs_to_predictions(outputs), targets, records, class_names, threshold)
+    result = clip_metrics(postprocess.outputs_to_predictions(outputs), targets, records, class_names, threshold)
     result["val_loss"] = float(criterion.total(criterion(outputs, targets)))
     result["score"] = metrics.best_score(result)
     return result

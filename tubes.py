@@ -2,7 +2,7 @@
 
 Frames are 0-based indices over the whole video; boxes are normalised xyxy in [0, 1].
 
-- A tube-mode prediction of one clip (:func:`metrics.outputs_to_predictions`: ``labels (Q,)``, ``step_scores
+- A tube-mode prediction of one clip (:func:`postprocess.outputs_to_predictions`: ``labels (Q,)``, ``step_scores
   (Q, K)``, ``step_boxes (Q, K, 4)``) whose step ``k`` shows video frame ``frame_indices[k]`` becomes, per query
   acting at one step at least, a tube over the frames of the clip's span (:func:`clip_tubes`; its queries on one
   actor first made one by :func:`merge_duplicate_queries`): a frame belongs to it when its nearest step (ties: the
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-import metrics
+import postprocess
 
 # A joined actor changes class only where its windows' class probabilities outweigh this many nats (tubes.part_classes).
 CLASS_SWITCH_COST = 3.0
@@ -172,7 +172,7 @@ def merge(parts: Sequence[PredTube]) -> PredTube:
 
 
 def merge_duplicate_queries(pred: dict, threshold: float, iou_threshold: float = DUPLICATE_IOU) -> dict:
-    """A tube-mode clip prediction (:func:`metrics.tube_outputs_to_predictions`) with each actor's duplicate queries
+    """A tube-mode clip prediction (:func:`postprocess.tube_outputs_to_predictions`) with each actor's duplicate queries
     merged into one query: the same keys, fewer queries, the best first.
 
     The queries go best first (the mean of their step scores at the steps present at ``threshold``; then the best step
@@ -194,7 +194,7 @@ def merge_duplicate_queries(pred: dict, threshold: float, iou_threshold: float =
     labels = pred["labels"][[g[0] for g in groups]]
     steps = torch.arange(scores.shape[1])
     chosen = torch.stack([torch.tensor(g)[probs[g][:, :, c].argmax(0)] for g, c in zip(groups, labels.tolist())])
-    return metrics.tube_prediction(probs[chosen, steps], labels, boxes[chosen, steps])   # (G, K) member per step
+    return postprocess.tube_prediction(probs[chosen, steps], labels, boxes[chosen, steps])   # (G, K) member per step
 
 
 def class_detections(pred: dict, threshold: float) -> list[dict]:
@@ -205,7 +205,7 @@ def class_detections(pred: dict, threshold: float) -> list[dict]:
     (docs/EXPERIMENTS.md, "Tube mode", ninth session)."""
     step_probs = pred["step_probs"]
     classes = torch.zeros(step_probs.shape[0], dtype=torch.long)
-    return [merge_duplicate_queries(metrics.tube_prediction(step_probs, classes + c, pred["step_boxes"]), threshold)
+    return [merge_duplicate_queries(postprocess.tube_prediction(step_probs, classes + c, pred["step_boxes"]), threshold)
             for c in range(step_probs.shape[-1])]
 
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import inference
-import metrics
 import model as star_model
+import postprocess
 import runtime
 import video
 from conftest import ROOT, write_video
@@ -24,8 +25,8 @@ import test as test_cli  # noqa: E402
 assert test_cli.__file__ == str(ROOT / "test.py"), test_cli.__file__
 
 FIELDS = ["video_name", "pred_class", "score", "x1", "y1", "x2", "y2", "start_sec", "end_sec"]   # DESIGN.md's schema
-TINY_PREP = {"num_frames": 4, "img_size": 64, "mean": list(star_model.IMAGENET_MEAN),
-             "std": list(star_model.IMAGENET_STD)}
+TINY_PREP = {"num_frames": 4, "img_size": 64, "mean": list(video.IMAGENET_MEAN),
+             "std": list(video.IMAGENET_STD)}
 
 
 def _tiny_model(confident_class: int | None = None) -> star_model.STAR:
@@ -46,10 +47,10 @@ def checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpt")
     out = {}
     for key, cls in (("random", None), ("confident", 1)):
-        ck = star_model.make_checkpoint(_tiny_model(cls), star_model.model_args_from(2), ["fight", "collapse"],
+        ck = checkpoint.make_checkpoint(_tiny_model(cls), checkpoint.model_args_from(2), ["fight", "collapse"],
                                         TINY_PREP, raw_class_ids=[0, 1])
         out[key] = folder / f"{key}.pth"
-        star_model.save_checkpoint(ck, out[key])
+        checkpoint.save_checkpoint(ck, out[key])
     return out
 
 
@@ -122,11 +123,11 @@ def test_no_detection_gives_one_no_object_row(tmp_path, checkpoints):
 
 
 def test_threshold_rule_matches_softmax_over_all_logits(checkpoints):
-    net, info = star_model.load_checkpoint(checkpoints["random"])
+    net, info = checkpoint.load_checkpoint(checkpoints["random"])
     x = torch.randn(1, 4, 3, 64, 64)
     with torch.inference_mode():
         out = net(x)
-    pred = metrics.outputs_to_predictions(out)[0]
+    pred = postprocess.outputs_to_predictions(out)[0]
     probs = out["pred_logits"][0].softmax(-1)[:, :-1].max(-1).values
     threshold = float(probs.median())
     dets = inference.detections_from_prediction(pred, info["class_names"], threshold, 0.0, 1.0)
@@ -327,9 +328,9 @@ def test_bf16_agrees_with_fp32(tmp_path):
     cpu = torch.device("cpu")
     for net in (_tiny_model(1), _tiny_model(None)):
         with torch.inference_mode():
-            ref = metrics.outputs_to_predictions(net(x))[0]
+            ref = postprocess.outputs_to_predictions(net(x))[0]
             with runtime.autocast(cpu, torch.bfloat16):
-                low = metrics.outputs_to_predictions(net(x))[0]
+                low = postprocess.outputs_to_predictions(net(x))[0]
         decided = (ref["scores"] - 0.5).abs() > 0.05   # classes compared where the decision is not a tie
         assert torch.equal(ref["labels"][decided], low["labels"][decided])
         assert (ref["boxes"] - low["boxes"]).abs().max() <= 0.02
@@ -361,10 +362,10 @@ def test_per_frame_labels_are_scored_as_tubes_by_hand(tmp_path):
 
 
 def test_a_checkpoint_trained_on_windows_is_cut_so_by_default(tmp_path):
-    ck = star_model.make_checkpoint(_tiny_model(1), star_model.model_args_from(2), ["fight", "collapse"],
+    ck = checkpoint.make_checkpoint(_tiny_model(1), checkpoint.model_args_from(2), ["fight", "collapse"],
                                     {**TINY_PREP, "window_sec": 1.0}, raw_class_ids=[0, 1])
     path = tmp_path / "windowed.pth"
-    star_model.save_checkpoint(ck, path)
+    checkpoint.save_checkpoint(ck, path)
     inputs = tmp_path / "in"
     inputs.mkdir()
     write_video(inputs / "long.mp4", _frames(24, w=32, h=32), fps=8)      # 3 s: three 1-s windows

@@ -1,4 +1,5 @@
-"""Tests for metrics.py: hand-computed cases and AP against torchmetrics (pycocotools backend)."""
+"""Tests for postprocess.py, metrics.py and plots.py: hand-computed cases and AP against torchmetrics (pycocotools
+backend)."""
 
 import json
 import math
@@ -8,6 +9,8 @@ import pytest
 import torch
 
 import metrics
+import plots
+import postprocess
 
 NAMES = ["fight", "collapse"]
 
@@ -37,7 +40,7 @@ def test_outputs_to_predictions_hand_softmax():
     logits = torch.tensor([[[ln(2), 0.0, 0.0],         # softmax 1/2, 1/4, 1/4
                             [0.0, ln(3), ln(4)]]])     # softmax 1/8, 3/8, 4/8 (no_object wins)
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.95, 0.5, 0.2, 0.2]]])
-    (p,) = metrics.outputs_to_predictions({"pred_logits": logits, "pred_boxes": boxes, "aux_outputs": []})
+    (p,) = postprocess.outputs_to_predictions({"pred_logits": logits, "pred_boxes": boxes, "aux_outputs": []})
     assert p["scores"].dtype == torch.float32 and p["labels"].dtype == torch.int64
     assert p["boxes"].dtype == torch.float32 and p["boxes"].shape == (2, 4)
     torch.testing.assert_close(p["scores"], torch.tensor([0.5, 0.375]))
@@ -49,7 +52,7 @@ def test_outputs_to_predictions_hand_softmax():
 def test_outputs_to_predictions_batch_and_grad():
     logits = torch.randn(3, 12, 4, requires_grad=True)
     boxes = torch.rand(3, 12, 4)
-    preds = metrics.outputs_to_predictions({"pred_logits": logits, "pred_boxes": boxes})
+    preds = postprocess.outputs_to_predictions({"pred_logits": logits, "pred_boxes": boxes})
     assert len(preds) == 3
     for b, p in enumerate(preds):
         probs = logits[b].detach().softmax(-1)
@@ -63,10 +66,10 @@ def test_outputs_to_predictions_batch_and_grad():
 
 def test_video_prediction_threshold():
     p = pred([[0.3, 1] + BOX_A, [0.6, 0] + BOX_B])
-    label, score, box = metrics.video_prediction(p, threshold=0.5)
+    label, score, box = postprocess.video_prediction(p, threshold=0.5)
     assert (label, score) == (0, pytest.approx(0.6)) and box.tolist() == pytest.approx(BOX_B)
-    assert metrics.video_prediction(p, threshold=0.6)[0] == 0  # score == threshold keeps the class
-    label, score, box = metrics.video_prediction(p, threshold=0.7)
+    assert postprocess.video_prediction(p, threshold=0.6)[0] == 0  # score == threshold keeps the class
+    label, score, box = postprocess.video_prediction(p, threshold=0.7)
     assert label == -1 and score == pytest.approx(0.6) and box is not None
 
 
@@ -257,10 +260,10 @@ def test_plot_confusion_matrix_writes_png(tmp_path):
     preds, targets = _cm_case()
     cm = metrics.confusion_matrix(preds, targets, 2)
     path = tmp_path / "cm.png"
-    metrics.plot_confusion_matrix(cm, NAMES, path)
+    plots.plot_confusion_matrix(cm, NAMES, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError):
-        metrics.plot_confusion_matrix(cm, ["only_one"], tmp_path / "bad.png")
+        plots.plot_confusion_matrix(cm, ["only_one"], tmp_path / "bad.png")
 
 
 # --------------------------------------------------------------------------- summary

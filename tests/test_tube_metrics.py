@@ -1,4 +1,4 @@
-"""Tests for the tube metrics of metrics.py (frame-mAP, video-mAP): hand-computed cases, and
+"""Tests for tube_metrics.py (frame-mAP, video-mAP): hand-computed cases, and
 frame-mAP against pycocotools' matching with each AP interpolation compared like with like.
 
 Conventions checked here: pixel xyxy boxes with the +1 convention; VOC all-point AP by default,
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-import metrics
-from metrics import Tube
+import tube_metrics
+from tube_metrics import Tube
 
 A = [0, 0, 99, 99]  # 100 x 100 pixels with the +1 convention
 
@@ -33,22 +33,22 @@ def gt(video, frame, c, box):
 
 
 def test_iou_plus_one_convention():
-    assert metrics._iou_plus1(np.array(A), np.array(A)) == 1.0
+    assert tube_metrics._iou_plus1(np.array(A), np.array(A)) == 1.0
     # [0, 49] and [50, 99] touch without sharing a pixel; [0, 50] shares one column of 100 pixels
-    assert metrics._iou_plus1(np.array([0, 0, 49, 99]), np.array([50, 0, 99, 99])) == 0.0
-    assert metrics._iou_plus1(np.array([0, 0, 50, 99]), np.array([50, 0, 99, 99])) == pytest.approx(100 / 10000)
-    m = metrics._iou_plus1(np.array([A, [0, 0, 49, 99]])[:, None], np.array([A])[None])
+    assert tube_metrics._iou_plus1(np.array([0, 0, 49, 99]), np.array([50, 0, 99, 99])) == 0.0
+    assert tube_metrics._iou_plus1(np.array([0, 0, 50, 99]), np.array([50, 0, 99, 99])) == pytest.approx(100 / 10000)
+    m = tube_metrics._iou_plus1(np.array([A, [0, 0, 49, 99]])[:, None], np.array([A])[None])
     assert m.shape == (2, 1) and m[:, 0].tolist() == [1.0, 0.5]
 
 
 def test_voc_and_trapezoid_ap_by_hand():
     # ranks: TP, FP, TP with 2 GT -> precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1
     tp = np.array([True, False, True])
-    assert metrics._voc_ap(tp, 2) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)  # envelope: 2/3 from recall 1/2 on
-    assert metrics._voc_ap(tp, 2, "trapezoid") == pytest.approx(0.5 * (1 + 1) / 2 + 0.5 * (1 / 2 + 2 / 3) / 2)
-    assert metrics._voc_ap(np.zeros(0, bool), 3) == 0.0 and math.isnan(metrics._voc_ap(tp, 0))
+    assert tube_metrics._voc_ap(tp, 2) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)  # envelope: 2/3 from recall 1/2 on
+    assert tube_metrics._voc_ap(tp, 2, "trapezoid") == pytest.approx(0.5 * (1 + 1) / 2 + 0.5 * (1 / 2 + 2 / 3) / 2)
+    assert tube_metrics._voc_ap(np.zeros(0, bool), 3) == 0.0 and math.isnan(tube_metrics._voc_ap(tp, 0))
     with pytest.raises(ValueError):
-        metrics._voc_ap(tp, 2, "coco")
+        tube_metrics._voc_ap(tp, 2, "coco")
 
 
 # ---------------------------------------------------------------------------- frame-mAP by hand
@@ -61,13 +61,13 @@ def test_frame_map_duplicates_and_missed_class():
             det("v", 1, 0, 0.7, [2, 0, 101, 99]),      # TP
             det("v", 5, 0, 0.6, A),                    # a frame without GT: FP
             det("v", 0, 2, 0.5, A)]                    # class 2 has no GT anywhere
-    r = metrics.frame_map(dets, gts, num_classes=4)
+    r = tube_metrics.frame_map(dets, gts, num_classes=4)
     ap0 = 0.5 * 1 + 0.5 * 2 / 3
     assert r["ap"][0] == pytest.approx(ap0)
     assert r["ap"][1] == 0.0                           # GT, never predicted: 0, counted in the mean
     assert math.isnan(r["ap"][2]) and math.isnan(r["ap"][3])  # no GT: NaN, left out
     assert r["map"] == pytest.approx((ap0 + 0.0) / 2) and r["num_gt"] == [2, 1, 0, 0]
-    trap = metrics.frame_map(dets, gts, 4, ap_mode="trapezoid")
+    trap = tube_metrics.frame_map(dets, gts, 4, ap_mode="trapezoid")
     assert trap["ap"][0] == pytest.approx(0.5 + 0.5 * (0.5 + 2 / 3) / 2 + 0.0)  # the FP at recall 1 adds nothing
     assert trap["ap"][0] < r["ap"][0]
 
@@ -77,17 +77,17 @@ def test_frame_map_two_actors_in_one_frame():
     gts = [gt("v", 3, 0, a), gt("v", 3, 0, b)]
     # the second detection overlaps A most (0.667, taken) and B enough (70/130 = 0.538): it takes B
     dets = [det("v", 3, 0, 0.9, a), det("v", 3, 0, 0.8, [20, 0, 119, 99])]
-    assert metrics.frame_map(dets, gts, 1)["ap"] == [1.0]
+    assert tube_metrics.frame_map(dets, gts, 1)["ap"] == [1.0]
     # at IoU 0.6 it misses B: precision 1/2 at recall 1/2
-    assert metrics.frame_map(dets, gts, 1, iou_threshold=0.6)["ap"] == [pytest.approx(0.5)]
+    assert tube_metrics.frame_map(dets, gts, 1, iou_threshold=0.6)["ap"] == [pytest.approx(0.5)]
     # boxes of another video or frame never match
-    assert metrics.frame_map([det("w", 3, 0, 0.9, a), det("v", 4, 0, 0.9, a)], gts, 1)["ap"] == [0.0]
+    assert tube_metrics.frame_map([det("w", 3, 0, 0.9, a), det("v", 4, 0, 0.9, a)], gts, 1)["ap"] == [0.0]
 
 
 def test_frame_map_checks_class_ids():
     with pytest.raises(ValueError, match="class id 3 outside 0..1"):
-        metrics.frame_map([det("v", 0, 3, 0.5, A)], [], 2)
-    assert math.isnan(metrics.frame_map([], [], 2)["map"])
+        tube_metrics.frame_map([det("v", 0, 3, 0.5, A)], [], 2)
+    assert math.isnan(tube_metrics.frame_map([], [], 2)["map"])
 
 
 # ---------------------------------------------------------------------------- frame-mAP against pycocotools
@@ -152,8 +152,8 @@ def _random_case(seed: int):
         for g in gts:
             if (g[0], g[1], g[2]) == (d[0], d[1], d[2]):
                 a, b = np.array(d[4:]), np.array(g[3:])
-                plain = metrics._iou_plus1(a - [0, 0, 1, 1], b - [0, 0, 1, 1])  # x2 - 1 cancels the +1
-                assert abs(plain - 0.5) > 0.1 and abs(metrics._iou_plus1(a, b) - 0.5) > 0.1
+                plain = tube_metrics._iou_plus1(a - [0, 0, 1, 1], b - [0, 0, 1, 1])  # x2 - 1 cancels the +1
+                assert abs(plain - 0.5) > 0.1 and abs(tube_metrics._iou_plus1(a, b) - 0.5) > 0.1
     return dets, gts
 
 
@@ -163,7 +163,7 @@ def test_frame_map_matches_pycocotools_matching_with_voc_interpolation(seed):
     101-point, so the VOC all-point AP is recomputed here from ITS decisions by brute force."""
     dets, gts = _random_case(seed)
     ev = _coco_eval(dets, gts, 3)
-    ours = metrics.frame_map(dets, gts, 3)
+    ours = tube_metrics.frame_map(dets, gts, 3)
     for c in range(3):
         tp, score = [], []
         for e in ev.evalImgs:
@@ -182,7 +182,7 @@ def test_frame_map_equals_coco_101_point_where_the_interpolations_coincide():
     gts = [gt("v", 0, 0, A), gt("v", 1, 0, A), gt("v", 0, 1, [10, 10, 60, 90])]
     dets = [det("v", 2, 0, 0.9, A), det("v", 0, 0, 0.8, A), det("v", 1, 0, 0.7, A),
             det("v", 0, 1, 0.6, [11, 10, 60, 91])]
-    ours = metrics.frame_map(dets, gts, 2)
+    ours = tube_metrics.frame_map(dets, gts, 2)
     precision = _coco_eval(dets, gts, 2).eval["precision"][0, :, :, 0, -1]  # (101 recalls, classes), area all
     coco = precision.mean(axis=0)
     assert ours["ap"] == pytest.approx([2 / 3, 1.0]) and coco == pytest.approx([2 / 3, 1.0])
@@ -207,21 +207,21 @@ def test_tube_checks_its_shape():
 
 def test_fill_tube_takes_the_nearest_box():
     t = Tube("v", 0, 0.5, [0, 4, 9], [[0, 0, 1, 1], [4, 4, 5, 5], [9, 9, 10, 10]], scores=[0.1, 0.4, 0.9])
-    f = metrics.fill_tube(t)
+    f = tube_metrics.fill_tube(t)
     assert f.frames.tolist() == list(range(10))
     # frame 2 is as far from 0 as from 4: the earlier box; frame 7 nearer 9
     assert f.boxes[:, 0].tolist() == [0, 0, 0, 4, 4, 4, 4, 9, 9, 9]
     assert f.scores.tolist() == [0.1, 0.1, 0.1, 0.4, 0.4, 0.4, 0.4, 0.9, 0.9, 0.9]
-    assert metrics.fill_tube(f) is f
+    assert tube_metrics.fill_tube(f) is f
 
 
 def test_spatio_temporal_iou_by_hand():
     a = tube("v", 0, 1, range(0, 4), [0, 0, 9, 9])
     b = tube("v", 0, 1, range(2, 6), [0, 0, 4, 9])  # 2 shared frames of a 6-frame union, box IoU 50/100
-    assert metrics.spatio_temporal_iou(a, b) == pytest.approx(2 / 6 * 0.5)
-    assert metrics.spatio_temporal_iou(a, a) == 1.0
-    assert metrics.spatio_temporal_iou(a, tube("v", 0, 1, range(4, 8), [0, 0, 9, 9])) == 0.0
-    assert metrics.spatio_temporal_iou(a, tube("v", 0, 1, [3], [0, 0, 9, 9])) == pytest.approx(1 / 4)
+    assert tube_metrics.spatio_temporal_iou(a, b) == pytest.approx(2 / 6 * 0.5)
+    assert tube_metrics.spatio_temporal_iou(a, a) == 1.0
+    assert tube_metrics.spatio_temporal_iou(a, tube("v", 0, 1, range(4, 8), [0, 0, 9, 9])) == 0.0
+    assert tube_metrics.spatio_temporal_iou(a, tube("v", 0, 1, [3], [0, 0, 9, 9])) == pytest.approx(1 / 4)
 
 
 def test_nms_tubes_per_video_and_class():
@@ -230,18 +230,18 @@ def test_nms_tubes_per_video_and_class():
     late = tube("v", 0, 0.7, range(7, 10), A)            # ST-IoU 0.3, not above the threshold: kept
     other_class = tube("v", 1, 0.5, range(10), A)
     other_video = tube("w", 0, 0.4, range(10), A)
-    kept = metrics.nms_tubes([dup, late, best, other_class, other_video], 0.3)
+    kept = tube_metrics.nms_tubes([dup, late, best, other_class, other_video], 0.3)
     assert kept == [late, best, other_class, other_video]
 
 
 def test_video_map_tube_that_starts_late():
     gts = [tube("v", 0, 1, range(10), A)]
     late = [tube("v", 0, 0.9, range(6, 10), A)]          # temporal IoU 4/10, spatial 1
-    assert metrics.video_map(late, gts, 1, iou_threshold=0.2)["ap"] == [1.0]
-    assert metrics.video_map(late, gts, 1, iou_threshold=0.5)["ap"] == [0.0]
+    assert tube_metrics.video_map(late, gts, 1, iou_threshold=0.2)["ap"] == [1.0]
+    assert tube_metrics.video_map(late, gts, 1, iou_threshold=0.5)["ap"] == [0.0]
     # the gaps of a predicted tube are filled before scoring: frames 0 and 9 alone span the GT
     sparse = [tube("v", 0, 0.9, [0, 9], A)]
-    assert metrics.video_map(sparse, gts, 1, iou_threshold=0.99)["ap"] == [1.0]
+    assert tube_metrics.video_map(sparse, gts, 1, iou_threshold=0.99)["ap"] == [1.0]
 
 
 def test_video_map_duplicates_nms_and_a_class_never_predicted():
@@ -250,12 +250,12 @@ def test_video_map_duplicates_nms_and_a_class_never_predicted():
              tube("v1", 0, 0.8, range(10), [2, 2, 101, 101]),  # duplicate, ST-IoU 0.92
              tube("v2", 0, 0.7, range(10), A),
              tube("v3", 2, 0.6, range(3), A)]                  # class 2 has no GT anywhere
-    with_nms = metrics.video_map(preds, gts, 3, iou_threshold=0.5)
+    with_nms = tube_metrics.video_map(preds, gts, 3, iou_threshold=0.5)
     assert with_nms["ap"][:2] == [1.0, 0.0] and math.isnan(with_nms["ap"][2])
     assert with_nms["map"] == 0.5 and with_nms["num_gt"] == [2, 1, 0]
-    without = metrics.video_map(preds, gts, 3, iou_threshold=0.5, nms_threshold=None)
+    without = tube_metrics.video_map(preds, gts, 3, iou_threshold=0.5, nms_threshold=None)
     assert without["ap"][0] == pytest.approx(0.5 + 0.5 * 2 / 3)  # TP, FP, TP
-    trap = metrics.video_map(preds, gts, 3, iou_threshold=0.5, nms_threshold=None, ap_mode="trapezoid")
+    trap = tube_metrics.video_map(preds, gts, 3, iou_threshold=0.5, nms_threshold=None, ap_mode="trapezoid")
     assert trap["ap"][0] == pytest.approx(0.5 + 0.5 * (0.5 + 2 / 3) / 2)
 
 
@@ -264,8 +264,8 @@ def test_video_map_two_actors_best_unmatched_tube():
     gts = [tube("v", 0, 1, range(8), a), tube("v", 0, 1, range(8), b)]
     preds = [tube("v", 0, 0.9, range(8), a), tube("v", 0, 0.8, range(8), [20, 0, 119, 99])]
     # NMS off: the two predictions overlap (ST-IoU 0.67) but follow two actors
-    assert metrics.video_map(preds, gts, 1, 0.5, nms_threshold=None)["ap"] == [1.0]
-    assert metrics.video_map(preds, gts, 1, 0.5)["ap"] == [0.5]  # NMS at 0.3 drops the second
+    assert tube_metrics.video_map(preds, gts, 1, 0.5, nms_threshold=None)["ap"] == [1.0]
+    assert tube_metrics.video_map(preds, gts, 1, 0.5)["ap"] == [0.5]  # NMS at 0.3 drops the second
 
 
 def test_tubes_from_tracks_splits_and_interpolates():
@@ -273,11 +273,11 @@ def test_tubes_from_tracks_splits_and_interpolates():
             ("v", 10, 7, 0, 5, 5, 15, 15),                                # gap of 8 > max_gap: a new tube
             ("v", 0, 7, 1, 0, 0, 10, 10),                                 # same track, a second action
             ("w", 4, 1, 0, 1, 1, 2, 2)]
-    tubes = metrics.tubes_from_tracks(rows, max_gap=3)
+    tubes = tube_metrics.tubes_from_tracks(rows, max_gap=3)
     assert [(t.video, t.class_id, t.frames.tolist()) for t in tubes] == [
         ("v", 0, [0, 1, 2]), ("v", 0, [10]), ("v", 1, [0]), ("w", 0, [4])]
     assert tubes[0].boxes[1].tolist() == [1, 1, 11, 11] and tubes[0].score == 1.0
-    assert [len(t.frames) for t in metrics.tubes_from_tracks(rows)] == [11, 1, 1]
+    assert [len(t.frames) for t in tube_metrics.tubes_from_tracks(rows)] == [11, 1, 1]
 
 
 # ----------------------------------------------------------------------------- STAR's predictions as tubes
@@ -295,13 +295,13 @@ def test_tube_scorer_on_a_clip_prediction_constant_over_the_clip():
     box = [0.3, 0.3, 0.2, 0.2]
     target = _clip_target([0, 10, 20, 30], [[-1, 1, 1, 1]], [[[0, 0, 0, 0], box, box, box]])
     good = {"scores": torch.tensor([0.9]), "labels": torch.tensor([1]), "boxes": torch.tensor([[0.2, 0.2, 0.4, 0.4]])}
-    scorer = metrics.TubeScorer(2)
+    scorer = tube_metrics.TubeScorer(2)
     scorer.add_clip_predictions("v", target["frame_indices"], good, 100, 50)
     scorer.add_clip_truth("v", target, 100, 50)
     assert len(scorer.ground_truth) == 3 and len(scorer.gt_tubes) == 1
     assert scorer.result() == pytest.approx({"frame_map50": 0.75, "video_map20": 1.0, "video_map50": 1.0})
     bad = dict(good, boxes=torch.tensor([[0.6, 0.6, 0.9, 0.9]]))
-    scorer = metrics.TubeScorer(2)
+    scorer = tube_metrics.TubeScorer(2)
     scorer.add_clip_predictions("v", target["frame_indices"], bad, 100, 50)
     scorer.add_clip_truth("v", target, 100, 50)
     assert scorer.result() == pytest.approx({"frame_map50": 0.0, "video_map20": 0.0, "video_map50": 0.0})
@@ -311,11 +311,11 @@ def test_tube_scorer_whole_video_truth_and_a_late_start():
     """Truth frames 0-9 of class 0; a prediction over frames 5-14 with the same box and one score (ties keep the
     frames' order): 5 hits then 5 misses, recall 0.5 at precision 1 -> VOC AP 0.5; tube temporal IoU 5/15 = 0.33:
     a hit at 0.2 only."""
-    scorer = metrics.TubeScorer(1)
+    scorer = tube_metrics.TubeScorer(1)
     box = [0.1, 0.1, 0.5, 0.5]
     scorer.add_truth("v", 0, np.arange(10), np.repeat([box], 10, 0), 64, 48)
     scorer.add_prediction("v", np.arange(5, 15), 0, 0.8, box, 64, 48)
     result = scorer.result()
     assert result["frame_map50"] == pytest.approx(0.5)
     assert (result["video_map20"], result["video_map50"]) == (1.0, 0.0)
-    assert metrics.TubeScorer(1).result() == {}                       # no ground truth: nothing to report
+    assert tube_metrics.TubeScorer(1).result() == {}                       # no ground truth: nothing to report

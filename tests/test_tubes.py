@@ -14,6 +14,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
+import checkpoint
 import inference
 import model as star_model
 import tubes
@@ -25,13 +26,13 @@ import test as test_cli  # noqa: E402  (ours: tests/test_inference.py checks it 
 NAMES = ["fight", "collapse"]
 FRAME_FIELDS = ["video_name", "tube_id", "frame", "time_sec", "pred_class", "score", "x1", "y1", "x2", "y2"]
 TUBE_ARGS = {"num_queries": 4, "tube_steps": 8, "dim_feedforward": 64, "num_decoder_layers": 2, "max_positions": 1000}
-TUBE_PREP = {"num_frames": 8, "img_size": 64, "mean": list(star_model.IMAGENET_MEAN),
-             "std": list(star_model.IMAGENET_STD), "window_sec": None}
+TUBE_PREP = {"num_frames": 8, "img_size": 64, "mean": list(video.IMAGENET_MEAN),
+             "std": list(video.IMAGENET_STD), "window_sec": None}
 FIXED_BOX = (0.3, 0.3, 0.7, 0.7)   # xyxy of the confident model's every box: cxcywh (0.5, 0.5, 0.4, 0.4)
 
 
 def _pred(step_scores, step_boxes, labels=None) -> dict:
-    """A tube-mode prediction as metrics.outputs_to_predictions makes it (only the keys tubes.py reads)."""
+    """A tube-mode prediction as postprocess.outputs_to_predictions makes it (only the keys tubes.py reads)."""
     scores = torch.tensor(step_scores, dtype=torch.float32).reshape(len(step_scores), -1)
     boxes = torch.tensor(step_boxes, dtype=torch.float32).reshape(*scores.shape, 4)
     labels = torch.zeros(len(scores), dtype=torch.int64) if labels is None else torch.tensor(labels)
@@ -171,7 +172,8 @@ def test_other_class_far_box_and_a_second_tube_of_one_window_do_not_join():
 
 def _query_pred(probs, step_boxes) -> dict:
     """A tube-mode clip prediction from each query's class probabilities ``probs (Q, K, C)`` and xyxy ``step_boxes
-    (Q, K, 4)``, its class the most probable summed over the steps, as metrics.tube_outputs_to_predictions reads it."""
+    (Q, K, 4)``, its class the most probable summed over the steps, as postprocess.tube_outputs_to_predictions reads
+    it."""
     probs = torch.tensor(probs, dtype=torch.float32)
     labels = probs.sum(1).argmax(-1)
     step_scores = probs.gather(-1, labels[:, None, None].expand(-1, probs.shape[1], 1)).squeeze(-1)
@@ -349,10 +351,10 @@ def tube_checkpoint(tmp_path_factory):
         net.locate.anchors.fill_(0.5)
         net.acting.out.weight.zero_()   # every cell acts (p ~1)
         net.acting.out.bias.fill_(20.0)
-    ck = star_model.make_checkpoint(net, star_model.model_args_from(2, **TUBE_ARGS), NAMES, TUBE_PREP,
+    ck = checkpoint.make_checkpoint(net, checkpoint.model_args_from(2, **TUBE_ARGS), NAMES, TUBE_PREP,
                                     raw_class_ids=[0, 1])
     path = tmp_path_factory.mktemp("tube_ckpt") / "tube.pth"
-    star_model.save_checkpoint(ck, path)
+    checkpoint.save_checkpoint(ck, path)
     return path
 
 
@@ -452,10 +454,10 @@ def test_frames_csv_of_a_clip_checkpoint_has_constant_boxes(tmp_path):
     with torch.no_grad():
         net.head.class_head[3].bias.zero_()
         net.head.class_head[3].bias[0] = 20.0
-    args = star_model.model_args_from(2, num_queries=3, dim_feedforward=64, num_decoder_layers=1)
+    args = checkpoint.model_args_from(2, num_queries=3, dim_feedforward=64, num_decoder_layers=1)
     prep = {**TUBE_PREP, "num_frames": 4}
     path = tmp_path / "clip.pth"
-    star_model.save_checkpoint(star_model.make_checkpoint(net, args, NAMES, prep), path)
+    checkpoint.save_checkpoint(checkpoint.make_checkpoint(net, args, NAMES, prep), path)
     inputs = tmp_path / "in"
     inputs.mkdir()
     write_video(inputs / "a.mp4", _moving_square(10), fps=5)
