@@ -36,8 +36,8 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
+import checkpoint  # noqa: E402
 import inference  # noqa: E402
-import model as star_model  # noqa: E402
 import video  # noqa: E402
 from runtime import (UsageError, autocast_settings, number, one_line, resolve_device, run_cli,  # noqa: E402
                      setup_logging, writable_dir)
@@ -694,7 +694,7 @@ def main(args) -> int:
 
 
 def cli(argv=None) -> int:
-    return run_cli(main, get_args_parser().parse_args(argv), errors=(star_model.CheckpointError,))
+    return run_cli(main, get_args_parser().parse_args(argv), errors=(checkpoint.CheckpointError,))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import model as star_model
+import checkpoint
+import model_setup
 from runtime import one_line
 
 log = logging.getLogger("star.backend")
@@ -46,12 +47,12 @@ def load_model(path, device="cpu", class_names=None):
     """``(net, info)`` for a ``.pth`` checkpoint (this project's or the published raw state_dict) or a
     ``.onnx`` export. A ``.pth`` network is in eval mode, prepared for inference (BatchNorm folded,
     channels_last_3d: same outputs, faster); an ONNX one is an :class:`OnnxModel`. ``class_names``
-    overrides the stored names (same count). Any unusable file: a one-line ``model.CheckpointError``."""
+    overrides the stored names (same count). Any unusable file: a one-line ``checkpoint.CheckpointError``."""
     if is_onnx(path):
         net = OnnxModel(path, device)
         return net, net.info_with_names(class_names)
-    net, info = star_model.load_checkpoint(path, device=device, class_names=class_names)
-    return star_model.prepare_for_inference(net), info
+    net, info = checkpoint.load_checkpoint(path, device=device, class_names=class_names)
+    return model_setup.prepare_for_inference(net), info
 
 
 def import_onnxruntime(path=None):
@@ -60,7 +61,7 @@ def import_onnxruntime(path=None):
         import onnxruntime
     except ImportError:
         where = f"{path}: " if path is not None else ""
-        raise star_model.CheckpointError(f"{where}running an ONNX model needs onnxruntime: {INSTALL_HINT}") from None
+        raise checkpoint.CheckpointError(f"{where}running an ONNX model needs onnxruntime: {INSTALL_HINT}") from None
     return onnxruntime
 
 
@@ -87,16 +88,16 @@ def providers_for(ort, device) -> list[str]:
 def read_metadata(meta: dict, path) -> dict:
     """The ``info`` dict from an ONNX file's metadata_props (JSON values), or a one-line error."""
     if FORMAT_KEY not in meta:
-        raise star_model.CheckpointError(
+        raise checkpoint.CheckpointError(
             f"{path}: not a STAR export (no '{FORMAT_KEY}' in its metadata); make it with export.py")
     try:
         info = {key: json.loads(meta[key]) for key in META_KEYS}
-        info["model_args"] = star_model.model_args_from(**info["model_args"])
+        info["model_args"] = checkpoint.model_args_from(**info["model_args"])
     except (KeyError, ValueError, TypeError) as err:
-        raise star_model.CheckpointError(f"{path}: incomplete STAR metadata ({type(err).__name__}: {err})") from None
+        raise checkpoint.CheckpointError(f"{path}: incomplete STAR metadata ({type(err).__name__}: {err})") from None
     problems = metadata_problems(info)
     if problems:
-        raise star_model.CheckpointError(f"{path}: impossible STAR metadata: {'; '.join(problems)}")
+        raise checkpoint.CheckpointError(f"{path}: impossible STAR metadata: {'; '.join(problems)}")
     info["class_names"] = [str(n) for n in info["class_names"]]
     for key in OPTIONAL_META_KEYS:
         if key in meta:
@@ -146,7 +147,7 @@ class OnnxModel:
         ort = import_onnxruntime(self.path)
         self._errors = onnxruntime_errors(ort)
         if not self.path.is_file():
-            raise star_model.CheckpointError(f"{self.path}: no such file")
+            raise checkpoint.CheckpointError(f"{self.path}: no such file")
         options = ort.SessionOptions()
         # torch's thread count, so OMP_NUM_THREADS / torch.set_num_threads govern both backends alike
         options.intra_op_num_threads = threads or torch.get_num_threads()
@@ -154,7 +155,7 @@ class OnnxModel:
         try:
             self.session = ort.InferenceSession(os.fspath(self.path), options, providers=providers_for(ort, device))
         except self._errors as err:
-            raise star_model.CheckpointError(
+            raise checkpoint.CheckpointError(
                 f"{self.path}: not a readable ONNX model, truncated or corrupt ({_ort_message(err)})") from None
         self.providers = self.session.get_providers()
         meta = self.session.get_modelmeta().custom_metadata_map
@@ -167,7 +168,7 @@ class OnnxModel:
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
         if inputs != [INPUT_NAME] or not set(OUTPUT_NAMES) <= set(outputs):
-            raise star_model.CheckpointError(
+            raise checkpoint.CheckpointError(
                 f"{self.path}: not a STAR graph (inputs {inputs}, outputs {outputs}; expected {INPUT_NAME!r} -> "
                 f"{', '.join(OUTPUT_NAMES)})")
         self._check_shapes()
@@ -177,20 +178,20 @@ class OnnxModel:
         a file that disagrees with itself is refused here, not at its first clip."""
         dims = list(self.session.get_inputs()[0].shape)
         if len(dims) != 5 or any(_fixed(d) and d != want for d, want in zip(dims[1:], self.input_shape)):
-            raise star_model.CheckpointError(
+            raise checkpoint.CheckpointError(
                 f"{self.path}: the graph takes clips of shape {_shape_text(dims)} but its metadata says "
                 f"(B, {', '.join(map(str, self.input_shape))}) (num_frames, 3, img_size, img_size)")
         logits = {o.name: list(o.shape) for o in self.session.get_outputs()}[OUTPUT_NAMES[0]]
         width = self.info["model_args"]["num_classes"] + 1
         if logits and _fixed(logits[-1]) and logits[-1] != width:
-            raise star_model.CheckpointError(
+            raise checkpoint.CheckpointError(
                 f"{self.path}: the graph gives {logits[-1]} class logits but its metadata names "
                 f"{width - 1} classes (+ no_object)")
 
     def info_with_names(self, class_names=None) -> dict:
         """A copy of ``info``, with ``class_names`` overriding the stored ones (same count, else an error)."""
         info = dict(self.info)
-        names = star_model.checked_class_names(class_names, info["model_args"]["num_classes"], self.path)
+        names = checkpoint.checked_class_names(class_names, info["model_args"]["num_classes"], self.path)
         info["class_names"] = names or info["class_names"]
         return info
 

@@ -36,7 +36,9 @@ import numpy as np
 import torch
 
 import backend
+import checkpoint
 import model as star_model
+import model_setup
 import video
 from runtime import UsageError, one_line, writable_dir
 
@@ -161,7 +163,7 @@ def size_mb(path) -> float:
 def load_network(args) -> tuple[star_model.STAR, dict]:
     """The checkpoint as the graph will hold it: eval, BatchNorm folded (prepare_for_inference), with
     ``info``'s ``num_frames``/``img_size`` replaced by the flags when given."""
-    net, info = star_model.load_checkpoint(args.model_path, device="cpu", class_names=args.class_names)
+    net, info = checkpoint.load_checkpoint(args.model_path, device="cpu", class_names=args.class_names)
     info.pop("checkpoint", None)   # the loaded dict (optimizer state...) is not needed
     for key in ("num_frames", "img_size"):
         wanted = getattr(args, key)
@@ -173,7 +175,7 @@ def load_network(args) -> tuple[star_model.STAR, dict]:
     if tokens > table:
         raise ExportError(f"{args.model_path}: {info['num_frames']} frames x {info['img_size']} px make {tokens} tokens, "
                           f"more than its position table holds ({table}); use fewer frames or a smaller size")
-    star_model.prepare_for_inference(net)
+    model_setup.prepare_for_inference(net)
     return net, info
 
 
@@ -563,7 +565,7 @@ def cli(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         return main(args)
-    except (UsageError, star_model.CheckpointError, ExportError, video.VideoError) as err:
+    except (UsageError, checkpoint.CheckpointError, ExportError, video.VideoError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as err:   # a full disk or an unwritable folder while writing

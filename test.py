@@ -29,8 +29,8 @@ import pathlib
 import sys
 import time
 
+import checkpoint
 import inference
-import model as star_model
 import video
 from runtime import (UsageError, autocast_settings, gather, init_distributed, number, resolve_device, run_cli,
                      setup_logging, writable_dir)
@@ -266,7 +266,7 @@ def summary(results, resumed, clips, annotated, annotation_failures, annotated_d
 
 
 def cli(argv=None) -> int:
-    return run_cli(main, get_args_parser().parse_args(argv), errors=(star_model.CheckpointError,))
+    return run_cli(main, get_args_parser().parse_args(argv), errors=(checkpoint.CheckpointError,))
 
 
 if __name__ == "__main__":

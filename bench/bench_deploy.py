@@ -34,8 +34,10 @@ import common  # noqa: F401  (puts the project root on sys.path)
 import torch
 
 import backend
+import checkpoint
 import export
 import model as star_model
+import model_setup
 
 MEDIA = common.ROOT.parent / "shared" / "media"
 INT8_GOAL_X = 2.0          # onnxruntime int8 vs PyTorch fp32, on a CPU without native bf16
@@ -70,14 +72,14 @@ def parse_size(text: str) -> tuple[int, int]:
 def network(args) -> tuple[star_model.STAR, dict]:
     """The prepared PyTorch network and its info (class names, model_args, mean/std)."""
     if args.model_path:
-        net, info = star_model.load_checkpoint(args.model_path)
+        net, info = checkpoint.load_checkpoint(args.model_path)
         info.pop("checkpoint", None)
     else:
         torch.manual_seed(args.seed)
         net = star_model.STAR(2).eval()
-        info = {"class_names": list(star_model.PUBLISHED_CLASS_NAMES), "model_args": star_model.model_args_from(2),
-                **star_model.PUBLISHED_PREPROCESSING}
-    return star_model.prepare_for_inference(net), info
+        info = {"class_names": list(checkpoint.PUBLISHED_CLASS_NAMES), "model_args": checkpoint.model_args_from(2),
+                **checkpoint.PUBLISHED_PREPROCESSING}
+    return model_setup.prepare_for_inference(net), info
 
 
 def clips_for(args, info: dict) -> tuple[list[torch.Tensor], list[torch.Tensor], str]:

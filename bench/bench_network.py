@@ -69,9 +69,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 def make_model(args):
     """The network in eval mode: ``--model_path`` or random weights seeded by ``--seed``."""
     import torch
+    import checkpoint
     import model as star_model
     if args.model_path:
-        return star_model.load_checkpoint(args.model_path)[0]
+        return checkpoint.load_checkpoint(args.model_path)[0]
     torch.manual_seed(args.seed)
     return star_model.STAR(args.num_classes).eval()
 
@@ -87,11 +88,11 @@ def make_input(args, batch: int):
 
 def prepare(args, variant: common.Variant):
     """Model and input of one variant, on its device, with its options applied."""
-    import model as star_model
+    import model_setup
     net = make_model(args)
     x = make_input(args, variant.batch or args.batch_size)
     if "fold" in variant.options:
-        star_model.fold_batchnorm(net)
+        model_setup.fold_batchnorm(net)
     if "cl" in variant.options:   # as test.py: the input is converted inside forward
         net.use_channels_last()
     return net.to(args.device), x.to(args.device)

@@ -62,7 +62,7 @@ def make_step(args, variant: common.Variant):
     """A closure doing one train step; it returns (loss, skipped?)."""
     import torch
     from losses import build_criterion
-    from model import build_model, freeze_trunk_stages
+    from model_setup import build_model, freeze_trunk_stages
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     model = build_model(args.num_classes, pretrained="none").to(device).train()

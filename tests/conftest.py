@@ -103,6 +103,7 @@ def tiny_checkpoint(path, confident: bool = False, net=None) -> pathlib.Path:
     (collapse) with probability ~1, else random weights (scores ~0.3-0.5). ``net``: a ``STAR(2)`` whose weights to
     use instead of those seeded here (tests/test_golden.py seeds each weight by its key)."""
     import torch
+    import checkpoint
     import model as star_model
     if net is None:
         torch.manual_seed(0)
@@ -112,9 +113,9 @@ def tiny_checkpoint(path, confident: bool = False, net=None) -> pathlib.Path:
             bias = net.head.class_head[3].bias
             bias.zero_()
             bias[1] = 20.0
-    ck = star_model.make_checkpoint(net, star_model.model_args_from(2), ["fight", "collapse"], TINY_PREP,
+    ck = checkpoint.make_checkpoint(net, checkpoint.model_args_from(2), ["fight", "collapse"], TINY_PREP,
                                     raw_class_ids=[0, 1])
-    star_model.save_checkpoint(ck, path)
+    checkpoint.save_checkpoint(ck, path)
     return pathlib.Path(path)
 
 
@@ -127,6 +128,7 @@ def tube_checkpoint(path, acting: bool = True, net=None) -> pathlib.Path:
     acting everywhere (4 tubes over the whole clip), else nowhere (no tube). ``net``: a ``STAR(2, **TUBE_CKPT_ARGS)``
     whose weights to use instead of those seeded here."""
     import torch
+    import checkpoint
     import model as star_model
     args = TUBE_CKPT_ARGS
     if net is None:
@@ -137,9 +139,9 @@ def tube_checkpoint(path, acting: bool = True, net=None) -> pathlib.Path:
         net.head.class_head[3].bias[1] = 20.0
         net.acting.out.weight.zero_()      # the actionness map: acting everywhere (or nowhere)
         net.acting.out.bias.fill_(20.0 if acting else -20.0)
-    ck = star_model.make_checkpoint(net, star_model.model_args_from(2, **args), ["fight", "collapse"],
+    ck = checkpoint.make_checkpoint(net, checkpoint.model_args_from(2, **args), ["fight", "collapse"],
                                     {**TINY_PREP, "num_frames": 8})
-    star_model.save_checkpoint(ck, path)
+    checkpoint.save_checkpoint(ck, path)
     return pathlib.Path(path)
 
 

@@ -15,16 +15,18 @@ import pytest
 import torch
 
 import backend
+import checkpoint
 import export
 import model as star_model
 from conftest import write_video
+from video import IMAGENET_MEAN, IMAGENET_STD
 
 HAVE_DEPLOY = all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
 needs_deploy = pytest.mark.skipif(not HAVE_DEPLOY, reason="onnx/onnxruntime not installed "
                                   "(pip install -r requirements-deploy.txt)")
-PREP = {"num_frames": 4, "img_size": 64, "mean": list(star_model.IMAGENET_MEAN), "std": list(star_model.IMAGENET_STD),
+PREP = {"num_frames": 4, "img_size": 64, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
         "window_sec": 0.5}
-ARGS = star_model.model_args_from(2, num_queries=4, dim_feedforward=128, num_decoder_layers=2, max_positions=64)
+ARGS = checkpoint.model_args_from(2, num_queries=4, dim_feedforward=128, num_decoder_layers=2, max_positions=64)
 NAMES = ["fight", "collapse"]
 
 
@@ -65,7 +67,7 @@ def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("export_inputs")
     net = _tiny_net()
     ckpt = folder / "best_model.pth"
-    star_model.save_checkpoint(star_model.make_checkpoint(net, ARGS, NAMES, PREP), ckpt)
+    checkpoint.save_checkpoint(checkpoint.make_checkpoint(net, ARGS, NAMES, PREP), ckpt)
     raw = folder / "raw_state_dict.pth"
     torch.save(net.state_dict(), raw)
     return {"ckpt": ckpt, "raw": raw, "videos": _videos(folder / "videos")}
@@ -135,7 +137,7 @@ def test_metadata_round_trips(exported, onnx_fp32):
     assert props[backend.FORMAT_KEY] == "1" and props["source_checkpoint"] == '"best_model.pth"'
     _, renamed = backend.load_model(exported["fp32"], class_names=["a", "b"])
     assert renamed["class_names"] == ["a", "b"]
-    with pytest.raises(star_model.CheckpointError, match="has 2 classes but 3 class names"):
+    with pytest.raises(checkpoint.CheckpointError, match="has 2 classes but 3 class names"):
         backend.load_model(exported["fp32"], class_names=["a", "b", "c"])
 
 
@@ -232,7 +234,7 @@ def test_missing_onnxruntime_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)   # `import onnxruntime` now raises ImportError
     path = tmp_path / "star.onnx"
     path.write_bytes(b"x")
-    with pytest.raises(star_model.CheckpointError) as err:
+    with pytest.raises(checkpoint.CheckpointError) as err:
         backend.load_model(path)
     message = str(err.value)
     assert "\n" not in message and "pip install onnxruntime" in message and "requirements-deploy.txt" in message
@@ -245,10 +247,10 @@ def test_missing_onnxruntime_says_what_to_install(tmp_path, monkeypatch):
 def test_corrupt_onnx_is_one_line_naming_the_file(tmp_path):
     path = tmp_path / "star.onnx"
     path.write_bytes(b"\x08\x07garbage" * 100)
-    with pytest.raises(star_model.CheckpointError) as err:
+    with pytest.raises(checkpoint.CheckpointError) as err:
         backend.load_model(path)
     assert "\n" not in str(err.value) and str(err.value).startswith(f"{path}: not a readable ONNX model")
-    with pytest.raises(star_model.CheckpointError, match="no such file"):
+    with pytest.raises(checkpoint.CheckpointError, match="no such file"):
         backend.load_model(tmp_path / "missing.onnx")
 
 
@@ -261,7 +263,7 @@ def test_onnx_without_star_metadata_is_refused(tmp_path):
                               [helper.make_tensor_value_info("pred_logits", TensorProto.FLOAT, [1])])
     path = tmp_path / "other.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    with pytest.raises(star_model.CheckpointError, match="not a STAR export"):
+    with pytest.raises(checkpoint.CheckpointError, match="not a STAR export"):
         backend.load_model(path)
 
 
@@ -311,14 +313,14 @@ def test_token_count_of_the_tube_mode_matches_its_tokens():
 @needs_deploy
 def test_a_tube_mode_checkpoint_exports_with_parity(files, tmp_path):
     torch.manual_seed(0)
-    args = star_model.model_args_from(2, num_queries=3, dim_feedforward=128, num_decoder_layers=2, max_positions=400,
+    args = checkpoint.model_args_from(2, num_queries=3, dim_feedforward=128, num_decoder_layers=2, max_positions=400,
                                       tube_steps=4)
     ckpt = tmp_path / "tube.pth"
     net = star_model.STAR(**args).eval()
     with torch.no_grad():   # the class evidence under the box starts at zero; trained, it is not
         net.actor_class.weight.normal_(std=0.05)
         net.actor_class.bias.normal_(std=0.05)
-    star_model.save_checkpoint(star_model.make_checkpoint(net, args, NAMES, PREP), ckpt)
+    checkpoint.save_checkpoint(checkpoint.make_checkpoint(net, args, NAMES, PREP), ckpt)
     out = tmp_path / "tube.onnx"
     rc, stdout, stderr = _cli(["--model_path", ckpt, "--output", out, "--check_videos", files["videos"],
                                "--check_clips", 2])

@@ -21,8 +21,8 @@ import torch
 import backend
 import export
 import inference
-import model as star_model
 import stream
+from checkpoint import CheckpointError, model_args_from
 from conftest import ROOT, TINY_PREP, free_port, refuse_load, tiny_checkpoint, write_video
 
 import test as test_cli  # noqa: E402  (the repository's test.py: conftest puts the root first on the path)
@@ -133,7 +133,7 @@ def tiny_onnx(path, frames: int = 4, size: int = 64, queries: int = 3, classes: 
         initializer=[w_logits, w_boxes, shape_l, shape_b])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     info = {**TINY_PREP, "class_names": ["fight", "collapse"],
-            "model_args": star_model.model_args_from(2, num_queries=queries), **meta_changes}
+            "model_args": model_args_from(2, num_queries=queries), **meta_changes}
     export.set_metadata(proto, export.metadata(info, "fp32", "tiny.pth"))
     onnx.save(proto, str(path))
     return path
@@ -158,7 +158,7 @@ def test_a_consistent_hand_made_onnx_graph_loads_and_runs(tmp_path):
 ])
 def test_impossible_onnx_metadata_is_refused_at_load_with_what_is_wrong(tmp_path, graph, changes, expected):
     path = tiny_onnx(tmp_path / "bad.onnx", **graph, **changes)
-    with pytest.raises(star_model.CheckpointError) as err:
+    with pytest.raises(CheckpointError) as err:
         backend.load_model(path)
     assert "\n" not in str(err.value) and str(err.value).startswith(str(path)) and expected in str(err.value)
 

@@ -1,6 +1,6 @@
-"""Tests for model.py: shapes, the published key layout (checked against an independent rebuild of
-the network from DESIGN.md), checkpoint loading/saving and its failure modes, fine-tuning, trunk
-initialisation (file, offline hub cache, no network) and BatchNorm folding. CPU, small inputs."""
+"""Tests for model.py, checkpoint.py and model_setup.py: shapes, the published key layout (checked against an
+independent rebuild of the network from DESIGN.md), checkpoint loading/saving and its failure modes, fine-tuning,
+trunk initialisation (file, offline hub cache, no network) and BatchNorm folding. CPU, small inputs."""
 from __future__ import annotations
 
 import errno
@@ -18,7 +18,9 @@ import torch
 from torch import nn
 from torchvision.models.video import R2Plus1D_18_Weights, r2plus1d_18
 
+import checkpoint
 import model as M
+import model_setup
 
 NUM_KEYS = 310
 NUM_PARAMS_2_CLASSES = 40_509_220
@@ -140,7 +142,7 @@ def assert_trunk_copied(model: M.STAR, trunk_state: dict) -> None:
 # --------------------------------------------------------------------------------------------------
 def test_forward_shapes_aux_outputs_and_gradient_reaches_trunk():
     torch.manual_seed(0)
-    model = M.build_model(2)
+    model = model_setup.build_model(2)
     x = torch.randn(2, *TINY[1:])
     model.eval()
     with torch.no_grad():
@@ -224,13 +226,13 @@ def test_state_dict_key_layout_and_parameter_count(published, star2):
 # --------------------------------------------------------------------------------------------------
 def test_published_layout_loads_and_matches_independent_rebuild(published):
     ref, path = published
-    model, info = M.load_checkpoint(path, class_names=None)
+    model, info = M.load_checkpoint(path, class_names=None)  # users' entry point: checkpoint.load_checkpoint
     assert not model.training
     assert info["class_names"] == ["fight", "collapse"]
     assert info["num_frames"] == 16 and info["img_size"] == 224
     assert info["mean"] == [0.485, 0.456, 0.406] and info["std"] == [0.229, 0.224, 0.225]
     assert info["source"] == "raw_state_dict" and info["checkpoint"] is None
-    assert info["model_args"] == M.model_args_from(2)
+    assert info["model_args"] == checkpoint.model_args_from(2)
 
     torch.manual_seed(0)
     x = torch.randn(*SMALL)
@@ -252,11 +254,11 @@ def test_published_layout_loads_and_matches_independent_rebuild(published):
 
 def test_class_names_override_and_wrong_count(published):
     _, path = published
-    _, info = M.load_checkpoint(path, class_names=["punch", "fall"])
+    _, info = checkpoint.load_checkpoint(path, class_names=["punch", "fall"])
     assert info["class_names"] == ["punch", "fall"]
     for names in (["only_one"], ["a", "b", "c"]):
-        with pytest.raises(M.CheckpointError) as err:
-            M.load_checkpoint(path, class_names=names)
+        with pytest.raises(checkpoint.CheckpointError) as err:
+            checkpoint.load_checkpoint(path, class_names=names)
         assert str(path) in str(err.value)
 
 
@@ -265,17 +267,17 @@ def test_class_names_override_and_wrong_count(published):
 # --------------------------------------------------------------------------------------------------
 def test_project_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
-    args = M.model_args_from(3, num_queries=5, num_decoder_layers=2, max_positions=64)
+    args = checkpoint.model_args_from(3, num_queries=5, num_decoder_layers=2, max_positions=64)
     model = M.STAR(**args)
     randomize_norms(model)
     model.eval()
     names = ["wave", "run", "jump"]
     prep = {"num_frames": 8, "img_size": 96, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
     path = tmp_path / "best_model.pth"
-    M.save_checkpoint(M.make_checkpoint(model, args, names, prep, epoch=7), path)
+    checkpoint.save_checkpoint(checkpoint.make_checkpoint(model, args, names, prep, epoch=7), path)
     assert tmp_leftovers(tmp_path, {"best_model.pth"}) == []
 
-    loaded, info = M.load_checkpoint(path)
+    loaded, info = checkpoint.load_checkpoint(path)
     assert info["class_names"] == names
     assert info["model_args"] == args
     assert (info["num_frames"], info["img_size"], info["mean"], info["std"]) == (8, 96, prep["mean"], prep["std"])
@@ -291,7 +293,7 @@ def test_project_checkpoint_round_trip(tmp_path):
 def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pth"
     path.write_bytes(b"an older checkpoint")
-    M.save_checkpoint({"w": torch.arange(4.0)}, path)                 # replaces an existing file
+    checkpoint.save_checkpoint({"w": torch.arange(4.0)}, path)        # replaces an existing file
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(4.0))
     assert tmp_leftovers(tmp_path, {"checkpoint.pth"}) == []
     before = path.read_bytes()
@@ -304,9 +306,9 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
             raise error
 
         monkeypatch.setattr(torch, "save", failing_save)
-        with pytest.raises(M.CheckpointError, match=r"checkpoint.pth: cannot write the checkpoint \((No space left on "
+        with pytest.raises(checkpoint.CheckpointError, match=r"checkpoint.pth: cannot write the checkpoint \((No space left on "
                                                     r"device|\[enforce fail.*pos 17 vs 12)\); the previous file is unchanged$"):
-            M.save_checkpoint({"w": torch.zeros(4)}, path)
+            checkpoint.save_checkpoint({"w": torch.zeros(4)}, path)
         assert path.read_bytes() == before                            # old file intact
         assert tmp_leftovers(tmp_path, {"checkpoint.pth"}) == []      # no temp file left
 
@@ -328,9 +330,9 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path, star2):
     marker = tmp_path / "code_ran.marker"
     path = tmp_path / "evil.pth"
     torch.save({"queries.weight": torch.zeros(12, 256), "payload": RunsCode(marker)}, path)
-    for load in (M.load_checkpoint, lambda p: M.load_for_finetuning(star2, p),
-                 lambda p: M.load_trunk_weights(None, p)):
-        with pytest.raises(M.CheckpointError) as err:
+    for load in (checkpoint.load_checkpoint, lambda p: model_setup.load_for_finetuning(star2, p),
+                 lambda p: model_setup.load_trunk_weights(None, p)):
+        with pytest.raises(checkpoint.CheckpointError) as err:
             load(path)
         message = str(err.value)
         assert "refused" in message and str(path) in message and "\n" not in message
@@ -355,8 +357,8 @@ def test_unreadable_checkpoints_give_one_line_error(kind, tmp_path, published):
     elif kind == "legacy_pickle_list":
         with open(path, "wb") as f:
             pickle.dump([1, 2, 3], f, protocol=2)
-    with pytest.raises(M.CheckpointError) as err:
-        M.load_checkpoint(path)
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        checkpoint.load_checkpoint(path)
     message = str(err.value)
     assert str(path) in message and "\n" not in message
     assert "refused" not in message                                   # not mistaken for code
@@ -365,8 +367,8 @@ def test_unreadable_checkpoints_give_one_line_error(kind, tmp_path, published):
 
 def test_non_star_state_dict_is_rejected(tmp_path, trunk_file):
     _, trunk_path = trunk_file
-    with pytest.raises(M.CheckpointError) as err:
-        M.load_checkpoint(trunk_path)
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        checkpoint.load_checkpoint(trunk_path)
     assert str(trunk_path) in str(err.value) and "\n" not in str(err.value)
 
 
@@ -377,9 +379,9 @@ def test_load_for_finetuning_into_more_classes(published, star2):
     ref, path = published
     source = ref.state_dict()
     torch.manual_seed(3)
-    model = M.build_model(3)
+    model = model_setup.build_model(3)
     own_class_layer = {k: model.state_dict()[k].clone() for k in CLASS_LAYER_KEYS}
-    skipped = M.load_for_finetuning(model, path)
+    skipped = model_setup.load_for_finetuning(model, path)
     assert sorted(skipped) == CLASS_LAYER_KEYS
     state = model.state_dict()
     for key, value in state.items():
@@ -389,16 +391,16 @@ def test_load_for_finetuning_into_more_classes(published, star2):
             assert torch.equal(value, source[key]), key
     # same number of classes: everything is copied
     same = star2
-    assert M.load_for_finetuning(same, path) == []
+    assert model_setup.load_for_finetuning(same, path) == []
     assert all(torch.equal(v, source[k]) for k, v in same.state_dict().items())
 
 
 def test_trunk_from_state_dict_file(trunk_file, published):
     trunk_state, path = trunk_file
-    model = M.build_model(2, pretrained=path)
+    model = model_setup.build_model(2, pretrained=path)
     assert_trunk_copied(model, trunk_state)
-    with pytest.raises(M.CheckpointError) as err:                     # a STAR file is not a trunk
-        M.load_trunk_weights(model, published[1])
+    with pytest.raises(checkpoint.CheckpointError) as err:            # a STAR file is not a trunk
+        model_setup.load_trunk_weights(model, published[1])
     assert "r2plus1d_18" in str(err.value)
 
 
@@ -420,7 +422,7 @@ def test_trunk_kinetics400_from_hub_cache_without_network(tmp_path, monkeypatch,
     monkeypatch.setattr(torch.hub, "_hub_dir", torch.hub._hub_dir)    # restored after the test
     torch.hub.set_dir(str(tmp_path / "torch_home" / "hub"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", _no_network)
-    model = M.build_model(2, pretrained="kinetics400")
+    model = model_setup.build_model(2, pretrained="kinetics400")
     assert_trunk_copied(model, trunk_state)
     (cache / "r2plus1d_18-91a641e6.pth").unlink()
 
@@ -430,8 +432,8 @@ def test_trunk_kinetics400_without_network_says_what_to_do(tmp_path, monkeypatch
     monkeypatch.setattr(torch.hub, "_hub_dir", torch.hub._hub_dir)
     torch.hub.set_dir(str(tmp_path / "empty_home" / "hub"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", _no_network)
-    with pytest.raises(M.CheckpointError) as err:
-        M.build_model(2, pretrained="kinetics400")
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        model_setup.build_model(2, pretrained="kinetics400")
     message = str(err.value)
     assert "--pretrained none" in message and "--backbone_weights" in message and "\n" not in message
 
@@ -441,8 +443,8 @@ def test_trunk_kinetics400_without_network_says_what_to_do(tmp_path, monkeypatch
 # --------------------------------------------------------------------------------------------------
 def test_motion_stem_init_answers_only_to_change():
     torch.manual_seed(0)
-    model = M.build_model(2)
-    M.init_motion_stem(model)
+    model = model_setup.build_model(2)
+    model_setup.init_motion_stem(model)
     stem = model.backbone.stem[0].eval()               # spatial conv, BN, ReLU, temporal conv, ...
     still = torch.rand(1, 3, 1, 24, 24).expand(1, 3, 6, 24, 24)
     moving = torch.rand(1, 3, 6, 24, 24)
@@ -451,12 +453,12 @@ def test_motion_stem_init_answers_only_to_change():
         still_out = stem[3](before_temporal(still))[:, :, 1:-1]      # inner frames (no zero padding)
         moving_out = stem[3](before_temporal(moving))[:, :, 1:-1]
     assert still_out.abs().max() < 1e-5 * moving_out.abs().max()
-    untouched = M.build_model(2)                        # other layers keep their initialisation scheme
+    untouched = model_setup.build_model(2)              # other layers keep their initialisation scheme
     assert untouched.backbone.stem[0][3].weight.sum(2).abs().max() > 1e-3
 
 
 def test_token_grid_matches_the_trunk_and_leaves_batchnorm_alone():
-    model = M.build_model(2).train()
+    model = model_setup.build_model(2).train()
     before = [b.clone() for b in model.buffers()]
     cases = [(8, 112, (1, 7, 7)), (8, 64, (1, 4, 4)), (16, 96, (2, 6, 6)), (5, 70, (1, 5, 5))]
     assert [M.token_grid(model, frames, size) for frames, size, _ in cases] == [grid for *_, grid in cases]
@@ -469,10 +471,10 @@ def test_token_grid_matches_the_trunk_and_leaves_batchnorm_alone():
 
 
 def test_position_init_is_a_sine_encoding_of_each_tokens_place():
-    model = M.build_model(2)
+    model = model_setup.build_model(2)
     table = model.pos_embedding.embedding.weight
     untouched = table[16:].clone()
-    M.init_position_table(model, (1, 4, 4))                 # one time step: y and x get 128 channels each
+    model_setup.init_position_table(model, (1, 4, 4))       # one time step: y and x get 128 channels each
     token = 1 * 4 + 2                                       # (t, y, x) = (0, 1, 2), flattened t-major
     y, x = (1 + 0.5) / 4 * 2 * math.pi, (2 + 0.5) / 4 * 2 * math.pi
     for k in (0, 5, 63):                                    # frequency k: channels 2k (sin) and 2k+1 (cos)
@@ -483,20 +485,20 @@ def test_position_init_is_a_sine_encoding_of_each_tokens_place():
     distances = torch.cdist(table[:16].detach(), table[:16].detach())
     assert distances[~torch.eye(16, dtype=torch.bool)].min() > 0.1   # every place told apart
     assert torch.equal(table[16:], untouched)                         # rows of other grids keep their init
-    M.init_position_table(model, (2, 2, 2))                 # with time: a quarter of the channels
+    model_setup.init_position_table(model, (2, 2, 2))       # with time: a quarter of the channels
     assert not torch.allclose(table[0], table[4])           # same (y, x), other time step
     with pytest.raises(ValueError, match="exceed"):
-        M.init_position_table(model, (4, 51, 51))
+        model_setup.init_position_table(model, (4, 51, 51))
 
 
 def test_fold_batchnorm_keeps_outputs(published):
-    model, _ = M.load_checkpoint(published[1])       # eval mode, random BN statistics and affine
+    model, _ = checkpoint.load_checkpoint(published[1])  # eval mode, random BN statistics and affine
     num_bn = sum(isinstance(m, nn.BatchNorm3d) for m in model.modules())
     torch.manual_seed(0)
     x = torch.randn(*TINY)
     with torch.no_grad():
         before = model(x)
-        assert M.fold_batchnorm(model) == num_bn == 37
+        assert model_setup.fold_batchnorm(model) == num_bn == 37
         assert not any(isinstance(m, nn.BatchNorm3d) for m in model.modules())
         after = model(x)
     assert max_diff(before, after) <= 1e-4
@@ -504,12 +506,12 @@ def test_fold_batchnorm_keeps_outputs(published):
 
 def test_prepare_for_inference_keeps_outputs(published):
     """BN folding + channels_last_3d (test.py's fast path) computes what the plain network does."""
-    model, _ = M.load_checkpoint(published[1])
+    model, _ = checkpoint.load_checkpoint(published[1])
     torch.manual_seed(0)
     x = torch.randn(*TINY)
     with torch.no_grad():
         before = model(x)
-        fast = M.prepare_for_inference(model)
+        fast = model_setup.prepare_for_inference(model)
         assert fast.channels_last and not fast.training
         assert fast.backbone.stem[1][0].conv1[0][0].weight.is_contiguous(memory_format=torch.channels_last_3d)
         after = fast(x)
@@ -548,7 +550,7 @@ def test_temporal_conv_weight_gradient_is_right_in_bf16_training(steps, layout):
 
 def test_temporal_convs_keep_keys_and_outputs_outside_bf16_training(published):
     """Every (3, 1, 1) trunk conv is a TemporalConv3d; keys unchanged; fp32 and no-grad paths are plain Conv3d's."""
-    model, _ = M.load_checkpoint(published[1])
+    model, _ = checkpoint.load_checkpoint(published[1])
     temporal = [m for m in model.modules() if isinstance(m, M.TemporalConv3d)]
     assert len(temporal) == 17 and all(m.kernel_size == (3, 1, 1) for m in temporal)
     plain = nn.Conv3d(*temporal[-1].weight.shape[1::-1][:2], (3, 1, 1), padding=(1, 0, 0), bias=False)
