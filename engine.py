@@ -24,6 +24,7 @@ import metrics
 import postprocess
 import tube_metrics
 from dataset import ActionDataset, collate
+from config import TrainConfig
 from losses import is_tube_output, num_target_boxes
 from model import STAR, acting_box_average
 from model_setup import init_motion_stem, init_positions, motion_stem_conv, prepare_for_inference
@@ -85,29 +86,30 @@ def make_ema(model: STAR, decay: float) -> AveragedModel | None:
     return AveragedModel(model, avg_fn=ema_update, use_buffers=True)
 
 
-def parameter_groups(model, args) -> list[dict]:
-    """The R(2+1)D trunk at ``lr_backbone``, everything else (projection, decoder, queries, heads) at ``lr``;
-    frozen parameters (``--freeze_trunk``) in neither."""
+def parameter_groups(model, config: TrainConfig) -> list[dict]:
+    """The R(2+1)D trunk at ``config.lr_backbone``, everything else (projection, decoder, queries, heads) at
+    ``config.lr``; frozen parameters (``--freeze_trunk``) in neither."""
     trunk, rest = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         (trunk if name.startswith("backbone.stem.") else rest).append(param)
-    return [{"params": trunk, "lr": args.lr_backbone}, {"params": rest, "lr": args.lr}]
+    return [{"params": trunk, "lr": config.lr_backbone}, {"params": rest, "lr": config.lr}]
 
 
-def make_optimizer(model, args) -> torch.optim.AdamW:
+def make_optimizer(model, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW on :func:`parameter_groups`, fused: one kernel for every tensor (on a CPU the default per-tensor loop
     took 5 % of the tester's command, bench/README.md)."""
-    return torch.optim.AdamW(parameter_groups(model, args), weight_decay=args.weight_decay, fused=True)
+    return torch.optim.AdamW(parameter_groups(model, config), weight_decay=config.weight_decay, fused=True)
 
 
-def make_scheduler(optimizer, args):
-    """Per epoch: linear warm-up over ``warmup_epochs``, then cosine from each group's lr to ``min_lr``."""
-    warmup, total = args.warmup_epochs, max(args.epochs, 1)
+def make_scheduler(optimizer, config: TrainConfig):
+    """Per epoch: linear warm-up over ``config.warmup_epochs``, then cosine from each group's lr to
+    ``config.min_lr``."""
+    warmup, total = config.warmup_epochs, max(config.epochs, 1)
 
     def factor(base_lr):
-        floor = min(args.min_lr / base_lr, 1.0) if base_lr > 0 else 0.0
+        floor = min(config.min_lr / base_lr, 1.0) if base_lr > 0 else 0.0
 
         def at(epoch):
             if epoch < warmup:
@@ -120,18 +122,18 @@ def make_scheduler(optimizer, args):
 
 # ----------------------------------------------------------------------------- one epoch
 
-def train_one_epoch(model, criterion, loader, optimizer, scaler, device, precision: "TrainingPrecision", args, epoch,
-                    world, ema=None, run_times: "PhaseTimes | None" = None) -> dict:
-    """One pass over the training batches under ``precision.dtype`` autocast; ``ema``, if given, follows the weights
-    after each step. Returns mean loss terms and the count of skipped steps; the time of each phase is logged and
-    added to ``run_times``."""
+def train_one_epoch(model, criterion, loader, optimizer, scaler, device, precision: "TrainingPrecision",
+                    config: TrainConfig, epoch, world, ema=None, run_times: "PhaseTimes | None" = None) -> dict:
+    """One pass over the training batches under ``precision.dtype`` autocast (``config``: the epoch count, gradient
+    clipping and the stem's motion constraint); ``ema``, if given, follows the weights after each step. Returns mean
+    loss terms and the count of skipped steps; the time of each phase is logged and added to ``run_times``."""
     model.train()
     net = getattr(model, "module", model)
     loader.batch_sampler.set_epoch(epoch)   # EpochTaggedBatches: the epoch travels with the indices to the workers
     sums, counts, skipped = {}, {}, 0
-    constrain_stem = args.motion_constraint and motion_stem_conv(net).weight.requires_grad   # frozen: left as it is
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=dist.is_initialized() and dist.get_rank() != 0,
-               leave=False, dynamic_ncols=True)
+    constrain_stem = config.motion_constraint and motion_stem_conv(net).weight.requires_grad   # frozen: left as it is
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}",
+               disable=dist.is_initialized() and dist.get_rank() != 0, leave=False, dynamic_ncols=True)
 
     times = PhaseTimes(device)
 
@@ -140,7 +142,7 @@ def train_one_epoch(model, criterion, loader, optimizer, scaler, device, precisi
             outputs = model(clips)
         with times("matching and losses"):
             losses, loss = checked_losses(criterion, outputs, targets, device, world, epoch)
-        return losses, loss, optimizer_step(loss, net.parameters(), optimizer, scaler, args.grad_clip, times)
+        return losses, loss, optimizer_step(loss, net.parameters(), optimizer, scaler, config.grad_clip, times)
     batches = iter(bar)
     while True:
         with times("data"):   # decoding, augmentation and targets, or the wait for a loader worker
@@ -440,12 +442,12 @@ def cache_tokens(model: STAR, dataset: ActionDataset, epochs, device, amp_dtype,
     return torch.cat(tokens), targets
 
 
-def reset_decoder_side(model: STAR, model_args: dict, args) -> list[torch.nn.Parameter]:
+def reset_decoder_side(model: STAR, model_args: dict, config: TrainConfig) -> list[torch.nn.Parameter]:
     """Re-initialise position table, queries, decoder and heads as a new model has them (and the sine
-    position table with ``--position_init``); returns their parameters."""
+    position table with ``config.position_init``); returns their parameters."""
     fresh = STAR(**model_args)
-    if args.position_init:
-        init_positions(fresh, args.num_frames, args.img_size)
+    if config.position_init:
+        init_positions(fresh, config.num_frames, config.img_size)
     parts = [part for part in ("pos_embedding", "queries", "time_queries", "decoder", "head", "locate", "acting",
                                  "actor_class", "actor_size")
              if getattr(model, part, None) is not None]   # time_queries ... actor_size: tube mode only
@@ -454,22 +456,22 @@ def reset_decoder_side(model: STAR, model_args: dict, args) -> list[torch.nn.Par
     return [p for part in parts for p in getattr(model, part).parameters()]
 
 
-def decoder_phase(model: STAR, model_args, criterion, train_set, val_set, class_names, device, amp_dtype, args,
-                  on_validation):
-    """Train a fresh decoder side on cached trunk tokens (``--decoder_steps``); calls
+def decoder_phase(model: STAR, model_args, criterion, train_set, val_set, class_names, device, amp_dtype,
+                  config: TrainConfig, on_validation):
+    """Train a fresh decoder side on cached trunk tokens (``config.decoder_steps`` steps); calls
     ``on_validation(step, result)`` with the validation metrics every steps/12 and at the last step.
 
     Why: from scratch a short run's trunk tells the classes apart before its decoder learns to read it, and a
     decoder step on cached tokens costs a fraction of a whole step (docs/EXPERIMENTS.md, "Decoder phase")."""
     start = time.time()
-    train_tokens, train_targets = cache_tokens(model, train_set, range(args.epochs, args.epochs + args.decoder_copies),
-                                               device, amp_dtype)
+    copies = range(config.epochs, config.epochs + config.decoder_copies)   # augmented as epochs after the last
+    train_tokens, train_targets = cache_tokens(model, train_set, copies, device, amp_dtype)
     # validation batches as evaluate's loader makes them: under bf16 another batch size rounds differently
-    val_tokens, val_targets = cache_tokens(model, val_set, [0], device, amp_dtype, args.batch_size)
+    val_tokens, val_targets = cache_tokens(model, val_set, [0], device, amp_dtype, config.batch_size)
     log.info("decoder phase: trunk tokens of %d training clips (%d copies) and %d validation videos cached in %.0f s",
-             len(train_set), args.decoder_copies, len(val_set), time.time() - start)
-    torch.manual_seed(args.seed)
-    params = reset_decoder_side(model, model_args, args)
+             len(train_set), config.decoder_copies, len(val_set), time.time() - start)
+    torch.manual_seed(config.seed)
+    params = reset_decoder_side(model, model_args, config)
     if model.actor_class is not None:   # fitted to convergence on the frozen trunk, then kept
         accuracy = fit_actor_class(model, train_tokens, train_targets)
         log.info("decoder phase: the class under each true box fitted, %.1f %% right on the training clips", 100 * accuracy)
@@ -478,13 +480,13 @@ def decoder_phase(model: STAR, model_args, criterion, train_set, val_set, class_
 
     def validate(step, loss):
         result = evaluate_tokens(model, criterion, val_tokens, val_targets, val_set.records, class_names,
-                                 args.score_threshold, amp_dtype, args.batch_size) if len(val_set) else {}
-        log.info("decoder step %d/%d: train_loss=%.4g, %s", step, args.decoder_steps, loss,
+                                 config.score_threshold, amp_dtype, config.batch_size) if len(val_set) else {}
+        log.info("decoder step %d/%d: train_loss=%.4g, %s", step, config.decoder_steps, loss,
                  ", ".join(f"{k}={result[k]:.4g}" for k in EPOCH_FIELDS if isinstance(result.get(k), float)))
         on_validation(step, result)
-    fit_decoder(model, params, criterion, train_tokens, train_targets, steps=args.decoder_steps, lr=args.lr,
-                weight_decay=args.weight_decay, batch_size=args.batch_size, grad_clip=args.grad_clip, seed=args.seed,
-                device=device, on_eval=validate, epoch=args.epochs - 1, amp_dtype=amp_dtype)
+    fit_decoder(model, params, criterion, train_tokens, train_targets, steps=config.decoder_steps, lr=config.lr,
+                weight_decay=config.weight_decay, batch_size=config.batch_size, grad_clip=config.grad_clip,
+                seed=config.seed, device=device, on_eval=validate, epoch=config.epochs - 1, amp_dtype=amp_dtype)
 
 
 @torch.no_grad()

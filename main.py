@@ -6,15 +6,13 @@
 Writes to OUT: best_model.pth, checkpoint.pth (for --resume), split.json, training_results.csv,
 test_predictions.csv, val_metrics.json, plots (*.png), train.log, dataset_problems.txt (when the dataset check
 found problems). A folder holding another run's outputs is refused unless --resume continues that run or
---overwrite replaces it. The loops are in engine.py, the recipes in recipes.py.
+--overwrite replaces it. The flags, the recipe (recipes.py) and the data resolve into one config (config.py)
+before training; the loops (engine.py) take it.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
-import errno
-import glob
 import json
 import logging
 import math
@@ -32,6 +30,7 @@ import inference
 import metrics
 import plots
 from checkpoint import CheckpointError, make_checkpoint, model_args_from, save_checkpoint
+from config import TrainConfig, resolve_config, stored_setting
 from dataset import ActionDataset, BalancedBatchSampler, EpochTaggedBatches, collate
 from files import atomic_write, write_text
 from losses import PUBLISHED_WEIGHTS, build_criterion
@@ -39,23 +38,16 @@ from model import STAR, count_parameters
 from model_setup import (PRETRAINED_CHOICES, build_model, freeze_trunk_stages, init_motion_stem, init_positions,
                          load_for_finetuning)
 from problems import DatasetError, format_problems
-from recipes import (DECODER_STEPS_PER_EPOCH, PAIR_PROB, WINDOWS_PER_VIDEO, WINDOW_STRIDE, add_recipe_defaults_to_help,
-                     apply_recipe)
+from recipes import DECODER_STEPS_PER_EPOCH, PAIR_PROB, WINDOWS_PER_VIDEO, WINDOW_STRIDE, add_recipe_defaults_to_help
 from records import load_dataset, split_dataset
+from run_folder import PROBLEMS_NAME, disk_full, prepare_output_dir, writing
 from runtime import (UsageError, autocast_settings, init_distributed, number, one_line, resolve_device, setup_logging,
                      writable_dir)
 from video import DEFAULT_FOLDER_FPS, IMAGENET_MEAN, IMAGENET_STD, VideoInfo
 
 log = logging.getLogger("star")
 
-# What a run writes in its output folder; --overwrite removes these (and the SETUP_OUTPUTS) and nothing else.
-RUN_OUTPUTS = ("checkpoint.pth", "best_model.pth", "training_results.csv", "test_predictions.csv", "val_metrics.json",
-               "losses.png", "metrics.png", "confusion_matrix.png")
-PROBLEMS_NAME = "dataset_problems.txt"
-SETUP_OUTPUTS = ("split.json", "train.log", PROBLEMS_NAME)
-PREVIOUS_RUN = ("checkpoint.pth", "best_model.pth", "training_results.csv")   # a folder holding one holds a run
 PROBLEMS_SHOWN = 5   # problems of each kind in the log; all of them go to dataset_problems.txt
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -199,132 +191,45 @@ def report_problems(problems, output_dir: Path, say) -> None:
     say("dataset problems (all of them in %s):\n%s", path, format_problems(problems, per_kind=PROBLEMS_SHOWN))
 
 
-def prepare_output_dir(output_dir: Path, args, rank: int) -> list[str]:
-    """Make ``output_dir`` hold one run only, before the log opens (--overwrite removes train.log): a previous
-    run's outputs are refused unless --resume or --overwrite says what to do with them; --overwrite removes them;
-    --resume without checkpoint.pth (a kill before the first one) removes the killed attempt's results, since the
-    run starts from scratch; temporary files of an interrupted write are removed. Only rank 0 removes anything.
-    Returns the lines to log."""
-    previous = [name for name in PREVIOUS_RUN if (output_dir / name).exists()]
-    if previous and not (args.resume or args.overwrite):
-        raise UsageError(f"--output_dir {output_dir} holds a previous run ({', '.join(previous)}): continue it with "
-                         "--resume, replace it with --overwrite, or choose another folder")
-    doomed, why = (), ""
-    if args.overwrite:
-        doomed, why = RUN_OUTPUTS + SETUP_OUTPUTS, "--overwrite: removed the previous run's outputs:"
-    elif args.resume and not (output_dir / "checkpoint.pth").exists():
-        doomed, why = RUN_OUTPUTS, "--resume: no checkpoint.pth (the earlier attempt stopped before its first), " \
-                                   "so its outputs are removed:"
-    doomed = [output_dir / name for name in doomed if (output_dir / name).is_file()]
-    keep_inputs(args, doomed)
-    if rank != 0:
-        return []
-    temporary = [path for name in RUN_OUTPUTS + SETUP_OUTPUTS
-                 for path in output_dir.glob(f".{glob.escape(name)}.*.tmp") if path.is_file()]
-    notes = [f"{why} {', '.join(remove(doomed))}"] if doomed else []
-    if temporary:
-        notes.append(f"removed {len(temporary)} temporary file(s) left by an interrupted write: "
-                     f"{', '.join(remove(temporary))}")
-    return notes
-
-
-def keep_inputs(args, doomed: list[Path]) -> None:
-    """Refuse to remove a file the run reads (fine-tuning from the previous run's best_model.pth)."""
-    for flag, value in (("--init_from", args.init_from), ("--backbone_weights", args.backbone_weights)):
-        if value and any(Path(value).resolve() == path.resolve() for path in doomed):
-            raise UsageError(f"{flag} {value}: a previous run's output that this run would remove; copy it out of "
-                             "--output_dir first")
-
-
-def remove(paths) -> list[str]:
-    """Delete ``paths``; their names, for the log."""
-    for path in paths:
-        try:
-            path.unlink(missing_ok=True)
-        except OSError as err:
-            raise UsageError(f"{path}: cannot remove it ({one_line(err, path)})") from None
-    return [path.name for path in paths]
-
-
-def disk_full(err: BaseException | None) -> bool:
-    """Whether a full disk (or quota) caused ``err``: torch reports a failed write as a RuntimeError ('unexpected
-    pos') with the OSError only in its context, and save_checkpoint wraps that again."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, OSError) and err.errno in DISK_FULL:
-            return True
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return False
-
-
-@contextlib.contextmanager
-def writing(path: Path):
-    """A full disk while writing ``path``: one line that says so and names the file (exit 2 in :func:`main`)."""
-    try:
-        yield
-    except (OSError, CheckpointError) as err:
-        if not disk_full(err):
-            raise
-        raise UsageError(f"{path}: the disk is full, writing it failed; checkpoint.pth still holds the last epoch "
-                         "saved (free some space, then continue with --resume)") from None
-
-
-def resolve_cutting(args, records) -> None:
-    """``--mode auto`` and the per-frame default ``--window_sec``, from the dataset (logged once)."""
-    per_frame = [r for r in records if r.per_frame]
-    if args.mode == "auto":
-        args.mode = "tube" if per_frame else "clip"
-    if per_frame and args.window_sec is None:   # the whole video at 8 frames would skip whole motion cycles
-        fps = float(np.median([r.fps for r in per_frame]))
-        args.window_sec = round(WINDOW_STRIDE * args.num_frames / fps, 4)
-    if args.clips_per_video is None:
-        args.clips_per_video = WINDOWS_PER_VIDEO if per_frame else 1
-    if args.pair_prob is None:
-        args.pair_prob = PAIR_PROB if per_frame else 0.0
-    log.info("mode %s; clips span %s; %d per video and epoch; %g side by side", args.mode,
-             f"{args.window_sec:g} s windows" if args.window_sec else "whole videos", args.clips_per_video,
-             args.pair_prob)
-
-
-def make_loaders(args, train, val, rank: int, world: int):
-    train_set = ActionDataset(train, args.num_frames, args.img_size, augment=not args.no_aug, seed=args.seed,
-                              still_prob=args.still_prob, window_sec=args.window_sec, negative_prob=args.negative_prob,
-                              clips_per_video=args.clips_per_video, pair_prob=args.pair_prob)
-    sampler = EpochTaggedBatches(BalancedBatchSampler(train_set.has_action, args.batch_size, args.seed, world, rank))
+def make_loaders(config: TrainConfig, train, val, rank: int, world: int):
+    train_set = ActionDataset(train, config.num_frames, config.img_size, augment=not config.no_aug, seed=config.seed,
+                              still_prob=config.still_prob, window_sec=config.window_sec,
+                              negative_prob=config.negative_prob, clips_per_video=config.clips_per_video,
+                              pair_prob=config.pair_prob)
+    sampler = EpochTaggedBatches(BalancedBatchSampler(train_set.has_action, config.batch_size, config.seed, world, rank))
     # workers live for the whole run (starting them costs seconds every epoch); the batches carry the epoch
-    kwargs = {"num_workers": args.workers, "collate_fn": collate, "persistent_workers": args.workers > 0}
+    kwargs = {"num_workers": config.workers, "collate_fn": collate, "persistent_workers": config.workers > 0}
     train_loader = DataLoader(train_set, batch_sampler=sampler, **kwargs)
-    val_set = ActionDataset(val, args.num_frames, args.img_size, augment=False, window_sec=args.window_sec)
-    val_loader = DataLoader(val_set, batch_size=args.batch_size, shuffle=False, **kwargs)
+    val_set = ActionDataset(val, config.num_frames, config.img_size, augment=False, window_sec=config.window_sec)
+    val_loader = DataLoader(val_set, batch_size=config.batch_size, shuffle=False, **kwargs)
     return train_loader, val_loader
 
 
-def build_training_state(args, class_map, device, world):
+def build_training_state(config: TrainConfig, class_map, device, world):
     """Model (maybe DDP), criterion, optimizer, scheduler, scaler, amp dtype, model args."""
-    model_args = model_args_from(len(class_map), num_queries=args.num_queries, dropout=args.dropout,
-                                 aux_loss=not args.no_aux_loss, tube_steps=args.num_frames if args.mode == "tube" else 0,
-                                 time_tokens=args.time_tokens)
-    model = build_model(pretrained=args.backbone_weights or args.pretrained, **model_args)
-    if args.motion_init:
+    model_args = model_args_from(len(class_map), num_queries=config.num_queries, dropout=config.dropout,
+                                 aux_loss=not config.no_aux_loss, tube_steps=config.num_frames if config.tube else 0,
+                                 time_tokens=config.time_tokens)
+    model = build_model(pretrained=config.backbone_weights or config.pretrained, **model_args)
+    if config.motion_init:
         init_motion_stem(model)
-    if args.position_init:
-        init_positions(model, args.num_frames, args.img_size)
-    if args.init_from:
-        load_for_finetuning(model, args.init_from)
-    freeze_trunk_stages(model, args.freeze_trunk)
+    if config.position_init:
+        init_positions(model, config.num_frames, config.img_size)
+    if config.init_from:
+        load_for_finetuning(model, config.init_from)
+    freeze_trunk_stages(model, config.freeze_trunk)
     model.to(device)
     if device.type == "cpu":   # oneDNN's 3-D convs are faster on NDHWC, in training too (bench/README.md)
         model.use_channels_last()
     log.info("STAR: %.2f M parameters", count_parameters(model) / 1e6)
     criterion = build_criterion(len(class_map), model_args["num_decoder_layers"], model_args["aux_loss"],
-                                weights={"loss_ce": args.ce_loss_coef, "loss_bbox": args.bbox_loss_coef,
-                                         "loss_giou": args.giou_loss_coef},
-                                eos_coef=args.eos_coef, video_loss_coef=args.video_loss_coef,
-                                cost_class=args.set_cost_class, tube=args.mode == "tube").to(device)
-    optimizer = engine.make_optimizer(model, args)
-    scheduler = engine.make_scheduler(optimizer, args)
-    amp_dtype, amp_note = autocast_settings(device, args.precision)
+                                weights={"loss_ce": config.ce_loss_coef, "loss_bbox": config.bbox_loss_coef,
+                                         "loss_giou": config.giou_loss_coef},
+                                eos_coef=config.eos_coef, video_loss_coef=config.video_loss_coef,
+                                cost_class=config.set_cost_class, tube=config.tube).to(device)
+    optimizer = engine.make_optimizer(model, config)
+    scheduler = engine.make_scheduler(optimizer, config)
+    amp_dtype, amp_note = autocast_settings(device, config.precision)
     log.info("precision: %s", amp_note)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     if world > 1:
@@ -337,7 +242,7 @@ def resume(path: Path, model, optimizer, scheduler, scaler, ema, freeze_trunk: i
     between the row and the checkpoint); returns (next epoch, best score so far, the precision it trained in last)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     # the optimizer's parameter groups hold only the trained stages: another count cannot take its state
-    frozen_then = ckpt.get("args", {}).get("freeze_trunk") or 0   # absent or None in older checkpoints: 0
+    frozen_then = stored_setting(ckpt, "freeze_trunk", 0)   # absent or None in older checkpoints: 0
     if frozen_then != freeze_trunk:
         raise UsageError(f"{path}: was trained with --freeze_trunk {frozen_then}; resume with --freeze_trunk {frozen_then}")
     getattr(model, "module", model).load_state_dict(ckpt["model"])
@@ -394,17 +299,18 @@ def validation_rows(preds, records, class_names, threshold) -> list[dict]:
     return rows
 
 
-def final_report(model_args, best_path: Path, val_loader, criterion, device, amp_dtype, class_names, args, output_dir):
+def final_report(model_args, best_path: Path, val_loader, criterion, device, amp_dtype, class_names,
+                 config: TrainConfig, output_dir):
     """Best model on the validation split: report, confusion matrix PNG, test_predictions.csv."""
     ckpt = torch.load(best_path, map_location="cpu", weights_only=True)
     model = STAR(**model_args).to(device)
     model.load_state_dict(ckpt["model"])
     result, preds, _, _ = engine.evaluate(model, criterion, val_loader, device, amp_dtype, class_names,
-                                          args.score_threshold)
+                                          config.score_threshold)
     phase = f", decoder step {ckpt['decoder_step']}" if "decoder_step" in ckpt else ""
     log.info("best model (epoch %d%s) on the validation split:\n%s", ckpt["epoch"] + 1, phase,
              metrics.format_report(result, class_names))
-    inference.write_predictions(validation_rows(preds, val_loader.dataset.records, class_names, args.score_threshold),
+    inference.write_predictions(validation_rows(preds, val_loader.dataset.records, class_names, config.score_threshold),
                                 output_dir / "test_predictions.csv")
     write_text(output_dir / "val_metrics.json", json.dumps(result, indent=2, default=float))
     plot(plots.plot_confusion_matrix, np.array(result["confusion_matrix"]), class_names,
@@ -430,38 +336,37 @@ def train(args) -> dict:
     setup_logging(output_dir / "train.log", rank)
     for note in notes:
         log.info("%s", note)
-    args.precision = "fp32" if args.no_amp else args.precision
     engine.seed_everything(args.seed + rank)
     train_records, val_records, class_map = load_data(args, rank, output_dir)
-    resolve_cutting(args, train_records + val_records)
-    recipe = apply_recipe(args, tube=args.mode == "tube")
-    train_loader, val_loader = make_loaders(args, train_records, val_records, rank, world)
-    model, criterion, optimizer, scheduler, scaler, amp_dtype, model_args = build_training_state(args, class_map, device, world)
-    precision = engine.TrainingPrecision(amp_dtype, args.precision)
+    config = resolve_config(args, train_records + val_records)   # every setting, resolved once: nothing changes it
+    train_loader, val_loader = make_loaders(config, train_records, val_records, rank, world)
+    model, criterion, optimizer, scheduler, scaler, amp_dtype, model_args = build_training_state(config, class_map, device,
+                                                                                                 world)
+    precision = engine.TrainingPrecision(amp_dtype, config.precision)
     engine.check_bf16_first_batch(precision, model, criterion, train_loader, device)
     on_off = {True: "on", False: "off"}
     log.info("device %s, autocast %s; recipe %s: lr %g (trunk %g), warm-up %d epochs, still clips %g, loss weights "
              "class %g / L1 %g / GIoU %g / video %g, dropout %g, motion init %s, motion constraint %s, position init %s, "
-             "weight average %s, frozen trunk stages %d, decoder steps %d; %d steps per epoch", device, precision.dtype, recipe,
-             args.lr, args.lr_backbone, args.warmup_epochs, args.still_prob, args.ce_loss_coef, args.bbox_loss_coef,
-             args.giou_loss_coef, args.video_loss_coef, args.dropout, on_off[args.motion_init],
-             on_off[args.motion_constraint], on_off[args.position_init],
-             f"decay {args.ema_decay:g}" if args.ema_decay else "off", args.freeze_trunk, args.decoder_steps,
+             "weight average %s, frozen trunk stages %d, decoder steps %d; %d steps per epoch", device, precision.dtype,
+             config.recipe, config.lr, config.lr_backbone, config.warmup_epochs, config.still_prob, config.ce_loss_coef,
+             config.bbox_loss_coef, config.giou_loss_coef, config.video_loss_coef, config.dropout,
+             on_off[config.motion_init], on_off[config.motion_constraint], on_off[config.position_init],
+             f"decay {config.ema_decay:g}" if config.ema_decay else "off", config.freeze_trunk, config.decoder_steps,
              len(train_loader))
     ckpt_path, best_path, results_csv = output_dir / "checkpoint.pth", output_dir / "best_model.pth", output_dir / "training_results.csv"
     net = getattr(model, "module", model)   # unwrapped from DistributedDataParallel
-    ema = engine.make_ema(net, args.ema_decay)
+    ema = engine.make_ema(net, config.ema_decay)
     evaluated = ema.module if ema is not None else net   # what is validated and kept as best
     start_epoch, best = 0, -math.inf
-    if args.resume and ckpt_path.exists():
-        start_epoch, best, trained_in = resume(ckpt_path, model, optimizer, scheduler, scaler, ema, args.freeze_trunk,
+    if config.resume and ckpt_path.exists():
+        start_epoch, best, trained_in = resume(ckpt_path, model, optimizer, scheduler, scaler, ema, config.freeze_trunk,
                                                results_csv)
         precision.resume_from(trained_in)
-    elif args.resume:
+    elif config.resume:
         log.info("--resume: no %s yet, starting from scratch", ckpt_path)
-    preprocessing = {"num_frames": args.num_frames, "img_size": args.img_size,
-                     "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "window_sec": args.window_sec}
-    common = {"raw_class_ids": list(class_map.raw_ids), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    preprocessing = {"num_frames": config.num_frames, "img_size": config.img_size,
+                     "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "window_sec": config.window_sec}
+    common = {"raw_class_ids": list(class_map.raw_ids), "args": config.to_dict()}   # "args": the key readers know
 
     def write_best(result, epoch, **extra):   # the weights validated (the average, if any), self-describing
         with writing(best_path):
@@ -470,17 +375,17 @@ def train(args) -> dict:
     keeper = engine.KeepBest(write_best, has_validation=bool(val_records), best=best, path=best_path)
 
     run_times = engine.PhaseTimes(device)
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(start_epoch, config.epochs):
         start = time.time()
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"]}
-        row.update(engine.train_one_epoch(model, criterion, train_loader, optimizer, scaler, device, precision, args,
+        row.update(engine.train_one_epoch(model, criterion, train_loader, optimizer, scaler, device, precision, config,
                                           epoch, world, ema, run_times))
         scheduler.step()
         result = {}
-        if rank == 0 and val_records and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+        if rank == 0 and val_records and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
             with run_times("validation"):
                 result, *_ = engine.evaluate(evaluated, criterion, val_loader, device, precision.dtype, class_map.names,
-                                             args.score_threshold)
+                                             config.score_threshold)
             result["score"] = metrics.best_score(result)
             row.update({k: v for k, v in result.items() if k in engine.EPOCH_FIELDS})
         row["seconds"] = time.time() - start
@@ -490,7 +395,7 @@ def train(args) -> dict:
             log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in row.items()
                                                          if isinstance(v, float) and k != "epoch"))
             with run_times("checkpoints"):
-                keeper.after_epoch(result, epoch, last=epoch + 1 == args.epochs, exists=best_path.exists())
+                keeper.after_epoch(result, epoch, last=epoch + 1 == config.epochs, exists=best_path.exists())
                 # the training weights (and their average, if any) and the precision: what --resume continues from
                 ckpt = make_checkpoint(model, model_args, class_map.names, preprocessing, epoch=epoch, metrics=result,
                                        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
@@ -502,12 +407,12 @@ def train(args) -> dict:
                     save_checkpoint(ckpt, ckpt_path)
         if world > 1:
             dist.barrier()
-    if rank == 0 and args.decoder_steps > 0:
+    if rank == 0 and config.decoder_steps > 0:
         with run_times("decoder phase"):
             engine.decoder_phase(evaluated, model_args, criterion, train_loader.dataset, val_loader.dataset,
-                                 class_map.names, device, precision.dtype, args,
-                                 lambda step, result: keeper.after_decoder_step(step, args.decoder_steps, result,
-                                                                                args.epochs - 1))
+                                 class_map.names, device, precision.dtype, config,
+                                 lambda step, result: keeper.after_decoder_step(step, config.decoder_steps, result,
+                                                                                config.epochs - 1))
     if world > 1:
         dist.barrier()
     final = {}
@@ -516,7 +421,7 @@ def train(args) -> dict:
             plot(plots.plot_training_history, results_csv, output_dir)
             if val_records and best_path.exists():
                 final = final_report(model_args, best_path, val_loader, criterion, device, precision.dtype,
-                                     class_map.names, args, output_dir)
+                                     class_map.names, config, output_dir)
         log.info("run time: %s", run_times.summary())
     if world > 1:
         dist.destroy_process_group()

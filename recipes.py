@@ -1,13 +1,15 @@
 """Training recipes: the defaults that depend on how the trunk starts, one visible table.
 
 main.py's flags left at None take their value from the chosen recipe (``--recipe``; ``auto``: ``published``
-with a pretrained trunk or ``--init_from``, ``scratch`` without). The published recipe is the original
-project's, for a Kinetics-400 trunk; the from-scratch one was measured on the sample data with the CPU's
-15-minute budget (docs/EXPERIMENTS.md, "From-scratch recipe", says what each entry did).
+with a pretrained trunk or ``--init_from``, ``scratch`` without) when config.resolve_config resolves the run's
+settings. The published recipe is the original project's, for a Kinetics-400 trunk; the from-scratch one was
+measured on the sample data with the CPU's 15-minute budget (docs/EXPERIMENTS.md, "From-scratch recipe", says what
+each entry did).
 """
 from __future__ import annotations
 
 import types
+from typing import Mapping
 
 from losses import PUBLISHED_WEIGHTS
 
@@ -48,23 +50,26 @@ WINDOWS_PER_VIDEO = 2
 PAIR_PROB = 0.5
 
 
-def recipe_name(args) -> str:
-    """The recipe ``args`` asks for, ``auto`` resolved from the trunk's start."""
-    if args.recipe != "auto":
-        return args.recipe
-    pretrained = args.pretrained != "none" or args.backbone_weights or args.init_from
+def recipe_name(flags: Mapping) -> str:
+    """The recipe main.py's ``flags`` (a dict of them) ask for, ``auto`` resolved from the trunk's start."""
+    if flags["recipe"] != "auto":
+        return flags["recipe"]
+    pretrained = flags["pretrained"] != "none" or flags["backbone_weights"] or flags["init_from"]
     return "published" if pretrained else "scratch"
 
 
-def apply_recipe(args, tube: bool = False) -> str:
-    """Fill the flags left at None from the recipe (``tube``: the tube mode's decoder phase); returns its name."""
-    name = recipe_name(args)
+def resolve_recipe(flags: Mapping, tube: bool = False) -> tuple[str, dict]:
+    """The recipe's name and the value of each flag it sets: the flag's own where given, else the recipe's
+    (``decoder_steps`` capped per epoch and, ``tube``, at the tube mode's). ``flags`` is left as it is."""
+    name = recipe_name(flags)
+    values = {}
     for key, value in RECIPES[name].items():
-        if getattr(args, key) is None:
-            if key == "decoder_steps":
-                value = min(value, DECODER_STEPS_PER_EPOCH * args.epochs, *([TUBE_DECODER_STEPS] if tube else []))
-            setattr(args, key, value)
-    return name
+        if flags[key] is not None:
+            value = flags[key]
+        elif key == "decoder_steps":
+            value = min(value, DECODER_STEPS_PER_EPOCH * flags["epochs"], *([TUBE_DECODER_STEPS] if tube else []))
+        values[key] = value
+    return name, values
 
 
 def add_recipe_defaults_to_help(parser) -> None:

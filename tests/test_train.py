@@ -10,6 +10,7 @@ losses, optimiser, schedule, checkpoints, resume, DDP, reports) runs unchanged.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import inspect
 import json
 import logging
@@ -20,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,7 @@ import runtime
 import losses as losses_module
 import model as star_model
 import model_setup
+from config import TrainConfig, resolve_config, stored_setting
 from conftest import free_port
 from records import load_dataset
 from tools.make_sample_data import make_sample_dataset
@@ -112,6 +115,11 @@ def run_main(input_dir, output_dir, *extra) -> int:
             if handler not in root.handlers:
                 root.addHandler(handler)
         root.setLevel(level)
+
+
+def resolved(*flags, records=()) -> TrainConfig:
+    """main.py's ``flags`` resolved as a run resolves them; no ``records``: whole-video data (clip mode)."""
+    return resolve_config(main.get_args_parser().parse_args(["--input_dir", "d", "--output_dir", "o", *flags]), records)
 
 
 def read_rows(path) -> list[dict]:
@@ -429,15 +437,41 @@ def test_init_from_unusable_file_returns_2(sample_data, tmp_path, tiny_net):
 # ----------------------------------------------------------------------------- recipe, groups, schedule
 
 def test_recipe_defaults_depend_on_the_trunk_and_flags_win():
-    parse = main.get_args_parser().parse_args
-    scratch = parse(["--input_dir", "d", "--output_dir", "o", "--pretrained", "none", "--lr", "3e-4"])
-    recipes.apply_recipe(scratch)
-    assert scratch.lr == 3e-4                                          # an explicit flag wins
+    scratch = resolved("--pretrained", "none", "--lr", "3e-4")
+    assert scratch.lr == 3e-4 and scratch.recipe == "scratch"          # an explicit flag wins
     assert all(getattr(scratch, k) == v for k, v in recipes.SCRATCH_RECIPE.items() if k != "lr")
     for extra in ([], ["--init_from", "x.pth"], ["--pretrained", "none", "--backbone_weights", "w.pth"]):
-        args = parse(["--input_dir", "d", "--output_dir", "o", *extra])
-        recipes.apply_recipe(args)
-        assert all(getattr(args, k) == v for k, v in recipes.PUBLISHED_RECIPE.items()), extra
+        config = resolved(*extra)
+        assert config.recipe == "published"
+        assert all(getattr(config, k) == v for k, v in recipes.PUBLISHED_RECIPE.items()), extra
+    assert resolved("--recipe", "scratch").recipe == "scratch" and resolved("--pretrained", "none").decoder_steps > 0
+
+
+def test_one_config_resolves_flags_recipe_and_cutting_once_and_stays_as_it_is():
+    args = main.get_args_parser().parse_args(["--input_dir", "d", "--output_dir", "o", "--pretrained", "none",
+                                              "--no_amp", "--class_names", "a", "b"])
+    flags = dict(vars(args))
+    per_frame = [types.SimpleNamespace(per_frame=True, fps=25.0), types.SimpleNamespace(per_frame=False, fps=30.0)]
+    config = resolve_config(args, per_frame)
+    assert vars(args) == flags                                                # the parsed flags are left as they are
+    assert (config.mode, config.window_sec, config.clips_per_video, config.pair_prob) == \
+        ("tube", round(recipes.WINDOW_STRIDE * 16 / 25, 4), recipes.WINDOWS_PER_VIDEO, recipes.PAIR_PROB)
+    assert config.precision == "fp32" and not hasattr(config, "no_amp")      # --no_amp: --precision fp32
+    assert config.decoder_steps == recipes.TUBE_DECODER_STEPS and config.time_tokens is True
+    assert config.set_cost_class == config.ce_loss_coef == recipes.SCRATCH_RECIPE["ce_loss_coef"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.lr = 1.0
+    assert dataclasses.replace(config, lr=1.0).lr == 1.0 and config.lr == recipes.SCRATCH_RECIPE["lr"]
+    with pytest.raises(TypeError, match="lr"):
+        dataclasses.replace(config, lr=None)                                 # a resolved config leaves nothing open
+    stored = config.to_dict()                                                # what checkpoints hold under "args"
+    assert set(stored) == {f.name for f in dataclasses.fields(TrainConfig)} and stored["class_names"] == ["a", "b"]
+    assert TrainConfig(**{**stored, "class_names": ("a", "b")}) == config
+    whole = resolved("--set_cost_class", "1")
+    assert (whole.mode, whole.window_sec, whole.clips_per_video, whole.pair_prob, whole.time_tokens) == \
+        ("clip", None, 1, 0.0, False)
+    assert whole.set_cost_class == 1.0 and whole.precision == "auto" and whole.recipe == "published"
+    assert resolved("--mode", "tube").window_sec is None                     # tube mode on whole-video labels
 
 
 def _remember_initial_stem(monkeypatch) -> dict:
@@ -484,6 +518,33 @@ def test_the_from_scratch_recipe_freezes_stem_and_layer1(reference_run):
     assert ckpt["args"]["freeze_trunk"] == 2 and "frozen trunk stages 2," in log_text(reference_run)
 
 
+def test_the_checkpoints_hold_the_resolved_config_and_the_log_says_it(reference_run):
+    for name in ("checkpoint.pth", "best_model.pth"):
+        stored = torch.load(reference_run / name, map_location="cpu", weights_only=True)["args"]
+        assert set(stored) == {f.name for f in dataclasses.fields(TrainConfig)}, name
+        assert (stored["recipe"], stored["mode"], stored["precision"], stored["decoder_steps"]) == \
+            ("scratch", "clip", "auto", 0)
+        assert stored["lr"] == recipes.SCRATCH_RECIPE["lr"] and stored["ema_decay"] == 0.9
+    config_lines = [line for line in log_text(reference_run).splitlines() if " config: " in line]
+    assert len(config_lines) == 1 and "recipe=scratch" in config_lines[0] and "freeze_trunk=2" in config_lines[0]
+
+
+def test_a_checkpoint_with_the_older_args_resumes(reference_run, sample_data, tmp_path, tiny_net):
+    """Checkpoints written before the config held main.py's namespace under "args" (recipe "auto", a no_amp key, None
+    where the model or the matcher chose): they resume as before; a setting they lack or hold None reads as its
+    default."""
+    out = tmp_path / "older"
+    shutil.copytree(reference_run, out)
+    ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    ckpt["args"] = {**ckpt["args"], "recipe": "auto", "no_amp": False, "set_cost_class": None, "time_tokens": None}
+    checkpoint.save_checkpoint(ckpt, out / "checkpoint.pth")
+    assert run_main(sample_data, out, "--epochs", "3", "--resume", *EMA_ARGS) == 0
+    assert [r["epoch"] for r in read_rows(out / "training_results.csv")] == ["1", "2", "3"]
+    assert stored_setting(ckpt, "freeze_trunk", 0) == 2 and stored_setting(ckpt, "set_cost_class", 2.0) == 2.0
+    assert stored_setting({}, "freeze_trunk", 0) == 0
+    assert stored_setting({"args": {"freeze_trunk": None}}, "freeze_trunk", 0) == 0
+
+
 def test_resume_with_another_freeze_trunk_says_what_to_do(reference_run, sample_data, tmp_path, tiny_net):
     out = tmp_path / "refrozen"
     shutil.copytree(reference_run, out)
@@ -495,31 +556,26 @@ def test_class_loss_and_no_object_weights_reach_the_criterion_and_the_matcher(sa
     dataset_args = main.get_args_parser().parse_args(["--input_dir", str(sample_data), "--output_dir", "o", *TINY_ARGS])
     class_map = load_dataset(sample_data)[1]
     for extra, expected in (([], recipes.SCRATCH_RECIPE["ce_loss_coef"]), (["--ce_loss_coef", "3"], 3.0)):
-        args = main.get_args_parser().parse_args(["--input_dir", str(sample_data), "--output_dir", "o", *TINY_ARGS, *extra])
-        recipes.apply_recipe(args)
-        criterion = main.build_training_state(args, class_map, torch.device("cpu"), 1)[1]
+        config = resolved(*TINY_ARGS, *extra)
+        assert config.set_cost_class == expected                  # the class cost follows the class loss weight
+        criterion = main.build_training_state(config, class_map, torch.device("cpu"), 1)[1]
         assert criterion.weight_dict["loss_ce"] == criterion.weight_dict["loss_ce_0"] == expected
         assert criterion.matcher.cost_class == expected
         assert criterion.weight_dict["loss_bbox"] == 5.0 and criterion.weight_dict["loss_giou"] == 2.0
     assert dataset_args.ce_loss_coef is None and recipes.PUBLISHED_RECIPE["ce_loss_coef"] == 2.0   # the published weight
-    args = main.get_args_parser().parse_args(["--input_dir", str(sample_data), "--output_dir", "o", *TINY_ARGS,
-                                              "--set_cost_class", "1"])
-    recipes.apply_recipe(args)
-    criterion = main.build_training_state(args, class_map, torch.device("cpu"), 1)[1]
+    criterion = main.build_training_state(resolved(*TINY_ARGS, "--set_cost_class", "1"), class_map,
+                                          torch.device("cpu"), 1)[1]
     assert criterion.matcher.cost_class == 1.0 and criterion.weight_dict["loss_ce"] == recipes.SCRATCH_RECIPE["ce_loss_coef"]
     for extra, expected in (([], 0.1), (["--eos_coef", "0.3"], 0.3)):     # 0.1: the published no-object weight
-        args = main.get_args_parser().parse_args(["--input_dir", str(sample_data), "--output_dir", "o", *TINY_ARGS, *extra])
-        recipes.apply_recipe(args)
-        criterion = main.build_training_state(args, class_map, torch.device("cpu"), 1)[1]
+        criterion = main.build_training_state(resolved(*TINY_ARGS, *extra), class_map, torch.device("cpu"), 1)[1]
         assert criterion.class_weight.tolist() == pytest.approx([1.0] * len(class_map) + [expected])
 
 
 def test_dropout_flag_reaches_every_dropout_and_the_model_args(sample_data, tiny_net):
     class_map = load_dataset(sample_data)[1]
     for extra, expected in (([], 0.1), (["--dropout", "0.3"], 0.3)):      # 0.1: the published network's
-        args = main.get_args_parser().parse_args(["--input_dir", str(sample_data), "--output_dir", "o", *TINY_ARGS, *extra])
-        recipes.apply_recipe(args)
-        model, *_, model_args = main.build_training_state(args, class_map, torch.device("cpu"), 1)
+        config = resolved(*TINY_ARGS, *extra)
+        model, *_, model_args = main.build_training_state(config, class_map, torch.device("cpu"), 1)
         assert model_args["dropout"] == expected                 # stored in the checkpoint's model arguments
         rates = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
         rates |= {m.dropout for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention)}   # a float there
@@ -528,9 +584,7 @@ def test_dropout_flag_reaches_every_dropout_and_the_model_args(sample_data, tiny
 
 def test_parameter_groups_split_trunk_from_the_rest_once():
     net = star_model.STAR(num_classes=2, **{k: v for k, v in tiny_model_args(2).items() if k != "num_classes"})
-    args = main.get_args_parser().parse_args(["--input_dir", "d", "--output_dir", "o", "--lr", "1e-4",
-                                              "--lr_backbone", "5e-4"])
-    trunk, rest = engine.parameter_groups(net, args)
+    trunk, rest = engine.parameter_groups(net, resolved("--lr", "1e-4", "--lr_backbone", "5e-4"))
     assert (trunk["lr"], rest["lr"]) == (5e-4, 1e-4)
     ids = [id(p) for p in trunk["params"] + rest["params"]]
     assert len(ids) == len(set(ids)) == len(list(net.parameters()))
@@ -541,10 +595,8 @@ def test_freeze_trunk_keeps_the_first_stages_and_trains_the_rest(sample_data, ti
     """--freeze_trunk 2: stem and layer1 get no gradient and are in no optimizer group, so a step leaves
     their weights as they were (their BatchNorm statistics still follow the data); later stages train."""
     records, class_map, _ = load_dataset(sample_data)
-    args = main.get_args_parser().parse_args(["--input_dir", str(sample_data), "--output_dir", "o", *TINY_ARGS,
-                                              "--freeze_trunk", "2", "--motion_constraint"])
-    recipes.apply_recipe(args)
-    model, criterion, optimizer, _, scaler, *_ = main.build_training_state(args, class_map, torch.device("cpu"), 1)
+    config = resolved(*TINY_ARGS, "--freeze_trunk", "2", "--motion_constraint")
+    model, criterion, optimizer, _, scaler, *_ = main.build_training_state(config, class_map, torch.device("cpu"), 1)
     stem, layer1 = list(model.backbone.stem)[:2]
     frozen = [p for stage in (stem, layer1) for p in stage.parameters()]
     assert frozen and not any(p.requires_grad for p in frozen)
@@ -570,13 +622,12 @@ def test_freeze_trunk_keeps_the_first_stages_and_trains_the_rest(sample_data, ti
 
 
 def test_schedule_warms_up_then_follows_the_cosine_to_min_lr():
-    args = main.get_args_parser().parse_args(["--input_dir", "d", "--output_dir", "o", "--epochs", "10",
-                                              "--warmup_epochs", "2", "--min_lr", "1e-6"])
+    config = resolved("--epochs", "10", "--warmup_epochs", "2", "--min_lr", "1e-6")
     bases = (5e-4, 2e-4)
     optimizer = torch.optim.AdamW([{"params": [nn.Parameter(torch.zeros(1))], "lr": lr} for lr in bases])
-    scheduler = engine.make_scheduler(optimizer, args)
+    scheduler = engine.make_scheduler(optimizer, config)
     seen = []
-    for _ in range(args.epochs):
+    for _ in range(config.epochs):
         seen.append([g["lr"] for g in optimizer.param_groups])
         optimizer.step()
         scheduler.step()
@@ -627,9 +678,7 @@ def test_best_model_holds_the_weight_average_and_the_checkpoint_both(reference_r
 
 def test_without_weight_average_the_checkpoints_hold_the_training_weights(sample_data, tmp_path, tiny_net):
     for trunk in ("none", "kinetics400"):                                                # opt-in (README)
-        args = main.get_args_parser().parse_args(["--input_dir", "d", "--output_dir", "o", "--pretrained", trunk])
-        recipes.apply_recipe(args)
-        assert args.ema_decay == 0.0
+        assert resolved("--pretrained", trunk).ema_decay == 0.0
     out = tmp_path / "plain"
     assert run_main(sample_data, out, "--epochs", "1") == 0
     ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
@@ -704,9 +753,7 @@ def test_decoder_phase_keeps_the_best_of_its_second_half_over_the_epochs_best(sa
 
 def test_decoder_phase_is_the_from_scratch_default_only():
     def parse(extra):
-        args = main.get_args_parser().parse_args(["--input_dir", "d", "--output_dir", "o", *extra])
-        recipes.apply_recipe(args)
-        return args.decoder_steps
+        return resolved(*extra).decoder_steps
     assert parse(["--pretrained", "none"]) == recipes.SCRATCH_RECIPE["decoder_steps"] > 0
     assert parse([]) == parse(["--pretrained", "none", "--init_from", "x.pth"]) == 0
     assert parse(["--decoder_steps", "50"]) == 50
@@ -990,9 +1037,7 @@ def test_whole_video_labels_default_to_clip_mode_and_train_the_tube_mode_when_as
 
 def test_the_tube_mode_decoder_phase_is_shorter_unless_asked():
     def parse(extra, tube):
-        args = main.get_args_parser().parse_args(["--input_dir", "d", "--output_dir", "o", "--pretrained", "none", *extra])
-        recipes.apply_recipe(args, tube=tube)
-        return args.decoder_steps
+        return resolved("--pretrained", "none", "--mode", "tube" if tube else "clip", *extra).decoder_steps
     assert parse(["--epochs", "30"], tube=True) == recipes.TUBE_DECODER_STEPS == 600
     assert parse(["--epochs", "30"], tube=False) == 2000
     assert parse(["--epochs", "1"], tube=True) == recipes.DECODER_STEPS_PER_EPOCH      # short runs stay short
