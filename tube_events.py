@@ -108,7 +108,7 @@ class LiveTube:
         return int(self.piece.frames[-1])
 
     def drawn(self, i: int) -> tuple:
-        """``(class_name, score, box, "#id")`` at the ``i``-th frame of its piece, as video.draw_detections takes it."""
+        """``(class_name, score, box, "#id")`` at the ``i``-th frame of its piece, as drawing.draw_detections takes it."""
         return (self.piece.class_name, float(self.piece.frame_scores[i]), tuple(self.piece.boxes[i]),
                 f"#{self.tube_id}")
 

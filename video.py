@@ -1,8 +1,7 @@
-"""Video input and output: probing, uniform frame sampling, sliding windows, preprocessing,
-drawing detections and writing browser-playable H.264 MP4.
+"""Reading videos: probing, decoding, uniform frame sampling, sliding windows and the network's
+preprocessing (writing videos is video_writer.py, drawing detections drawing.py).
 
 Frames are RGB ``uint8`` numpy arrays of shape ``(H, W, 3)``; a clip is ``(T, H, W, 3)``.
-Boxes given to :func:`draw_detections` are normalised xyxy in ``[0, 1]``.
 
 A video is a file (any container PyAV reads) or a folder of numbered frames (``00001.jpg``,
 ``00002.jpg``, ... as UCF101-24 and JHMDB are distributed): every function that takes a video
@@ -25,7 +24,6 @@ import functools
 import logging
 import os
 import re
-import zlib
 from typing import Iterator
 
 import av
@@ -491,120 +489,3 @@ def preprocess(frames, img_size, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.
     x = torch.from_numpy(out).float().div_(255.0)
     x = (x - torch.tensor(mean, dtype=torch.float32)) / torch.tensor(std, dtype=torch.float32)
     return x.permute(0, 3, 1, 2).contiguous()
-
-
-# Colour-blind-friendly palette (RGB); a class always gets the same colour (crc32 of its name).
-_PALETTE = ((230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66),
-            (0, 114, 178), (213, 94, 0), (204, 121, 167), (255, 255, 255))
-
-
-def class_colour(name: str) -> tuple[int, int, int]:
-    """Stable RGB colour for a class name (the same in every run and process)."""
-    return _PALETTE[zlib.crc32(name.encode("utf-8")) % len(_PALETTE)]
-
-
-def draw_detections(frame: np.ndarray, detections) -> np.ndarray:
-    """Return a copy of ``frame`` (H, W, 3) RGB with boxes and ``"name 0.87"`` labels drawn.
-
-    detections: iterable of ``(class_name, score, (x1, y1, x2, y2))``, box normalised xyxy, or
-    ``(class_name, score, box, tag)`` with ``tag`` written after the score (a tube's ``"#3"``).
-    Line width and text size scale with the frame so labels stay readable in 4K and 160 px.
-    """
-    out = np.ascontiguousarray(frame).copy()
-    h, w = out.shape[:2]
-    thick = max(1, round(min(h, w) / 300))
-    scale = max(0.35, min(h, w) / 900)
-    for name, score, box, *tag in detections:
-        colour = class_colour(str(name))
-        x1, y1, x2, y2 = (float(v) for v in box)
-        p1 = (int(np.clip(x1, 0, 1) * (w - 1)), int(np.clip(y1, 0, 1) * (h - 1)))
-        p2 = (int(np.clip(x2, 0, 1) * (w - 1)), int(np.clip(y2, 0, 1) * (h - 1)))
-        cv2.rectangle(out, p1, p2, colour, thick)
-        text = " ".join([f"{name} {float(score):.2f}", *map(str, tag)])
-        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
-        top = p1[1] - th - base - 2 if p1[1] - th - base - 2 >= 0 else p1[1]  # inside if no room
-        cv2.rectangle(out, (p1[0], top), (p1[0] + tw + 2, top + th + base + 2), colour, -1)
-        cv2.putText(out, text, (p1[0] + 1, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, scale,
-                    (0, 0, 0), thick, cv2.LINE_AA)
-    return out
-
-
-def _as_rate(fps) -> fractions.Fraction:
-    """Frame rate as a Fraction; 29.97002997 -> 30000/1001 so NTSC rates stay exact."""
-    rate = fractions.Fraction(fps).limit_denominator(10000)
-    if rate <= 0:
-        raise ValueError(f"frame rate must be positive, got {fps}")
-    return rate
-
-
-class VideoWriter:
-    """Write RGB frames ``(H, W, 3)`` uint8 with PyAV; ``write``, ``close``, context manager.
-
-    ``codec``/``pix_fmt``/``options`` choose the encoding (the sample-data tool uses MJPEG
-    and MPEG-4 too). Sizes are rounded up to even by replicating the last row/column when
-    the pixel format needs it (4:2:0); frames of another size are resized to the declared one.
-    """
-
-    def __init__(self, path, width: int, height: int, fps, codec: str = "libx264",
-                 pix_fmt: str = "yuv420p", options: dict | None = None):
-        self.path, self.width, self.height = os.fspath(path), int(width), int(height)
-        self._pad = pix_fmt in ("yuv420p", "yuvj420p", "nv12")
-        even = (lambda v: v + (v % 2)) if self._pad else (lambda v: v)
-        rate = self._rate = _as_rate(fps)
-        container_options = {"movflags": "+faststart"} if self.path.lower().endswith((".mp4", ".mov")) else {}
-        try:
-            self._container = av.open(self.path, "w", options=container_options)
-        except _AV_ERRORS as exc:
-            raise VideoError(f"{self.path}: cannot write video ({one_line(exc)})") from None
-        try:
-            self._stream = self._container.add_stream(codec, rate=rate)
-            self._stream.width, self._stream.height = even(self.width), even(self.height)
-            self._stream.pix_fmt = pix_fmt
-            self._stream.options = dict(options or {})
-        except _AV_ERRORS as exc:
-            self._container.close()
-            raise VideoError(f"{self.path}: cannot write {codec} video ({one_line(exc)})") from None
-        self._count = 0
-
-    def write(self, frame: np.ndarray) -> None:
-        """Encode one RGB uint8 frame (H, W, 3)."""
-        frame = np.ascontiguousarray(frame, dtype=np.uint8)
-        if frame.shape[:2] != (self.height, self.width):
-            frame = cv2.resize(frame, (self.width, self.height), interpolation=cv2.INTER_LINEAR)
-        pad_h, pad_w = self._stream.height - self.height, self._stream.width - self.width
-        if pad_h or pad_w:
-            frame = cv2.copyMakeBorder(frame, 0, pad_h, 0, pad_w, cv2.BORDER_REPLICATE)
-        av_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
-        av_frame.pts = self._count
-        av_frame.time_base = 1 / self._rate
-        self._count += 1
-        for packet in self._stream.encode(av_frame):
-            self._container.mux(packet)
-
-    def close(self) -> None:
-        """Flush the encoder and finish the file (idempotent)."""
-        if self._container is None:
-            return
-        try:
-            for packet in self._stream.encode():
-                self._container.mux(packet)
-        finally:
-            self._container.close()
-            self._container = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
-
-
-class H264Writer(VideoWriter):
-    """Browser-playable H.264 MP4 (libx264, yuv420p, +faststart) at a given size and rate.
-
-    Odd sizes are padded to even by one replicated row/column (4:2:0 needs even sizes);
-    even sizes are kept exactly."""
-
-    def __init__(self, path, width: int, height: int, fps, crf: int = 23, preset: str = "veryfast"):
-        super().__init__(path, width, height, fps, codec="libx264", pix_fmt="yuv420p",
-                         options={"crf": str(crf), "preset": preset})

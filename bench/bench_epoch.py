@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 
-import common
+from bench import common
 
 TESTER = ["--pretrained", "none", "--batch_size", "4", "--num_frames", "8", "--img_size", "112", "--workers", "1"]
 PHASE = re.compile(r"([a-z][a-z ]*?) (\d+(?:\.\d+)?) s")

@@ -19,11 +19,11 @@ import subprocess
 import sys
 import time
 
-import common   # noqa: F401  (puts the project on sys.path)
-
 import numpy as np
 
 import video
+import video_writer
+from bench import common
 from dataset import ActionDataset
 from records import load_dataset
 
@@ -49,7 +49,7 @@ def write_long_video(path: pathlib.Path, seconds: float, height: int, fps: int =
     rng = np.random.default_rng(0)
     background = rng.integers(0, 255, (height // 8, width // 8, 3), np.uint8).repeat(8, 0).repeat(8, 1)
     background = np.ascontiguousarray(background[:height, :width])
-    with video.H264Writer(path, width, height, fps) as writer:
+    with video_writer.H264Writer(path, width, height, fps) as writer:
         for i in range(int(seconds * fps)):
             frame = background.copy()
             x = int((i * 3) % (width - height // 4))

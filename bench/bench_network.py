@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import common
+from bench import common
 
 PUBLISHED_GFLOP = 325.0    # DESIGN.md: the network at 16x224x224, per clip
 TARGET_X_BOUND = 1.5       # issue 7: the fast path within 1.5x of the compute bound

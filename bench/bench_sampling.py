@@ -24,7 +24,7 @@ import sys
 
 import numpy as np
 
-import common
+from bench import common
 
 TARGET_FRACTION = 1 / 3     # issue 7: sequential in at most a third of the seek-per-frame time
 BITS = 12                   # frame numbers up to 4095 drawn as bars
@@ -78,7 +78,7 @@ def read_index(frame: np.ndarray) -> int:
 
 def make_video(args) -> pathlib.Path:
     """Generate the test video once (cached by its parameters) and return its path."""
-    import video
+    import video_writer
     width = (args.height * 16 // 9) // 2 * 2
     gop = f"g{args.gop}" if args.gop else "gdefault"
     path = pathlib.Path(args.work_dir) / f"sampling_{args.height}p_{args.seconds:g}s_{args.fps}fps_{gop}.mp4"
@@ -94,7 +94,7 @@ def make_video(args) -> pathlib.Path:
     options = {"crf": "23", "preset": "veryfast", **({"g": str(args.gop)} if args.gop else {})}
     tmp = path.with_suffix(".tmp.mp4")
     print(f"generating {path} ({n} frames {width}x{args.height}) ...", flush=True)
-    with video.VideoWriter(tmp, width, args.height, args.fps, codec="libx264", options=options) as writer:
+    with video_writer.VideoWriter(tmp, width, args.height, args.fps, codec="libx264", options=options) as writer:
         for i in range(n):
             writer.write(numbered_frame(background, i, args.fps))
     tmp.replace(path)   # a half-written video is never cached

@@ -38,8 +38,8 @@ import shlex
 import shutil
 import sys
 
-import common
 import video
+from bench import common
 from tools import make_suite_data as suite
 
 ROOT = common.ROOT

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import common
+from bench import common
 
 TARGET_SPEEDUP = 1.7   # issue 7: bf16 training at least 1.7x the fp32 samples/s
 DEFAULT_VARIANTS = {"cpu": "fp32 bf16", "cuda": "fp32 fp16 fp16+cl"}

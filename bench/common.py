@@ -28,8 +28,6 @@ import time
 from typing import Callable, Sequence
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:   # the benches import the project's modules (model, video, ...)
-    sys.path.insert(0, str(ROOT))
 
 RESULT_ENV = "STAR_BENCH_RESULT"
 DTYPES = ("fp32", "bf16", "fp16")

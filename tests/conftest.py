@@ -9,15 +9,12 @@ from __future__ import annotations
 import fractions
 import pathlib
 import socket
-import sys
 
 import av
 import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # let `pytest` (not only `python -m pytest`) import the modules
-    sys.path.insert(0, str(ROOT))
 
 MEDIA_DIR = ROOT.parent / "shared" / "media"
 

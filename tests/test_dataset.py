@@ -1,4 +1,4 @@
-"""The training data (labels.py, problems.py, records.py, augment.py, dataset.py) and tools/make_sample_data.py:
+"""The training data (labels.py, problems.py, records.py, augment.py, dataset.py) and synthetic_data.py:
 parsing, class map, validation, split, sampler, augmentation, the dataset itself, and the synthetic data generator."""
 import json
 import logging
@@ -15,7 +15,7 @@ from conftest import frame_number, numbered_frames, write_video
 from labels import build_class_map, normalise_box, parse_label_lines
 from problems import DatasetError, format_problems
 from records import VideoRecord, load_dataset, split_dataset
-from tools.make_sample_data import make_sample_dataset
+from synthetic_data import make_sample_dataset
 
 # ---------------------------------------------------------------- parsing and class map
 

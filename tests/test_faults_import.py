@@ -4,15 +4,12 @@ overflow, names longer than the file system allows, boxes that are not finite. E
 from __future__ import annotations
 
 import pathlib
-import sys
 
 import pytest
 
 import annotations as ann
-from conftest import ROOT, numbered_frames, write_video
-
-sys.path.insert(0, str(ROOT / "tools"))
-import import_annotations as tool  # noqa: E402
+from conftest import numbered_frames, write_video
+from tools import import_annotations as tool
 
 
 def run_tool(capsys, *argv) -> tuple[int, str, str]:

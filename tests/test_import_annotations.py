@@ -17,9 +17,7 @@ import annotations as ann
 from conftest import ROOT, numbered_frames, write_video
 from labels import parse_label_file
 from records import _resolve, load_dataset
-
-sys.path.insert(0, str(ROOT / "tools"))
-import import_annotations as tool  # noqa: E402
+from tools import import_annotations as tool
 
 
 def run_tool(capsys, *argv) -> tuple[int, str, str]:

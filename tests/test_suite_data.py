@@ -10,9 +10,9 @@ import pytest
 import video
 from conftest import MEDIA_DIR
 from records import load_dataset
+from synthetic_data import make_sample_dataset
 from tools import make_suite_data as suite
 from tools import people, suite_scenes as scenes
-from tools.make_sample_data import make_sample_dataset
 
 TINY = dict(resolutions=((96, 72),), video_sec=(0.6, 0.6), action_sec=(0.5, 0.5), negative_fraction=0.0,
             num_videos=2, num_unseen=1)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from records import load_dataset
+from synthetic_data import make_sample_dataset
 from tools import transcode_videos
-from tools.make_sample_data import make_sample_dataset
 
 
 @pytest.fixture(scope="module")

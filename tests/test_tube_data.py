@@ -14,10 +14,10 @@ from conftest import frame_number, numbered_frames, write_video
 from labels import FrameInstance, Instance, parse_label_lines
 from problems import format_problems
 from records import MAX_PROBLEMS_PER_KIND, Track, VideoRecord, default_max_gap, load_dataset
+from synthetic_data import make_sample_dataset
 from targets import (clip_target, track_spans, training_window, validation_window, video_windows, window_length,
                      xyxy_to_cxcywh)
 from tools.make_sample_data import main as make_sample_main
-from tools.make_sample_data import make_sample_dataset
 
 FMT = "<frame> <track_id> <class_id>"
 

@@ -1,4 +1,5 @@
-"""video.py: sampling indices, sequential decoding, bad files, windows, preprocessing, writing."""
+"""video.py: sampling indices, sequential decoding, bad files, windows, preprocessing; video_writer.py: writing;
+drawing.py: boxes and labels."""
 import fractions
 import struct
 
@@ -7,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+import drawing
 import video
+import video_writer
 from conftest import frame_number, numbered_frames
 
 CODECS = [("h264.mp4", "libx264"), ("mjpeg.avi", "mjpeg"), ("mpeg4.AVI", "mpeg4"),
@@ -174,13 +177,13 @@ def test_iter_frames_counts(make_video):
 def test_h264_writer_round_trip(tmp_path, width, height, fps):
     path = tmp_path / "out.mp4"
     frames = numbered_frames(17, width, height)
-    with video.H264Writer(path, width, height, fps) as writer:
+    with video_writer.H264Writer(path, width, height, fps) as writer:
         for frame in frames:
             writer.write(frame)
     with av.open(str(path)) as c:
         stream = c.streams.video[0]
         assert stream.codec_context.name == "h264" and stream.pix_fmt == "yuv420p"
-        assert stream.average_rate == video._as_rate(fps)
+        assert stream.average_rate == video_writer._as_rate(fps)
     info = video.probe_video(path)
     assert info.num_frames == 17 and info.fps == pytest.approx(fps)
     # even sizes are kept; odd ones padded by one replicated row/column (4:2:0 needs even)
@@ -203,10 +206,10 @@ def test_preprocess_matches_the_formula():
 
 def test_draw_detections_copies_and_draws():
     frame = np.zeros((120, 160, 3), np.uint8)
-    out = video.draw_detections(frame, [("jump", 0.87, (0.25, 0.25, 0.75, 0.75))])
+    out = drawing.draw_detections(frame, [("jump", 0.87, (0.25, 0.25, 0.75, 0.75))])
     assert frame.max() == 0 and out.shape == frame.shape
     assert out[60, 39].any() and not out[60, 80].any()  # left edge drawn, centre untouched
-    assert video.class_colour("jump") == video.class_colour("jump")
+    assert drawing.class_colour("jump") == drawing.class_colour("jump")
 
 
 def test_real_footage(media_dir):

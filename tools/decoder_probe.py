@@ -23,15 +23,14 @@ import time
 
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-import engine  # noqa: E402  (repository root on the path so the tool runs from anywhere)
-from checkpoint import load_checkpoint  # noqa: E402
-from recipes import SCRATCH_RECIPE  # noqa: E402
-from dataset import ActionDataset  # noqa: E402
-from losses import PUBLISHED_WEIGHTS, build_criterion  # noqa: E402
-from model import STAR  # noqa: E402
-from model_setup import init_position_table  # noqa: E402
-from records import load_dataset  # noqa: E402
+import engine
+from checkpoint import load_checkpoint
+from dataset import ActionDataset
+from losses import PUBLISHED_WEIGHTS, build_criterion
+from model import STAR
+from model_setup import init_position_table
+from recipes import SCRATCH_RECIPE
+from records import load_dataset
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -26,11 +26,10 @@ import pathlib
 import re
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-import annotations as ann  # noqa: E402  (repository root on the path so the tool runs from anywhere)
-import video  # noqa: E402
-from files import atomic_write  # noqa: E402
-from runtime import UsageError, one_line  # noqa: E402
+import annotations as ann
+import video
+from files import atomic_write
+from runtime import UsageError, one_line
 
 AVA_CLIP_START = 900.0  # AVA v2.x annotates seconds 900-1800 of each movie
 NAME_BYTES = 200  # a label file's folder and file names are cut to this (file systems take 255 bytes a name)

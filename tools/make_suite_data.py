@@ -10,7 +10,7 @@ Each variant is a :class:`SuiteVariant` (the table ``SUITE`` below); the knob fl
 every selected variant. ``<output_dir>/<variant>/train`` and ``/unseen`` (other seeds) each hold
 ``action_challenge.csv``, one per-frame label file per video with action
 (``<frame> <track_id> <class_id> <x1> <y1> <x2> <y2>``), ``classes.txt`` (written by
-tools/make_sample_data.py's helpers) and the videos; ``<variant>/variant.json`` records the knobs.
+synthetic_data.py's helpers) and the videos; ``<variant>/variant.json`` records the knobs.
 One line per set is printed: videos, actors, frames, mean actor height (box height / frame height
 over labelled frames) and mean action length.
 
@@ -21,14 +21,14 @@ the figure is in view). Idle actors stand
 and sway. Several actors stand in separate stretches of the frame, or with ``occlusion`` close
 together, walkers crossing the others; actors lower in the frame are nearer and drawn over the others.
 The camera pans and zooms over the whole scene (actors and background), the boxes with it. Backgrounds:
-``flat`` colour, ``noise`` (make_sample_data's textured background plus sensor noise) or ``footage``
+``flat`` colour, ``noise`` (synthetic_data.py's textured background plus sensor noise) or ``footage``
 from ``--media_dir`` (looped, cropped, resized; a variant that needs it is skipped with a message when
-there is none). ``ellipses`` runs tools/make_sample_data.py's per-frame generator with the knobs it has
+there is none). ``ellipses`` runs synthetic_data.py's per-frame generator with the knobs it has
 (resolution, frame rate, length, classes, negatives, two-actor share).
 
 Everything is a function of ``--seed``; video i of a set draws its actors from the generator seeded with
 (set seed, i), its camera and background from their own streams, so changing one knob leaves the others'
-draws alone. H.264 is encoded on one thread at AVX2 (make_sample_data's settings): same seed, same pixels.
+draws alone. H.264 is encoded on one thread at AVX2 (synthetic_data.py's settings): same seed, same pixels.
 """
 from __future__ import annotations
 
@@ -42,12 +42,11 @@ import zlib
 
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import video  # noqa: E402  (repository root on the path so the tool runs from anywhere)
-from tools import make_sample_data as sample  # noqa: E402
-from tools import people  # noqa: E402
-from tools.suite_scenes import MEDIA_DIR, FootageMissing, footage_files, plan_dataset, render  # noqa: E402
+import synthetic_data as sample
+import video
+import video_writer
+from tools import people
+from tools.suite_scenes import MEDIA_DIR, FootageMissing, footage_files, plan_dataset, render
 
 BACKGROUNDS, CODECS, RENDERERS = ("flat", "noise", "footage"), ("h264", "mjpeg", "folder"), ("people", "ellipses")
 
@@ -61,7 +60,7 @@ class SuiteVariant:
     """One kind of data. Ranges are ``(low, high)`` drawn uniformly per video (per actor, per action);
     tuples of choices are drawn from per video."""
 
-    renderer: str = _knob("people", "people (articulated figures) or ellipses (tools/make_sample_data.py)")
+    renderer: str = _knob("people", "people (articulated figures) or ellipses (synthetic_data.py)")
     classes: tuple = _knob((), "action names (default: the renderer's own: people wave jump fall walk kick)")
     resolutions: tuple = _knob(((320, 240), (400, 300)), "frame sizes WxH to choose from (portrait: W < H)")
     fps: tuple = _knob((25.0,), "frame rates to choose from")
@@ -149,10 +148,10 @@ def _writer(path: pathlib.Path, plan):
     if kind == "folder":
         return sample._FrameFolderWriter(path)
     if kind == "mjpeg":
-        return video.VideoWriter(path, plan.width, plan.height, plan.fps, codec="mjpeg", pix_fmt="yuvj420p",
-                                 options={"qmin": str(quality), "qmax": str(quality)})
-    return video.VideoWriter(path, plan.width, plan.height, plan.fps,
-                             options={**sample._X264, "crf": str(quality)})   # one thread, AVX2: same pixels
+        return video_writer.VideoWriter(path, plan.width, plan.height, plan.fps, codec="mjpeg", pix_fmt="yuvj420p",
+                                        options={"qmin": str(quality), "qmax": str(quality)})
+    return video_writer.VideoWriter(path, plan.width, plan.height, plan.fps,
+                                    options={**sample._X264, "crf": str(quality)})   # one thread, AVX2: same pixels
 
 
 def write_people(v: SuiteVariant, root, num_videos: int, seed: int, media_dir=MEDIA_DIR) -> dict:
@@ -187,7 +186,7 @@ _ELLIPSE_KNOBS = {"renderer", "classes", "resolutions", "fps", "video_sec", "act
 
 
 def write_ellipses(v: SuiteVariant, root, num_videos: int, seed: int) -> dict:
-    """One set of tools/make_sample_data.py's per-frame ellipses with this variant's knobs it has."""
+    """One set of synthetic_data.py's per-frame ellipses with this variant's knobs it has."""
     width, height = v.resolutions[0]
     multi = sum(a >= 2 for a in v.actors) / len(v.actors)
     sample.make_sample_dataset(root, num_videos, int(round(v.video_sec[1] * v.fps[0])), width, height, v.fps[0],

@@ -13,8 +13,7 @@ import sys
 import cv2
 import pandas as pd
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-import video  # noqa: E402
+import video
 
 
 def get_args_parser() -> argparse.ArgumentParser:

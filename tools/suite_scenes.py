@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
+import synthetic_data as sample
 import video
-from tools import make_sample_data as sample
 from tools import people
 
 if TYPE_CHECKING:   # the knobs' dataclass lives with the command; this module only reads its fields

@@ -22,13 +22,10 @@ import sys
 
 import cv2
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import video   # noqa: E402
-from files import atomic_write   # noqa: E402
-from runtime import EXIT_USAGE, UsageError, number, one_line   # noqa: E402
+import video
+import video_writer
+from files import atomic_write
+from runtime import EXIT_USAGE, UsageError, number, one_line
 
 DATASET_CSV = "action_challenge.csv"
 
@@ -61,7 +58,7 @@ def transcode(source: pathlib.Path, output: pathlib.Path, height: int | None, fr
     limit = int(max_seconds * info.fps) if max_seconds else None
     if frames:
         output.mkdir(parents=True, exist_ok=True)
-    writer = None if frames else video.H264Writer(output, width, new_height, info.fps, crf=18)
+    writer = None if frames else video_writer.H264Writer(output, width, new_height, info.fps, crf=18)
     try:
         for i, frame in enumerate(video.iter_frames(source)):
             if limit is not None and i >= limit:
