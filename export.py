@@ -40,6 +40,8 @@ import checkpoint
 import model as star_model
 import model_setup
 import video
+from cutting import choose_cut
+from model_description import ModelDescription
 from runtime import UsageError, one_line, writable_dir
 
 EXIT_ERROR = 2
@@ -160,23 +162,23 @@ def size_mb(path) -> float:
 # --------------------------------------------------------------------------- the network
 
 
-def load_network(args) -> tuple[star_model.STAR, dict]:
-    """The checkpoint as the graph will hold it: eval, BatchNorm folded (prepare_for_inference), with
-    ``info``'s ``num_frames``/``img_size`` replaced by the flags when given."""
+def load_network(args) -> tuple[star_model.STAR, ModelDescription]:
+    """The checkpoint as the graph will hold it: eval, BatchNorm folded (prepare_for_inference), and its description
+    with ``num_frames``/``img_size`` replaced by the flags when given."""
     net, info = checkpoint.load_checkpoint(args.model_path, device="cpu", class_names=args.class_names)
-    info.pop("checkpoint", None)   # the loaded dict (optimizer state...) is not needed
+    desc = ModelDescription.from_info(info)   # the loaded dict (optimizer state...) is not kept
     for key in ("num_frames", "img_size"):
-        wanted = getattr(args, key)
-        if wanted is not None and wanted != info[key]:
-            print(f"note: --{key} {wanted}, the checkpoint's is {info[key]}: predictions at another clip size differ")
-            info[key] = wanted
-    tokens = token_count(info["num_frames"], info["img_size"], net.backbone.time_proj is not None, net.backbone.time_grid)
-    table = info["model_args"]["max_positions"]
+        wanted, own = getattr(args, key), getattr(desc, key)
+        if wanted is not None and wanted != own:
+            print(f"note: --{key} {wanted}, the checkpoint's is {own}: predictions at another clip size differ")
+    desc = desc.with_clip(args.num_frames, args.img_size)
+    tokens = token_count(desc.num_frames, desc.img_size, net.backbone.time_proj is not None, net.backbone.time_grid)
+    table = desc.model_args["max_positions"]
     if tokens > table:
-        raise ExportError(f"{args.model_path}: {info['num_frames']} frames x {info['img_size']} px make {tokens} tokens, "
+        raise ExportError(f"{args.model_path}: {desc.num_frames} frames x {desc.img_size} px make {tokens} tokens, "
                           f"more than its position table holds ({table}); use fewer frames or a smaller size")
     model_setup.prepare_for_inference(net)
-    return net, info
+    return net, desc
 
 
 def token_count(num_frames: int, img_size: int, time_tokens: bool = False, time_grid: int = 2) -> int:
@@ -223,13 +225,13 @@ def exportable(net: star_model.STAR) -> Iterator[GraphModule]:
         net.eval()
 
 
-def export_graph(net: star_model.STAR, info: dict, opset: int, name: str):
+def export_graph(net: star_model.STAR, desc: ModelDescription, opset: int, name: str):
     """Trace ``net`` into an ONNX ``ModelProto``: input ``clips`` ``(batch, T, 3, S, S)``, outputs
     ``pred_logits``, ``pred_boxes``. In memory, so the metadata is added before the one write to disk.
     ``name`` (the checkpoint) is for the error message."""
     import onnx
-    size = info["img_size"]
-    example = torch.zeros(TRACE_BATCH, info["num_frames"], 3, size, size)
+    size = desc.img_size
+    example = torch.zeros(TRACE_BATCH, desc.num_frames, 3, size, size)
     axes = {key: {0: "batch"} for key in (backend.INPUT_NAME, *backend.OUTPUT_NAMES)}
     buffer = io.BytesIO()
     with exportable(net) as graph, torch.no_grad(), warnings.catch_warnings():
@@ -245,10 +247,13 @@ def export_graph(net: star_model.STAR, info: dict, opset: int, name: str):
     return onnx.load_from_string(buffer.getvalue())
 
 
-def metadata(info: dict, precision: str, source: str) -> dict[str, str]:
-    """metadata_props of a STAR export: JSON values (backend.read_metadata reads them back)."""
-    meta = {key: info[key] for key in backend.META_KEYS}
-    meta.update({key: info[key] for key in backend.OPTIONAL_META_KEYS if key in info})
+def metadata(desc: ModelDescription, precision: str, source: str) -> dict[str, str]:
+    """metadata_props of a STAR export: JSON values (backend.read_metadata reads them back): ``backend.META_KEYS``,
+    the training window where the checkpoint records one (``backend.OPTIONAL_META_KEYS``), the format, precision and
+    source."""
+    meta = {key: getattr(desc, key) for key in backend.META_KEYS}   # tuples: JSON lists
+    if desc.records_window:
+        meta.update({key: getattr(desc, key) for key in backend.OPTIONAL_META_KEYS})
     meta.update({backend.FORMAT_KEY: backend.FORMAT_VERSION, "precision": precision, "source_checkpoint": source})
     return {key: json.dumps(value) for key, value in meta.items()}
 
@@ -277,7 +282,7 @@ def video_files(folder) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and video.is_video_file(p.name))
 
 
-def clips_from_videos(folder, count: int, info: dict) -> list[torch.Tensor]:
+def clips_from_videos(folder, count: int, desc: ModelDescription) -> list[torch.Tensor]:
     """Up to ``count`` preprocessed clips ``(T, 3, S, S)``, spread over the videos of ``folder``: a whole
     video sampled uniformly (as test.py does) when one clip per video is enough, else windows of it.
     A video that cannot be read is skipped with a note; none readable is a UsageError."""
@@ -288,7 +293,7 @@ def clips_from_videos(folder, count: int, info: dict) -> list[torch.Tensor]:
     clips = []
     for path in videos:
         try:
-            clips += [prep(frames, info) for frames in video_windows(path, info["num_frames"], per_video)]
+            clips += [prep(frames, desc) for frames in video_windows(path, desc.num_frames, per_video)]
         except video.VideoError as err:
             print(f"note: {path.name} skipped: {one_line(err, path)}")
     if not clips:
@@ -298,31 +303,31 @@ def clips_from_videos(folder, count: int, info: dict) -> list[torch.Tensor]:
 
 def video_windows(path, num_frames: int, count: int) -> list[np.ndarray]:
     """``count`` clips of ``path`` as ``(T, H, W, 3)`` uint8: the uniformly sampled whole video, or
-    ``count`` back-to-back windows."""
+    ``count`` back-to-back windows (:func:`cutting.choose_cut`'s windows of a given length)."""
     if count == 1:
         return [video.sample_clip(path, num_frames)[0]]
-    window = video.probe_video(path).duration_sec / count
-    return [frames for frames, _, _ in video.iter_windows(path, num_frames, window, window)][:count]
+    cut = choose_cut(window_sec=video.probe_video(path).duration_sec / count)
+    return [frames for frames, _, _ in video.iter_windows(path, num_frames, cut.window_sec, cut.stride_sec)][:count]
 
 
-def prep(frames: np.ndarray, info: dict) -> torch.Tensor:
+def prep(frames: np.ndarray, desc: ModelDescription) -> torch.Tensor:
     """``(T, H, W, 3)`` uint8 -> ``(T, 3, S, S)`` float32, the one preprocessing (video.preprocess)."""
-    return video.preprocess(frames, info["img_size"], info["mean"], info["std"])
+    return video.preprocess(frames, desc.img_size, desc.mean, desc.std)
 
 
-def random_clips(count: int, info: dict, seed: int) -> list[torch.Tensor]:
+def random_clips(count: int, desc: ModelDescription, seed: int) -> list[torch.Tensor]:
     """``count`` clips ``(T, 3, S, S)`` of N(0, 1) noise: the range of normalised pixels."""
     gen = torch.Generator().manual_seed(seed)
-    size = info["img_size"]
-    return [torch.randn(info["num_frames"], 3, size, size, generator=gen) for _ in range(count)]
+    size = desc.img_size
+    return [torch.randn(desc.num_frames, 3, size, size, generator=gen) for _ in range(count)]
 
 
-def check_clips(args, info: dict) -> tuple[list[torch.Tensor], str]:
+def check_clips(args, desc: ModelDescription) -> tuple[list[torch.Tensor], str]:
     """The parity clips and where they come from (for the report)."""
     if args.check_videos:
-        clips = clips_from_videos(args.check_videos, args.check_clips, info)
+        clips = clips_from_videos(args.check_videos, args.check_clips, desc)
         return clips, f"{len(clips)} clips from {args.check_videos}"
-    return random_clips(args.check_clips, info, args.seed), f"{args.check_clips} random clips"
+    return random_clips(args.check_clips, desc, args.seed), f"{args.check_clips} random clips"
 
 
 # --------------------------------------------------------------------------- running and comparing
@@ -399,15 +404,15 @@ def check_batch(model: backend.OnnxModel, clips: Sequence[torch.Tensor], singles
 # --------------------------------------------------------------------------- fp32
 
 
-def export_fp32(args, net, info, clips, ref) -> tuple[backend.OnnxModel, list[float]]:
+def export_fp32(args, net, desc, clips, ref) -> tuple[backend.OnnxModel, list[float]]:
     """Export, check against ``ref`` (PyTorch's outputs on ``clips``), then write ``--output``.
     Returns the fp32 model and its seconds per clip (the int8 model is timed against it)."""
     import onnx
     out_path = Path(args.output)
     start = time.perf_counter()
     with temp_beside(out_path) as tmp:
-        proto = export_graph(net, info, args.opset, args.model_path)
-        set_metadata(proto, metadata(info, "fp32", Path(args.model_path).name))
+        proto = export_graph(net, desc, args.opset, args.model_path)
+        set_metadata(proto, metadata(desc, "fp32", Path(args.model_path).name))
         onnx.save(proto, os.fspath(tmp))
         del proto   # ~4 bytes a parameter: not kept while onnxruntime holds its own copy
         model = backend.OnnxModel(tmp)
@@ -474,11 +479,11 @@ def quantize_int8(fp32_path, out_path, calib: Sequence[torch.Tensor]) -> None:
             raise ExportError(f"int8 quantisation failed ({type(err).__name__}: {one_line(err)})") from None
 
 
-def calibration_clips(args, info, check: Sequence[torch.Tensor], check_source: str) -> tuple[list, str]:
+def calibration_clips(args, desc, check: Sequence[torch.Tensor], check_source: str) -> tuple[list, str]:
     """Clips that set the int8 ranges: ``--calibration_dir``, else the check clips (then the parity is
     measured on the calibration data, which flatters it: said in the report)."""
     if args.calibration_dir:
-        clips = clips_from_videos(args.calibration_dir, args.calibration_clips, info)
+        clips = clips_from_videos(args.calibration_dir, args.calibration_clips, desc)
         return clips, f"{len(clips)} clips from {args.calibration_dir}"
     return list(check), f"the check clips ({check_source}; no --calibration_dir: parity is on calibration data)"
 
@@ -504,14 +509,14 @@ def best_seconds(models: dict, clip: torch.Tensor, rounds: int = 3) -> dict[str,
     return {name: min(values) for name, values in seconds.items()}
 
 
-def export_int8(args, info, clips, ref, check_source, fp32_model: backend.OnnxModel) -> bool:
+def export_int8(args, desc, clips, ref, check_source, fp32_model: backend.OnnxModel) -> bool:
     """Quantise ``--output``, check it and write it where it passes. Returns True when written."""
     out_path = int8_path(args)
-    calib, calib_source = calibration_clips(args, info, clips, check_source)
+    calib, calib_source = calibration_clips(args, desc, clips, check_source)
     start = time.perf_counter()
     with temp_beside(out_path) as tmp:
         quantize_int8(args.output, tmp, calib)
-        write_metadata(tmp, metadata(info, "int8", Path(args.model_path).name))
+        write_metadata(tmp, metadata(desc, "int8", Path(args.model_path).name))
         print(f"int8: calibrated on {calib_source} in {time.perf_counter() - start:.1f} s")
         int8_model = backend.OnnxModel(tmp)
         outs, _ = run_onnx(int8_model, clips)
@@ -533,10 +538,10 @@ def export_int8(args, info, clips, ref, check_source, fp32_model: backend.OnnxMo
 # --------------------------------------------------------------------------- main
 
 
-def describe(args, info: dict) -> str:
+def describe(args, desc: ModelDescription) -> str:
     """One line: what is exported."""
-    return (f"{args.model_path} ({info['source']}, {len(info['class_names'])} classes: {', '.join(info['class_names'])}; "
-            f"{info['num_frames']} frames x {info['img_size']} px)")
+    return (f"{args.model_path} ({desc.source}, {len(desc.class_names)} classes: {', '.join(desc.class_names)}; "
+            f"{desc.num_frames} frames x {desc.img_size} px)")
 
 
 def main(args) -> int:
@@ -546,18 +551,18 @@ def main(args) -> int:
     writable_dir(out_path.parent, "--output")   # before the model is loaded: a bad folder costs no export
     if args.int8:
         writable_dir(int8_path(args).parent, "--int8_output")
-    net, info = load_network(args)
-    print(f"exporting {describe(args, info)} -> {out_path}")
-    clips, source = check_clips(args, info)
+    net, desc = load_network(args)
+    print(f"exporting {describe(args, desc)} -> {out_path}")
+    clips, source = check_clips(args, desc)
     print(f"checking on {source}")
     try:
         ref, torch_seconds = run_torch(net, clips)
     except (RuntimeError, ValueError) as err:   # e.g. out of memory at a large --img_size
         raise ExportError(f"{args.model_path}: PyTorch cannot run it on these clips ({one_line(err)})") from None
-    fp32_model, fp32_seconds = export_fp32(args, net, info, clips, ref)
+    fp32_model, fp32_seconds = export_fp32(args, net, desc, clips, ref)
     print(f"speed: PyTorch fp32 {np.median(torch_seconds):.3g} s/clip, onnxruntime fp32 {np.median(fp32_seconds):.3g} s/clip")
     if args.int8:
-        export_int8(args, info, clips, ref, source, fp32_model)
+        export_int8(args, desc, clips, ref, source, fp32_model)
     return 0
 
 

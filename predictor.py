@@ -14,6 +14,8 @@ import inference
 import tubes
 import video
 from capture import ClipJob
+from detections import detections_from_prediction
+from model_description import ModelDescription
 from runtime import one_line
 
 # What a prediction may raise: a failed kernel or out of memory (RuntimeError), a clip an ONNX model refuses
@@ -60,7 +62,7 @@ class Prediction:
     """The network's answer for one clip."""
 
     job: ClipJob
-    detections: list            # [inference.Detection], best first
+    detections: list            # [detections.Detection], best first
     best_score: float
     latency: float
     wall_time: str
@@ -70,9 +72,9 @@ class Prediction:
 class Predictor(threading.Thread):
     """Takes the newest clip from the mailbox, runs the network, hands the :class:`Prediction` on."""
 
-    def __init__(self, model, info: dict, device, dtype, threshold: float, mailbox: Mailbox, on_result):
+    def __init__(self, model, desc: ModelDescription, device, dtype, threshold: float, mailbox: Mailbox, on_result):
         super().__init__(name="stream-predictor", daemon=True)
-        self.model, self.info, self.device, self.dtype = model, info, device, dtype
+        self.model, self.desc, self.device, self.dtype = model, desc, device, dtype
         self.threshold, self.mailbox, self.on_result = threshold, mailbox, on_result
         self.error: str | None = None
         self.failed = threading.Event()
@@ -81,23 +83,22 @@ class Predictor(threading.Thread):
     def warm_up(self) -> float:
         """One prediction on a blank clip (kernel selection, allocations), so the first real clip is not late."""
         t0 = time.perf_counter()
-        s = self.info["img_size"]
+        s = self.desc.img_size
         h, w = (s, s) if np.isscalar(s) else tuple(s)
-        t = self.info["num_frames"]
+        t = self.desc.num_frames
         pred = self.predict(ClipJob(np.zeros((t, h, w, 3), np.uint8), 0.0, 0.0, 0.0, time.monotonic(), (0, t),
                                     np.arange(t)))
         self.tube_mode = pred.clip_tubes is not None
         return time.perf_counter() - t0
 
     def predict(self, job: ClipJob) -> Prediction:
-        clip = video.preprocess(job.frames, self.info["img_size"], self.info["mean"], self.info["std"])
+        clip = video.preprocess(job.frames, self.desc.img_size, self.desc.mean, self.desc.std)
         pred = inference.predict_clips(self.model, clip[None], self.device, self.dtype)[0]
         clip_tubes = None
         if "step_scores" in pred:   # tube mode: a clip's queries on one actor are one detection, as in test.py
             pred = tubes.merge_duplicate_queries(pred, self.threshold)
-            clip_tubes = tubes.clip_tubes(pred, job.frame_indices, job.span, self.threshold, self.info["class_names"])
-        dets = inference.detections_from_prediction(pred, self.info["class_names"], self.threshold,
-                                                    job.start_sec, job.end_sec)
+            clip_tubes = tubes.clip_tubes(pred, job.frame_indices, job.span, self.threshold, self.desc.class_names)
+        dets = detections_from_prediction(pred, self.desc.class_names, self.threshold, job.start_sec, job.end_sec)
         best = float(pred["scores"].max()) if pred["scores"].numel() else 0.0
         latency = time.monotonic() - job.arrival
         wall = datetime.datetime.now().astimezone().isoformat(timespec="milliseconds")

@@ -13,15 +13,15 @@ from typing import Iterator
 import av
 import numpy as np
 
-import inference
 import video
+from clip_loader import DECODE_ERRORS
 from runtime import UsageError, one_line
 
 URL_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
 DEFAULT_FPS = 25.0        # a live source that states no usable rate
 # What reading a source may raise besides VideoError: FFmpeg errors (a read timeout is av.error.ExitError),
 # OS errors, and odd stream parameters.
-READ_ERRORS = inference.DECODE_ERRORS
+READ_ERRORS = DECODE_ERRORS
 
 
 class SourceError(Exception):

@@ -59,7 +59,10 @@ import tube_events
 import video
 import webhook
 from capture import Frame, FrameReader, FrameRing, window_frames
+from cutting import choose_cut
+from detections import tube_linker
 from files import write_text
+from model_description import ModelDescription
 from predictor import PREDICT_ERRORS, Mailbox, Prediction, Predictor
 from runtime import (UsageError, autocast_settings, number, one_line, resolve_device, run_cli, setup_logging,
                      writable_dir)
@@ -81,15 +84,15 @@ class StreamRun:
     """One run: opens the source, starts the reader and the predictor, and drives the main loop.
     ``run()`` returns the :class:`StreamStats`; every output is closed and every thread joined first."""
 
-    def __init__(self, spec: SourceSpec, model, info: dict, settings: StreamSettings, device, dtype,
+    def __init__(self, spec: SourceSpec, model, desc: ModelDescription, settings: StreamSettings, device, dtype,
                  stop: StopFlag | None = None, on_prediction=None):
-        self.spec, self.info, self.settings = spec, info, settings
+        self.spec, self.desc, self.settings = spec, desc, settings
         self.stop = stop or StopFlag()
         self.on_prediction = on_prediction
         self.stats = StreamStats()
         self.halt = threading.Event()
         self.mailbox = Mailbox()
-        self.predictor = Predictor(model, info, device, dtype, settings.score_threshold, self.mailbox, self._result)
+        self.predictor = Predictor(model, desc, device, dtype, settings.score_threshold, self.mailbox, self._result)
         self.first_arrival = 0.0
         self.latest: list = []      # the newest prediction's detections, drawn on every frame until the next
         self.events = self.writer = self.reader = self.ring = None
@@ -142,11 +145,11 @@ class StreamRun:
         try:
             log.info("warm-up prediction: %.2f s", self.predictor.warm_up())
         except PREDICT_ERRORS as err:
-            raise checkpoint.CheckpointError(f"the model cannot predict a {self.info['num_frames']}-frame clip of "
-                                             f"{self.info['img_size']} px: {one_line(err)}") from None
+            raise checkpoint.CheckpointError(f"the model cannot predict a {self.desc.num_frames}-frame clip of "
+                                             f"{self.desc.img_size} px: {one_line(err)}") from None
 
     def _start(self, source) -> None:
-        s, info = self.settings, self.info
+        s, desc = self.settings, self.desc
         try:
             if self.predictor.tube_mode:
                 self._start_tubes(source.fps)
@@ -162,13 +165,13 @@ class StreamRun:
         if s.speed != 1.0 and source.live:
             log.warning("--speed applies to a file source only; a live source plays at its own rate")
         fps = source.fps * (1.0 if source.live else s.speed)
-        self.ring = FrameRing(window_frames(info["num_frames"], source.fps, s.clip_sec), info["img_size"])
+        self.ring = FrameRing(window_frames(desc.num_frames, source.fps, s.clip_sec), desc.img_size)
         self.stats.window_frames = self.ring.size
         self.frame_sec = 1.0 / source.fps
         log.info("source %s: %s, %dx%d at %.2f fps%s; live clip: the last %d frames (%.2f s), %d sampled uniformly, "
                  "predicted every %d frames", self.spec.target, self.spec.kind, source.width, source.height,
                  source.fps, f" played at {s.speed:g}x" if not source.live and s.speed != 1 else "", self.ring.size,
-                 self.ring.size / source.fps, info["num_frames"], s.stride)
+                 self.ring.size / source.fps, desc.num_frames, s.stride)
         frames = queue.Queue(maxsize=max(8, int(round(fps * FRAME_QUEUE_SEC))))
         self.frames = frames
         self.reader = FrameReader(self.spec, source, frames, self.halt, s, self.stats)
@@ -177,7 +180,7 @@ class StreamRun:
 
     def _start_tubes(self, fps: float) -> None:
         """Tube mode: link tubes with test.py's rules at the source's rate; open --tube_events and --webhook."""
-        linker = inference.tube_linker(fps)
+        linker = tube_linker(fps)
         start = video.seconds_to_frames(self.settings.tube_start_sec, fps)
         self.live = tube_events.LiveTubes(linker, tube_events.FrameClock(fps), start, self.settings.stride)
         if self.settings.tube_events:
@@ -233,7 +236,7 @@ class StreamRun:
             self.live.clock.add(index, frame.time_sec)
         if self.ring.full and (self.ring.count - self.ring.size) % self.settings.stride == 0:
             s.clips += 1
-            s.skipped += self.mailbox.put(self.ring.clip(self.info["num_frames"], self.frame_sec))
+            s.skipped += self.mailbox.put(self.ring.clip(self.desc.num_frames, self.frame_sec))
         detections = self.latest
         if self.writer is not None:
             try:
@@ -291,11 +294,11 @@ def check_output_folders(args) -> None:
             writable_dir(pathlib.Path(path).parent, f"--{flag}")
 
 
-def run_stream(spec: SourceSpec, model, info: dict, settings: StreamSettings, device, dtype=None,
+def run_stream(spec: SourceSpec, model, desc: ModelDescription, settings: StreamSettings, device, dtype=None,
                stop: StopFlag | None = None, on_prediction=None) -> StreamStats:
     """Stream ``spec`` through the model with ``settings``; returns the stats once everything is closed.
     Raises SourceError when the source cannot be opened at all, UsageError for an unwritable output."""
-    return StreamRun(spec, model, info, settings, device, dtype, stop, on_prediction).run()
+    return StreamRun(spec, model, desc, settings, device, dtype, stop, on_prediction).run()
 
 
 # --------------------------------------------------------------------------- CLI
@@ -364,15 +367,11 @@ def settings_from_args(args) -> StreamSettings:
                           stall_sec=args.stall_sec, max_seconds=args.max_seconds, speed=args.speed)
 
 
-def model_info(info: dict, num_frames=None, img_size=None, clip_sec=None) -> tuple[dict, float | None]:
-    """``info`` with the --num_frames/--img_size overrides, and the clip length: --clip_sec, else a training
-    window the checkpoint stores (``clip_sec`` or ``window_sec`` in its preprocessing), else None (T frames)."""
-    info = dict(info)
-    if num_frames:
-        info["num_frames"] = num_frames
-    if img_size:
-        info["img_size"] = img_size
-    return info, clip_sec or info.get("clip_sec") or info.get("window_sec")
+def model_info(desc: ModelDescription, num_frames=None, img_size=None, clip_sec=None
+               ) -> tuple[ModelDescription, float | None]:
+    """``desc`` with the --num_frames/--img_size overrides, and the clip length (:func:`cutting.choose_cut`'s window):
+    --clip_sec, else the training window the checkpoint stores, else None (T frames)."""
+    return desc.with_clip(num_frames, img_size), choose_cut(desc, clip_sec).window_sec
 
 
 @contextlib.contextmanager
@@ -413,13 +412,13 @@ def main(args) -> int:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype, note = autocast_settings(device, args.precision)
-    net, info, _ = inference.load_model(args.model_path, device, args.class_names)
-    info, settings.clip_sec = model_info(info, args.num_frames, args.img_size, args.clip_sec)
+    net, desc = inference.load_model(args.model_path, device, args.class_names)
+    desc, settings.clip_sec = model_info(desc, args.num_frames, args.img_size, args.clip_sec)
     log.info("%s on %s, %d torch thread(s); %d frames x %s px per clip", note, device, torch.get_num_threads(),
-             info["num_frames"], info["img_size"])
+             desc.num_frames, desc.img_size)
     stop = StopFlag()
     with signals_stop(stop):
-        stats = run_stream(spec, net, info, settings, device, dtype, stop)
+        stats = run_stream(spec, net, desc, settings, device, dtype, stop)
     summary(stats, settings)
     if args.stats_json:
         write_text(args.stats_json, json.dumps(stats.as_dict(), indent=1) + "\n")

@@ -16,9 +16,10 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-import inference
+import drawing
 import tube_events
-import video
+import video_writer
+from predictions_io import NO_OBJECT
 from predictor import Prediction
 from runtime import UsageError, one_line
 from stream_state import StreamStats
@@ -56,7 +57,7 @@ class EventsWriter:
         head = (f"{job.last_sec:.3f}", pred.wall_time, f"{pred.latency:.3f}")
         tail = (f"{job.start_sec:.3f}", f"{job.end_sec:.3f}")
         if not pred.detections:
-            self._row((*head, inference.NO_OBJECT, f"{pred.best_score:.4f}", "", "", "", "", *tail))
+            self._row((*head, NO_OBJECT, f"{pred.best_score:.4f}", "", "", "", "", *tail))
             return 1
         for d in pred.detections:
             box = (f"{min(max(v, 0.0), 1.0):.4f}" for v in d.box)
@@ -79,8 +80,8 @@ class AnnotatedWriter:
 
     def _write_drawn(self, image: np.ndarray, shown: list) -> None:
         if self._writer is None:
-            self._writer = video.H264Writer(self.path, image.shape[1], image.shape[0], self.fps)
-        self._writer.write(video.draw_detections(image, shown) if shown else image)
+            self._writer = video_writer.H264Writer(self.path, image.shape[1], image.shape[0], self.fps)
+        self._writer.write(drawing.draw_detections(image, shown) if shown else image)
 
     def close(self) -> None:
         if self._writer is not None:
@@ -121,7 +122,7 @@ class TubeVideoWriter(AnnotatedWriter):
 
 
 def drawn(detections) -> list[tuple]:
-    """``[inference.Detection]`` as video.draw_detections takes them: ``(class_name, score, box)``."""
+    """``[detections.Detection]`` as drawing.draw_detections takes them: ``(class_name, score, box)``."""
     return [(d.class_name, d.score, d.box) for d in detections]
 
 
@@ -144,12 +145,12 @@ class Display:
             log.warning("--show: no display here (DISPLAY/WAYLAND_DISPLAY unset); not showing the stream")
 
     def show(self, image: np.ndarray, shown: list) -> bool:
-        """Show one frame with ``shown`` drawn (video.draw_detections' tuples); False when the user asked to stop (a
+        """Show one frame with ``shown`` drawn (drawing.draw_detections' tuples); False when the user asked to stop (a
         normal end)."""
         if not self.enabled:
             return True
         try:
-            cv2.imshow(self.TITLE, cv2.cvtColor(video.draw_detections(image, shown), cv2.COLOR_RGB2BGR))
+            cv2.imshow(self.TITLE, cv2.cvtColor(drawing.draw_detections(image, shown), cv2.COLOR_RGB2BGR))
             key = cv2.waitKey(1) & 0xFF
         except cv2.error as err:
             log.warning("--show: OpenCV cannot open a window (%s); not showing the stream", one_line(err))

@@ -30,8 +30,14 @@ import sys
 import time
 
 import checkpoint
+import clip_loader
 import inference
+import predictions_io
+import scoring
 import video
+from annotated_videos import remove_partial_annotations
+from cutting import TRAINED, choose_cut
+from model_description import ModelDescription
 from runtime import (UsageError, autocast_settings, gather, init_distributed, number, resolve_device, run_cli,
                      setup_logging, writable_dir)
 
@@ -106,36 +112,35 @@ def main(args) -> int:
     device = resolve_device(args.device, local_rank)
     dtype, precision_note = autocast_settings(device, args.precision)
     annotated_dir = annotated_folder(args)
-    videos = inference.list_videos(args.input_dir, args.recursive, exclude=None if args.no_annotate else annotated_dir)
+    videos = clip_loader.list_videos(args.input_dir, args.recursive,
+                                     exclude=None if args.no_annotate else annotated_dir)
     if not videos:
         raise UsageError(f"--input_dir {args.input_dir}: no videos ({' '.join(video.VIDEO_EXTENSIONS)}, any case, "
                          "or folders of numbered frames)")
-    names = inference.video_names(videos, args.input_dir)
-    targets = inference.annotated_paths(names, annotated_dir)
-    model, info, raw_ids = inference.load_model(args.model_path, device, args.class_names)
-    if info["source"] == "onnx":   # onnxruntime runs the graph as exported; torch's autocast has nothing to do
+    names = clip_loader.video_names(videos, args.input_dir)
+    targets = clip_loader.annotated_paths(names, annotated_dir)
+    model, desc = inference.load_model(args.model_path, device, args.class_names)
+    if desc.source == "onnx":   # onnxruntime runs the graph as exported; torch's autocast has nothing to do
         dtype, precision_note = None, f"onnxruntime {model.precision}"
-    window_sec, stride_sec = inference.trained_cut(info)     # cut as the checkpoint was trained, unless told
-    if args.window_sec:
-        window_sec, stride_sec = args.window_sec, None
+    cut = choose_cut(desc, args.window_sec, args.stride_sec)   # as the checkpoint was trained, unless told
     settings = inference.Settings(
-        args.score_threshold, window_sec, args.stride_sec or stride_sec, annotate=not args.no_annotate,
+        args.score_threshold, cut.window_sec, cut.stride_sec, annotate=not args.no_annotate,
         batch_size=args.batch_size or (8 if device.type == "cuda" else 1),
         workers=args.workers if args.workers is not None else (4 if device.type == "cuda" else 1), folder_fps=args.fps)
-    labels = inference.load_labels(args.labels, info["class_names"], raw_ids, args.fps) if args.labels else None
+    labels = scoring.load_labels(args.labels, desc.class_names, desc.raw_class_ids, args.fps) if args.labels else None
     log.info("%d video(s) from %s (%s%s), threshold %g; %s, batch %d, %d decoding worker(s)", len(videos),
-             args.input_dir, settings.mode, " as the checkpoint was trained" if window_sec and not args.window_sec else "",
+             args.input_dir, settings.mode, " as the checkpoint was trained" if cut.why == TRAINED else "",
              args.score_threshold, precision_note, settings.batch_size, settings.workers)
-    key = run_key(args, info, settings)
+    key = run_key(args, desc, settings)
     done = resume_point(args, out, names, targets, annotated_dir, key, rank, world)
 
     t_net = time.perf_counter()
     todo = [i for i, name in enumerate(names) if name not in done]
     mine = todo[rank::world]   # under torchrun each rank takes every world-th video still to do
-    journal = inference.Journal(inference.journal_path(out, rank), key, append=args.resume)
+    journal = predictions_io.Journal(predictions_io.journal_path(out, rank), key, append=args.resume)
     try:
         results, clips, annotated, failures = inference.run_videos(
-            model, info, [videos[i] for i in mine], [names[i] for i in mine], [targets[i] for i in mine],
+            model, desc, [videos[i] for i in mine], [names[i] for i in mine], [targets[i] for i in mine],
             settings, device, dtype, rank, on_complete=journal.record)
     finally:
         journal.close()
@@ -146,13 +151,13 @@ def main(args) -> int:
     order = {name: i for i, name in enumerate(names)}
     all_results = sorted((r for part in parts for r in part[0]), key=lambda r: order[r.name])
     if rank == 0:
-        write_outputs(out, names, done, all_results, info)
+        write_outputs(out, names, done, all_results, desc)
         if labels is not None:
             if done:
                 log.warning("--labels with --resume: the %d video(s) completed before are not scored (their network "
                             "outputs are not kept); run without --resume to score every video", len(done))
-            inference.evaluate_predictions(all_results, args.labels, info["class_names"], raw_ids,
-                                           args.score_threshold, out, labels)
+            scoring.evaluate_predictions(all_results, args.labels, desc.class_names, desc.raw_class_ids,
+                                         args.score_threshold, out, labels)
         summary(all_results, len(done), sum(p[1] for p in parts), sum(p[2] for p in parts),
                 [f for p in parts for f in p[3]], annotated_dir, args, time.perf_counter() - started, elapsed_net,
                 log_path)
@@ -164,9 +169,9 @@ def main(args) -> int:
     return status
 
 
-def run_key(args, info: dict, settings) -> dict:
+def run_key(args, desc: ModelDescription, settings) -> dict:
     """What makes a video's rows what they are; a journal written under other values is not resumed."""
-    return {"model_path": os.path.abspath(args.model_path), "class_names": list(info["class_names"]),
+    return {"model_path": os.path.abspath(args.model_path), "class_names": list(desc.class_names),
             "score_threshold": settings.score_threshold, "window_sec": settings.window_sec,
             "stride_sec": settings.stride_sec, "fps": settings.folder_fps}
 
@@ -179,13 +184,13 @@ def resume_point(args, out, names, targets, annotated_dir, key: dict, rank: int,
     done = {}
     if rank == 0:
         if not args.no_annotate:
-            inference.remove_partial_annotations(annotated_dir)
+            remove_partial_annotations(annotated_dir)
         if args.resume:
             done = completed_videos(out, names, targets, key, annotate=not args.no_annotate)
             log.info("--resume: %d of %d video(s) already complete in %s, %d to do", len(done), len(names),
                      out.parent, len(names) - len(done))
         else:
-            for path in inference.journal_paths(out):
+            for path in predictions_io.journal_paths(out):
                 path.unlink()
     shared = gather(sorted(done), world)[0]   # also a barrier: no rank writes its journal before this
     return done if rank == 0 else dict.fromkeys(shared)
@@ -194,29 +199,28 @@ def resume_point(args, out, names, targets, annotated_dir, key: dict, rank: int,
 def completed_videos(out, names, targets, key: dict, annotate: bool) -> dict:
     """``{name: (rows, frame rows)}`` of the listed videos complete in the outputs: a finished run's CSVs, then every
     journal (a kill may have left them from more ranks than now); with annotation, only where the video exists."""
-    found = inference.read_outputs(out)
-    for path in inference.journal_paths(out):
-        found.update(inference.read_journal(path, key))
+    found = predictions_io.read_outputs(out)
+    for path in predictions_io.journal_paths(out):
+        found.update(predictions_io.read_journal(path, key))
     target_of = dict(zip(names, targets))
     return {name: found[name] for name in names
             if name in found and (not annotate or pathlib.Path(target_of[name]).is_file())}
 
 
-def write_outputs(out, names, done: dict, results, info: dict) -> None:
+def write_outputs(out, names, done: dict, results, desc: ModelDescription) -> None:
     """predictions.csv and the frames CSV of every video, in input order: the rows of the videos completed before
     (``done``) and of this run's; then the journals are removed (the CSVs hold all they held)."""
-    new = {r.name: (inference.csv_rows(r), list(inference.frame_rows(r))) for r in results if r.error is None}
+    new = {r.name: (predictions_io.csv_rows(r), list(predictions_io.frame_rows(r))) for r in results if r.error is None}
     merged = [done.get(name) or new.get(name) for name in names]
     merged = [m for m in merged if m is not None]
     rows = [row for video_rows, _ in merged for row in video_rows]
-    inference.write_predictions(rows, out)
+    predictions_io.write_predictions(rows, out)
     log.info("predictions written to %s (%d rows)", out, len(rows))
-    frames_out = inference.frames_csv_path(out)
-    count = inference.write_frame_predictions((row for _, frame_rows in merged for row in frame_rows), frames_out)
-    tube_mode = (info.get("model_args") or {}).get("tube_steps", 0) > 0
+    frames_out = predictions_io.frames_csv_path(out)
+    count = predictions_io.write_frame_predictions((row for _, frame_rows in merged for row in frame_rows), frames_out)
     log.info("per-frame tubes written to %s (%d rows, %s)", frames_out, count,
-             "tube mode" if tube_mode else "clip mode: one box per tube")
-    for path in inference.journal_paths(out):
+             "tube mode" if desc.tube_mode else "clip mode: one box per tube")
+    for path in predictions_io.journal_paths(out):
         path.unlink()
 
 
@@ -250,7 +254,7 @@ def summary(results, resumed, clips, annotated, annotation_failures, annotated_d
              f"  clips       : {clips} in {net_seconds:.1f} s ({clips / max(net_seconds, 1e-9):.2f} clips/s)",
              f"  seconds     : {seconds:.1f} end to end",
              f"  predictions : {args.output_file}",
-             f"  frames      : {inference.frames_csv_path(args.output_file)}"]
+             f"  frames      : {predictions_io.frames_csv_path(args.output_file)}"]
     if not args.no_annotate:
         lines.append(f"  annotated   : {annotated} video(s) in {annotated_dir}"
                      + (f", {len(annotation_failures)} failed" if annotation_failures else ""))

@@ -29,8 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import common  # noqa: F401  (puts the project root on sys.path)
-
 import torch
 
 import backend
@@ -38,6 +36,8 @@ import checkpoint
 import export
 import model as star_model
 import model_setup
+from bench import common
+from model_description import ModelDescription
 
 MEDIA = common.ROOT.parent / "shared" / "media"
 INT8_GOAL_X = 2.0          # onnxruntime int8 vs PyTorch fp32, on a CPU without native bf16
@@ -69,29 +69,28 @@ def parse_size(text: str) -> tuple[int, int]:
 # --------------------------------------------------------------------------- inputs
 
 
-def network(args) -> tuple[star_model.STAR, dict]:
-    """The prepared PyTorch network and its info (class names, model_args, mean/std)."""
+def network(args) -> tuple[star_model.STAR, ModelDescription]:
+    """The prepared PyTorch network and its description (class names, model_args, mean/std)."""
     if args.model_path:
         net, info = checkpoint.load_checkpoint(args.model_path)
-        info.pop("checkpoint", None)
     else:
         torch.manual_seed(args.seed)
         net = star_model.STAR(2).eval()
         info = {"class_names": list(checkpoint.PUBLISHED_CLASS_NAMES), "model_args": checkpoint.model_args_from(2),
-                **checkpoint.PUBLISHED_PREPROCESSING}
-    return model_setup.prepare_for_inference(net), info
+                **checkpoint.PUBLISHED_PREPROCESSING, "source": "random weights"}
+    return model_setup.prepare_for_inference(net), ModelDescription.from_info(info)
 
 
-def clips_for(args, info: dict) -> tuple[list[torch.Tensor], list[torch.Tensor], str]:
+def clips_for(args, desc: ModelDescription) -> tuple[list[torch.Tensor], list[torch.Tensor], str]:
     """``(measured clips, calibration clips, where from)``; each clip ``(T, 3, S, S)``. Real windows
     alternate between the two sets, so int8 is never measured on the clips it was calibrated on."""
     media = Path(args.media)
     if media.is_dir() and export.video_files(media):
-        clips = export.clips_from_videos(media, args.clips + args.calibration_clips, info)
+        clips = export.clips_from_videos(media, args.clips + args.calibration_clips, desc)
         measured, calib = clips[0::2], clips[1::2]
         return measured[:args.clips], calib[:args.calibration_clips], f"{len(measured[:args.clips])} windows of {media}"
-    measured = export.random_clips(args.clips, info, args.seed)
-    calib = export.random_clips(args.calibration_clips, info, args.seed + 1)
+    measured = export.random_clips(args.clips, desc, args.seed)
+    calib = export.random_clips(args.calibration_clips, desc, args.seed + 1)
     return measured, calib, f"{args.clips} random clips"
 
 
@@ -105,32 +104,32 @@ def torch_variant(net, clips, dtype) -> tuple[list[dict], list[float]]:
         return export.run_torch(net, clips)
 
 
-def onnx_models(net, info, calib, folder) -> dict[str, backend.OnnxModel]:
+def onnx_models(net, desc, calib, folder) -> dict[str, backend.OnnxModel]:
     """The fp32 export and its int8 quantisation (as export.py makes them), loaded with the backend."""
     import onnx
     fp32_path, int8_path = Path(folder) / "star.onnx", Path(folder) / "star.int8.onnx"
-    proto = export.export_graph(net, info, export.DEFAULT_OPSET, "bench")
-    export.set_metadata(proto, export.metadata(info, "fp32", "bench"))
+    proto = export.export_graph(net, desc, export.DEFAULT_OPSET, "bench")
+    export.set_metadata(proto, export.metadata(desc, "fp32", "bench"))
     onnx.save(proto, os.fspath(fp32_path))
     del proto
     start = time.perf_counter()
     export.quantize_int8(fp32_path, int8_path, calib)
-    export.write_metadata(int8_path, export.metadata(info, "int8", "bench"))
+    export.write_metadata(int8_path, export.metadata(desc, "int8", "bench"))
     print(f"(int8 calibrated on {len(calib)} clips in {time.perf_counter() - start:.0f} s)")
     return {"fp32": backend.OnnxModel(fp32_path), "int8": backend.OnnxModel(int8_path)}
 
 
-def measure_size(args, net, info) -> dict[str, dict]:
-    """Every variant at ``info``'s clip size: ``{name: {"seconds": [...], "parity": {...}}}``."""
-    clips, calib, source = clips_for(args, info)
-    print(f"### {info['num_frames']}x{info['img_size']}: {source}")
+def measure_size(args, net, desc) -> dict[str, dict]:
+    """Every variant at ``desc``'s clip size: ``{name: {"seconds": [...], "parity": {...}}}``."""
+    clips, calib, source = clips_for(args, desc)
+    print(f"### {desc.num_frames}x{desc.img_size}: {source}")
     ref, seconds = torch_variant(net, clips, None)
     results = {"PyTorch fp32": {"seconds": seconds, "parity": export.parity(ref, ref)}}
     if common.native_bf16():
         outs, seconds = torch_variant(net, clips, torch.bfloat16)
         results["PyTorch bf16"] = {"seconds": seconds, "parity": export.parity(ref, outs)}
     with tempfile.TemporaryDirectory(prefix="star_bench_deploy_") as folder:
-        for name, model in onnx_models(net, info, calib, folder).items():
+        for name, model in onnx_models(net, desc, calib, folder).items():
             outs, seconds = export.run_onnx(model, clips)
             results[f"onnxruntime {name}"] = {"seconds": seconds, "parity": export.parity(ref, outs)}
     return results
@@ -179,11 +178,10 @@ def main(argv=None) -> int:
     export.require_deploy_packages()
     common.print_machine()
     print_cpu_extras()
-    net, info = network(args)
+    net, desc = network(args)
     start = time.perf_counter()
     for frames, size in args.sizes:
-        info = {**info, "num_frames": frames, "img_size": size}
-        results = measure_size(args, net, info)
+        results = measure_size(args, net, desc.with_clip(frames, size))
         print(table(results))
         print("\n".join(goal_lines(results)) + "\n")
     print(f"(total {time.perf_counter() - start:.0f} s)")

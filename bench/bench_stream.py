@@ -35,17 +35,16 @@ import tempfile
 import time
 
 import numpy as np
+import torch
 
-import common   # first: puts the project on the path
-
-import inference  # noqa: E402
-import model as star_model  # noqa: E402
-import runtime  # noqa: E402
-import sources  # noqa: E402
-import stream  # noqa: E402
-import stream_state  # noqa: E402
-import torch  # noqa: E402
-import video  # noqa: E402
+import inference
+import model as star_model
+import runtime
+import sources
+import stream
+import stream_state
+import video_writer
+from bench import common
 
 MEDIA = common.ROOT.parent / "shared" / "media" / "bikes.mp4"
 CLASS_NAMES = ("fight", "collapse")
@@ -79,7 +78,7 @@ def make_source(folder: pathlib.Path, seconds: float = 10.0, fps: int = 25) -> p
     path = folder / "source_25fps.mp4"
     rng = np.random.default_rng(0)
     background = rng.integers(0, 255, (360, 640, 3), dtype=np.uint8)
-    with video.H264Writer(path, 640, 360, fps) as writer:
+    with video_writer.H264Writer(path, 640, 360, fps) as writer:
         for i in range(int(seconds * fps)):
             frame = background.copy()
             x = (i * 8) % (640 - 80)
@@ -113,12 +112,12 @@ def trend(latencies) -> float | None:
     return statistics.median(values[-third:]) - statistics.median(values[:third])
 
 
-def measure(spec, net, info, device, dtype, stride: int, speed: float, args, folder) -> dict:
+def measure(spec, net, desc, device, dtype, stride: int, speed: float, args, folder) -> dict:
     """One play of the file through stream.run_stream; the row's figures."""
     settings = stream_state.StreamSettings(stride=stride, speed=speed, score_threshold=0.5,
                                            events=str(folder / "events.csv"), max_seconds=args.seconds,
                                            output=str(folder / "annotated.mp4") if args.annotate else None)
-    stats = stream.run_stream(spec, net, info, settings, device, dtype)
+    stats = stream.run_stream(spec, net, desc, settings, device, dtype)
     grow = trend(stats.latencies)
     kept = stats.dropped_frames == 0 and stats.max_lag_sec <= KEEP_UP_LAG_SEC and (grow is None or grow < KEEP_UP_LAG_SEC)
     every = kept and stats.predictions >= EVERY_CLIP_SHARE * stats.clips
@@ -150,8 +149,8 @@ def run_size(size: str, args, model_path, source, folder) -> tuple[list, list]:
     device = runtime.resolve_device("cpu")
     dtype, note = runtime.autocast_settings(device, args.precision)
     t0 = time.perf_counter()
-    net, info, _ = inference.load_model(model_path, device, list(CLASS_NAMES))
-    info, _ = stream.model_info(info, frames, pixels)
+    net, desc = inference.load_model(model_path, device, list(CLASS_NAMES))
+    desc, _ = stream.model_info(desc, frames, pixels)
     print(f"{size}: model loaded in {time.perf_counter() - t0:.1f} s; {note}", file=sys.stderr, flush=True)
     spec = sources.parse_source(str(source))
     fps = sources.FileSource(spec).fps
@@ -159,7 +158,7 @@ def run_size(size: str, args, model_path, source, folder) -> tuple[list, list]:
     for stride in args.strides:
         runs = {}
         for speed in sorted(args.speeds):
-            runs[speed] = measure(spec, net, info, device, dtype, stride, speed, args, folder)
+            runs[speed] = measure(spec, net, desc, device, dtype, stride, speed, args, folder)
             rows.append(row(size, stride, speed, fps, runs[speed]))
             print(common.markdown_table(HEADERS, [rows[-1]]).splitlines()[-1], flush=True)
         best.append(summary_row(size, stride, fps, runs))

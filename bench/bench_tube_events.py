@@ -34,15 +34,16 @@ import cv2
 import numpy as np
 import torch
 
-import common   # first: puts the project on the path
-
-import inference  # noqa: E402
-import sources  # noqa: E402
-import stream  # noqa: E402
-import stream_state  # noqa: E402
-import video  # noqa: E402
-from records import load_dataset  # noqa: E402
-from runtime import autocast_settings, setup_logging  # noqa: E402
+import inference
+import scoring
+import sources
+import stream
+import stream_state
+import video
+import video_writer
+from bench import common
+from records import load_dataset
+from runtime import autocast_settings, setup_logging
 
 TIME_IOU = 0.5
 
@@ -85,7 +86,7 @@ def build_stream(records, path: pathlib.Path, pause_sec: float) -> tuple[float, 
         for k, frame in enumerate(video.iter_frames(record.path)):   # every video at the first one's rate and size
             if writer is None:
                 height, width = frame.shape[:2]
-                writer = video.H264Writer(path, width, height, fps)
+                writer = video_writer.H264Writer(path, width, height, fps)
             if frame.shape[:2] != (height, width):
                 frame = cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
             for _ in range(int(round(pause_sec * fps)) if k == 0 else 0):
@@ -151,12 +152,12 @@ def quantiles(values) -> tuple[float, float]:
     return (float(np.median(values)), float(np.quantile(values, 0.95))) if values else (float("nan"), float("nan"))
 
 
-def play(path: pathlib.Path, net, info, args, device, dtype, events: pathlib.Path):
+def play(path: pathlib.Path, net, desc, args, device, dtype, events: pathlib.Path):
     """The stream through stream.py's run; returns its stats and the tubes joined once it ended (test.py's)."""
     settings = stream_state.StreamSettings(stride=args.stride, score_threshold=args.score_threshold,
                                            tube_events=str(events))
-    info, settings.clip_sec = stream.model_info(info)
-    run = stream.StreamRun(sources.parse_source(str(path)), net, info, settings, device, dtype)
+    desc, settings.clip_sec = stream.model_info(desc)
+    run = stream.StreamRun(sources.parse_source(str(path)), net, desc, settings, device, dtype)
     stats = run.run()
     return stats, run.live.final
 
@@ -178,9 +179,9 @@ def main(args) -> int:
     records = sorted([r for r in records if r.tracks is not None or not r.labels], key=lambda r: r.path)[:args.videos]
     device = torch.device("cpu")
     dtype, note = autocast_settings(device, args.precision)
-    net, info, raw_ids = inference.load_model(args.model_path, device)
-    to_model = inference.model_index_of_dataset_classes(class_map, info["class_names"], raw_ids)
-    names = info["class_names"]
+    net, desc = inference.load_model(args.model_path, device)
+    to_model = scoring.model_index_of_dataset_classes(class_map, desc.class_names, desc.raw_class_ids)
+    names = desc.class_names
     work = pathlib.Path(args.work_dir or tempfile.mkdtemp(prefix="star_tube_events_"))
     work.mkdir(parents=True, exist_ok=True)
     rows, totals = [], {"actions": 0, "tubes": 0, "matched": 0, "start": [], "end": [], "latency": [], "joined": 0,
@@ -190,7 +191,7 @@ def main(args) -> int:
         path, events = work / f"stream_{k // args.per_stream}.mp4", work / f"tube_events_{k // args.per_stream}.csv"
         fps, frames, actions = build_stream(group, path, args.pause_sec)
         actions = [dataclasses.replace(a, class_id=to_model[a.class_id]) for a in actions]
-        stats, final = play(path, net, info, args, device, dtype, events)
+        stats, final = play(path, net, desc, args, device, dtype, events)
         tubes = event_tubes(events)
         pairs = match(tubes, actions, names, fps)
         totals["joined"] += len(final)

@@ -4,17 +4,13 @@ tiny variant rendered by tools/make_suite_data.py."""
 import dataclasses
 import json
 import pathlib
-import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-import bench_suite  # noqa: E402
-import common  # noqa: E402
-import inference  # noqa: E402
-from records import load_dataset  # noqa: E402
-from tools import make_suite_data as suite  # noqa: E402
+import clip_loader
+from bench import bench_suite, common
+from records import load_dataset
+from tools import make_suite_data as suite
 
 
 def fake_row(name, maps, aps, multi=(0, None, None), minutes=(50.0, 2.0), held_out=False):
@@ -194,7 +190,7 @@ def test_multi_actor_subset_of_a_tiny_generated_variant(tmp_path):
     assert len(picked) == stats["unseen"]["multi_actor"]
     records, _, problems = load_dataset(tmp_path / "subset")   # classes.txt: all 5, the subset uses fewer
     assert all(p.kind == "class names" for p in problems) and [r.video for r in records] == picked and all(len(r.tracks) >= 2 for r in records)
-    videos = inference.list_videos(tmp_path / "subset")
+    videos = clip_loader.list_videos(tmp_path / "subset")
     assert [p.name for p in videos] == picked and all(p.resolve().parent == unseen.resolve() for p in videos)
 
 

@@ -18,12 +18,15 @@ import numpy as np
 import pytest
 import torch
 
+import annotated_videos
 import backend
 import export
 import inference
+import predictions_io
 import stream
 from checkpoint import CheckpointError, model_args_from
 from conftest import ROOT, TINY_PREP, free_port, refuse_load, tiny_checkpoint, write_video
+from model_description import ModelDescription
 
 import test as test_cli  # noqa: E402  (the repository's test.py: conftest puts the root first on the path)
 
@@ -132,9 +135,9 @@ def tiny_onnx(path, frames: int = 4, size: int = 64, queries: int = 3, classes: 
          helper.make_tensor_value_info("pred_boxes", TensorProto.FLOAT, ["batch", queries, 4])],
         initializer=[w_logits, w_boxes, shape_l, shape_b])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    info = {**TINY_PREP, "class_names": ["fight", "collapse"],
-            "model_args": model_args_from(2, num_queries=queries), **meta_changes}
-    export.set_metadata(proto, export.metadata(info, "fp32", "tiny.pth"))
+    desc = ModelDescription.from_info({**TINY_PREP, "class_names": ["fight", "collapse"], "source": "project",
+                                       "model_args": model_args_from(2, num_queries=queries), **meta_changes})
+    export.set_metadata(proto, export.metadata(desc, "fp32", "tiny.pth"))
     onnx.save(proto, str(path))
     return path
 
@@ -221,9 +224,9 @@ def outputs(out) -> dict:
     """What a run leaves that must not depend on a kill: both CSVs' text, the annotated videos' names, and any
     journal or half-written annotated video left behind."""
     folder = out.parent
-    return {"predictions": out.read_text(), "frames": inference.frames_csv_path(out).read_text(),
+    return {"predictions": out.read_text(), "frames": predictions_io.frames_csv_path(out).read_text(),
             "annotated": sorted(p.name for p in (folder / "annotated_videos").iterdir()),
-            "journals": inference.journal_paths(out)}
+            "journals": predictions_io.journal_paths(out)}
 
 
 def read_lines(path) -> list[str]:
@@ -245,11 +248,11 @@ def test_resume_after_a_kill_skips_complete_videos_and_ends_as_an_uninterrupted_
     with monkeypatch.context() as m:
         m.setattr(test_cli, "write_outputs", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
         assert run_test_py(*common, "--output_file", out)[0] == 130
-    journal = inference.journal_path(out, 0)
+    journal = predictions_io.journal_path(out, 0)
     header, first, second = read_lines(journal)[:3]
     journal.write_text(header + first + second[:len(second) // 2])
     annotated = out.parent / "annotated_videos"
-    (annotated / "v1.mp4").rename(annotated / f".v1.4242{inference.PARTIAL_SUFFIX}")
+    (annotated / "v1.mp4").rename(annotated / f".v1.4242{annotated_videos.PARTIAL_SUFFIX}")
     (annotated / "v2.mp4").unlink()
 
     predicted = []
@@ -269,7 +272,7 @@ def test_resume_after_a_kill_skips_complete_videos_and_ends_as_an_uninterrupted_
 def test_resume_refuses_a_journal_written_with_other_settings(tmp_path, checkpoint):
     inputs = videos(tmp_path / "in", count=1)
     out = tmp_path / "out" / "p.csv"
-    journal = inference.journal_path(out, 0)
+    journal = predictions_io.journal_path(out, 0)
     journal.parent.mkdir()
     journal.write_text(json.dumps({"star_journal": 1, "settings": {"score_threshold": 0.9}}) + "\n")
     rc, text = run_test_py("--input_dir", inputs, "--output_file", out, "--model_path", checkpoint, "--resume",
@@ -289,7 +292,7 @@ def test_resume_under_torchrun_splits_the_rest_between_ranks_and_merges_as_one_r
     with monkeypatch.context() as m:
         m.setattr(test_cli, "write_outputs", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
         assert run_test_py(*common, "--output_file", out)[0] == 130
-    journal = inference.journal_path(out, 0)
+    journal = predictions_io.journal_path(out, 0)
     journal.write_text("".join(read_lines(journal)[:2]))   # header and v0
     for name in ("v1.mp4", "v2.mp4"):
         (out.parent / "annotated_videos" / name).unlink()

@@ -17,7 +17,7 @@ Covered, all on the CPU in fp32 at tiny sizes:
    (``conftest.tube_checkpoint``'s), the latter also in windows;
 4. frame-mAP and video-mAP of a hand-made prediction set against hand-made ground truth
    (``tube_metrics.TubeScorer``, ``tube_metrics.frame_map`` / ``video_map`` with their options,
-   ``inference.score_tubes`` as ``test.py --labels`` runs it);
+   ``scoring.score_tubes`` as ``test.py --labels`` runs it);
 5. ``stream.py --tube_events`` on a generated video with the tube checkpoint: every column but ``wall_time`` and
    ``latency_sec`` (no clip may be skipped, no frame dropped);
 6. ONNX export parity: ``export.py``'s export of the evaluation's clip-mode model, run by onnxruntime, against the
@@ -58,12 +58,14 @@ import torch
 
 import checkpoint
 import dataset
+import detections
 import engine
 import inference
 import metrics
 import model as star_model
 import model_setup
 import postprocess
+import scoring
 import stream
 import tube_metrics
 import tubes
@@ -525,13 +527,12 @@ def test_evaluation_outputs_clip_mode():
     with torch.no_grad():
         out = net(clips, return_aux=True)
     preds = postprocess.outputs_to_predictions(out)
-    detections = [[vars(d) for d in inference.detections_from_prediction(p, NAMES, CLIP_THRESHOLD, 0.5, 2.5)]
-                  for p in preds]
-    assert any(detections) and not all(len(d) == CLIP_ARGS["num_queries"] for d in detections)   # the threshold bites
+    dets = [[vars(d) for d in detections.detections_from_prediction(p, NAMES, CLIP_THRESHOLD, 0.5, 2.5)] for p in preds]
+    assert any(dets) and not all(len(d) == CLIP_ARGS["num_queries"] for d in dets)   # the threshold bites
     result, evaluated = run_evaluate(net, CLIP_ARGS, records, clips, targets, False, CLIP_THRESHOLD)
     check_tensors("eval_clip", {**raw_outputs(out), **prediction_tensors("pred", preds),
                                 **prediction_tensors("evaluate/pred", evaluated)})
-    check_json("eval_clip", {"weights_sum": weights_sum(net), "detections": detections,
+    check_json("eval_clip", {"weights_sum": weights_sum(net), "detections": dets,
                              "video_prediction": [list(postprocess.video_prediction(p, CLIP_THRESHOLD)) for p in preds],
                              "evaluate": result})
 
@@ -662,8 +663,8 @@ def hand_made_scorer() -> tube_metrics.TubeScorer:
 
 
 def score_tubes_of_results() -> dict:
-    """``inference.score_tubes`` (test.py --labels) on hand-made results: video a in tube mode (two windows of hand-made
-    tube predictions, joined by ``inference.finish_video``), video b in clip mode (two windows, joined detections)."""
+    """``scoring.score_tubes`` (test.py --labels) on hand-made results: video a in tube mode (two windows of hand-made
+    tube predictions, joined by ``detections.finish_video``), video b in clip mode (two windows, joined detections)."""
     w = world()
     a, b = w["a"], w["b"]
     steps = [np.linspace(0, 23, TUBE_T).astype(np.int64), np.linspace(24, 47, TUBE_T).astype(np.int64)]
@@ -684,23 +685,23 @@ def score_tubes_of_results() -> dict:
         queries.append(postprocess.tube_prediction(torch.tensor(np.stack(probs), dtype=torch.float32),
                                                torch.tensor([0, 1, 2]), torch.tensor(np.stack(boxes), dtype=torch.float32)))
     settings = inference.Settings(0.5, 2.0, 2.0)
-    res_a = inference.VideoResult(0, "a.avi", a.path, info_a, queries=queries, frame_indices=steps, frame_spans=spans,
-                                  spans=[(0.0, 2.0), (2.0, 4.0)], tube_mode=True,
-                                  clip_tubes=[tubes.clip_tubes(tubes.merge_duplicate_queries(p, 0.5), i, s, 0.5, NAMES)
-                                              for p, i, s in zip(queries, steps, spans)])
-    inference.finish_video(res_a, settings)
+    res_a = detections.VideoResult(0, "a.avi", a.path, info_a, queries=queries, frame_indices=steps, frame_spans=spans,
+                                   spans=[(0.0, 2.0), (2.0, 4.0)], tube_mode=True,
+                                   clip_tubes=[tubes.clip_tubes(tubes.merge_duplicate_queries(p, 0.5), i, s, 0.5, NAMES)
+                                               for p, i, s in zip(queries, steps, spans)])
+    detections.finish_video(res_a, settings)
     info_b = video.VideoInfo(W, H, 48, 12.0, 4.0)
     clip_queries = [{"scores": torch.tensor([0.9, 0.55, 0.3]), "labels": torch.tensor([0, 1, 2]),
                      "boxes": torch.tensor([[0.15, 0.12, 0.4, 0.55], [0.55, 0.35, 0.8, 0.8], [0.0, 0.0, 0.2, 0.2]])},
                     {"scores": torch.tensor([0.7, 0.8, 0.6]), "labels": torch.tensor([2, 1, 2]),
                      "boxes": torch.tensor([[0.4, 0.2, 0.7, 0.65], [0.5, 0.35, 0.75, 0.8], [0.5, 0.1, 0.7, 0.5]])}]
-    res_b = inference.VideoResult(1, "b.avi", b.path, info_b, queries=clip_queries, spans=[(0.0, 2.0), (2.0, 4.0)])
+    res_b = detections.VideoResult(1, "b.avi", b.path, info_b, queries=clip_queries, spans=[(0.0, 2.0), (2.0, 4.0)])
     for pred, (start, end) in zip(clip_queries, res_b.spans):
-        res_b.detections += inference.detections_from_prediction(pred, NAMES, 0.5, start, end)
-    inference.finish_video(res_b, settings)
+        res_b.detections += detections.detections_from_prediction(pred, NAMES, 0.5, start, end)
+    detections.finish_video(res_b, settings)
     by_path = {os.path.realpath(r.path): r for r in (a, b)}
     return {"tubes_a": [tube_fields(t) for t in res_a.tubes], "detections_b": [vars(d) for d in res_b.detections],
-            "score_tubes": inference.score_tubes([res_a, res_b], by_path, [0, 1, 2], NAMES, 0.5)}
+            "score_tubes": scoring.score_tubes([res_a, res_b], by_path, [0, 1, 2], NAMES, 0.5)}
 
 
 def test_frame_and_video_map_of_a_fixed_prediction_set():
@@ -732,9 +733,9 @@ def test_export_parity_with_the_golden_pytorch_outputs(tmp_path):
     path = tmp_path / "star.onnx"
     args = export.get_args_parser().parse_args(["--model_path", str(ck), "--output", str(path)])
     started = time.perf_counter()
-    net, info = export.load_network(args)
-    proto = export.export_graph(net, info, args.opset, str(ck))
-    export.set_metadata(proto, export.metadata(info, "fp32", ck.name))
+    net, desc = export.load_network(args)
+    proto = export.export_graph(net, desc, args.opset, str(ck))
+    export.set_metadata(proto, export.metadata(desc, "fp32", ck.name))
     onnx.save(proto, str(path))
     seconds = time.perf_counter() - started
     got = backend.OnnxModel(path)(clips)

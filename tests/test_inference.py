@@ -11,10 +11,13 @@ import pytest
 import torch
 
 import checkpoint
-import inference
+import clip_loader
+import detections
 import model as star_model
 import postprocess
+import predictions_io
 import runtime
+import scoring
 import video
 from conftest import ROOT, write_video
 
@@ -81,8 +84,8 @@ def _read_header(path):
 
 
 def test_the_one_writer_uses_the_designs_schema():
-    """main.py's test_predictions.csv and test.py's predictions.csv share inference.CSV_FIELDS."""
-    assert list(inference.CSV_FIELDS) == FIELDS
+    """main.py's test_predictions.csv and test.py's predictions.csv share predictions_io.CSV_FIELDS."""
+    assert list(predictions_io.CSV_FIELDS) == FIELDS
 
 
 def test_csv_schema_rows_and_order(tmp_path, checkpoints):
@@ -130,7 +133,7 @@ def test_threshold_rule_matches_softmax_over_all_logits(checkpoints):
     pred = postprocess.outputs_to_predictions(out)[0]
     probs = out["pred_logits"][0].softmax(-1)[:, :-1].max(-1).values
     threshold = float(probs.median())
-    dets = inference.detections_from_prediction(pred, info["class_names"], threshold, 0.0, 1.0)
+    dets = detections.detections_from_prediction(pred, info["class_names"], threshold, 0.0, 1.0)
     assert len(dets) == int((probs >= threshold).sum())
     assert [d.score for d in dets] == sorted((d.score for d in dets), reverse=True)
 
@@ -194,7 +197,7 @@ def test_annotated_video_keeps_frames_size_and_rate(tmp_path, checkpoints):
 
 
 def test_annotated_names_do_not_collide():
-    paths = inference.annotated_paths(["a.mp4", "a.avi", "b.MKV", "sub/a.mp4"], "/x")
+    paths = clip_loader.annotated_paths(["a.mp4", "a.avi", "b.MKV", "sub/a.mp4"], "/x")
     assert [p.as_posix() for p in paths] == ["/x/a_mp4.mp4", "/x/a_avi.mp4", "/x/b.mp4", "/x/sub/a.mp4"]
 
 
@@ -202,21 +205,21 @@ def test_list_videos_any_case_sorted_hidden_skipped(tmp_path):
     for name in ("b.MP4", "a.mov", "c.Mkv", "d.avi", ".hidden.mp4", "e.txt", "sub/f.mp4"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
-    flat = [p.name for p in inference.list_videos(tmp_path)]
+    flat = [p.name for p in clip_loader.list_videos(tmp_path)]
     assert flat == ["a.mov", "b.MP4", "c.Mkv", "d.avi"]
-    deep = inference.video_names(inference.list_videos(tmp_path, recursive=True), tmp_path)
+    deep = clip_loader.video_names(clip_loader.list_videos(tmp_path, recursive=True), tmp_path)
     assert deep == ["a.mov", "b.MP4", "c.Mkv", "d.avi", "sub/f.mp4"]
     one = tmp_path / "a.mov"
-    assert inference.list_videos(one) == [one]
+    assert clip_loader.list_videos(one) == [one]
     with pytest.raises(runtime.UsageError):
-        inference.list_videos(tmp_path / "absent")
+        clip_loader.list_videos(tmp_path / "absent")
 
 
 # --------------------------------------------------------------------------- windows
 
 
 def _det(cls, score, box, start, end):
-    return inference.Detection(cls, ["fight", "collapse"][cls], score, tuple(box), start, end)
+    return detections.Detection(cls, ["fight", "collapse"][cls], score, tuple(box), start, end)
 
 
 def test_join_windows_hand_made():
@@ -231,7 +234,7 @@ def test_join_windows_hand_made():
         _det(1, 0.5, box_a, 1.0, 3.0),       # other class: its own span
         _det(0, 0.4, box_a, 7.0, 9.0),       # same box but after a gap: its own span
     ]
-    joined = inference.join_windows(dets, iou_threshold=0.3)
+    joined = detections.join_windows(dets, iou_threshold=0.3)
     assert len(joined) == 4
     first = joined[0]
     assert (first.class_id, first.start_sec, first.end_sec, first.score) == (0, 0.0, 5.0, 0.9)
@@ -239,11 +242,11 @@ def test_join_windows_hand_made():
     spans = sorted((d.class_id, d.start_sec, d.end_sec, d.score) for d in joined[1:])
     assert spans == [(0, 1.0, 3.0, 0.8), (0, 7.0, 9.0, 0.4), (1, 1.0, 3.0, 0.5)]
     # Two detections of one window never join each other; a gap is bridged only when allowed.
-    same_window = inference.join_windows([_det(0, 0.9, box_a, 0, 2), _det(0, 0.8, box_a, 0, 2)])
+    same_window = detections.join_windows([_det(0, 0.9, box_a, 0, 2), _det(0, 0.8, box_a, 0, 2)])
     assert len(same_window) == 2
-    bridged = inference.join_windows([_det(0, 0.9, box_a, 0, 2), _det(0, 0.8, box_a, 3, 5)], max_gap_sec=1.0)
+    bridged = detections.join_windows([_det(0, 0.9, box_a, 0, 2), _det(0, 0.8, box_a, 3, 5)], max_gap_sec=1.0)
     assert [(d.start_sec, d.end_sec) for d in bridged] == [(0, 5)]
-    assert inference.join_windows([]) == []
+    assert detections.join_windows([]) == []
 
 
 def test_window_mode_spans(tmp_path, checkpoints):
@@ -276,12 +279,12 @@ def test_evaluation_on_hand_made_case(tmp_path):
     def result(name, score, label, box):
         q = {"scores": torch.tensor([score, 0.1]), "labels": torch.tensor([label, 0]),
              "boxes": torch.tensor([box, [0.0, 0.0, 0.1, 0.1]])}
-        return inference.VideoResult(0, name, str(data / name), info, [], [q], score)
+        return detections.VideoResult(0, name, str(data / name), info, [], [q], score)
 
     results = [result("pos.mp4", 0.9, 1, [0.1, 0.1, 0.5, 0.5]),   # exact GT box (10/100, 5/50, ...)
                result("neg.mp4", 0.2, 0, [0.2, 0.2, 0.3, 0.3])]    # below threshold: no_object
     out = tmp_path / "predictions.csv"
-    figures = inference.evaluate_predictions(results, data, ["fight", "collapse"], [3, 7], 0.5, out)
+    figures = scoring.evaluate_predictions(results, data, ["fight", "collapse"], [3, 7], 0.5, out)
     assert figures["video_acc"] == 1.0 and figures["det_acc_50"] == 1.0
     assert figures["mean_iou"] == pytest.approx(1.0, abs=1e-5)
     assert figures["ap50"]["collapse"] == pytest.approx(1.0) and figures["ap50"]["fight"] is None
@@ -352,10 +355,10 @@ def test_per_frame_labels_are_scored_as_tubes_by_hand(tmp_path):
     (data / "action_challenge.csv").write_text("video_file,label_file\npos.mp4,pos.txt\n")
     q = {"scores": torch.tensor([0.9]), "labels": torch.tensor([1]), "boxes": torch.tensor([[0.1, 0.1, 0.5, 0.5]])}
     info = video.probe_video(data / "pos.mp4")
-    joined = [inference.Detection(1, "collapse", 0.9, (0.1, 0.1, 0.5, 0.5), 0.25, 1.75)]    # windows, joined
-    res = inference.VideoResult(0, "pos.mp4", str(data / "pos.mp4"), info, joined, [q, q], 0.9,
-                                spans=[(0.0, 1.0), (1.0, 2.0)])
-    figures = inference.evaluate_predictions([res], data, ["fight", "collapse"], [3, 7], 0.5, tmp_path / "p.csv")
+    joined = [detections.Detection(1, "collapse", 0.9, (0.1, 0.1, 0.5, 0.5), 0.25, 1.75)]    # windows, joined
+    res = detections.VideoResult(0, "pos.mp4", str(data / "pos.mp4"), info, joined, [q, q], 0.9,
+                                 spans=[(0.0, 1.0), (1.0, 2.0)])
+    figures = scoring.evaluate_predictions([res], data, ["fight", "collapse"], [3, 7], 0.5, tmp_path / "p.csv")
     assert figures["frame_map50"] == pytest.approx(4 / 6)
     assert figures["video_map20"] == figures["video_map50"] == 1.0
     assert "frame-mAP@0.5  : 0.6667" in (tmp_path / "p_metrics.txt").read_text()

@@ -54,16 +54,15 @@ def tiny_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_ckpt):
-    """``(net, info)`` loaded once, as stream.py loads it."""
-    net, info, _ = inference.load_model(tiny_ckpt, CPU)
-    return net, info
+    """``(net, description)`` loaded once, as stream.py loads it."""
+    return inference.load_model(tiny_ckpt, CPU)
 
 
 def _run(tiny, spec, **settings):
     """run_stream with a low threshold (rows with detections) and fp32; returns the stats."""
     settings.setdefault("score_threshold", 0.3)
-    net, info = tiny
-    return stream.run_stream(spec, net, info, stream_state.StreamSettings(**settings), CPU, None)
+    net, desc = tiny
+    return stream.run_stream(spec, net, desc, stream_state.StreamSettings(**settings), CPU, None)
 
 
 def _events(path):
@@ -234,9 +233,9 @@ def test_a_tube_mode_checkpoint_streams(tmp_path, make_video):
     ck = checkpoint.make_checkpoint(net, checkpoint.model_args_from(2, **args), ["fight", "collapse"],
                                     {**TINY_PREP, "num_frames": 8})
     checkpoint.save_checkpoint(ck, tmp_path / "tube.pth")
-    net, info, _ = inference.load_model(tmp_path / "tube.pth", CPU)
+    loaded = inference.load_model(tmp_path / "tube.pth", CPU)
     events, out = tmp_path / "events.csv", tmp_path / "annotated.mp4"
-    stats = _run((net, info), sources.parse_source(str(make_video(n=24))), stride=8, score_threshold=0.0,
+    stats = _run(loaded, sources.parse_source(str(make_video(n=24))), stride=8, score_threshold=0.0,
                  events=str(events), output=str(out), speed=4.0)
     assert stats.end == "ended" and stats.predictions >= 1
     rows = _events(events)

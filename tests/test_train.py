@@ -32,8 +32,8 @@ from torch import nn
 import checkpoint
 import dataset
 import engine
-import inference
 import main
+import predictions_io
 import recipes
 import runtime
 import losses as losses_module
@@ -50,7 +50,7 @@ TESTS = Path(__file__).resolve().parent
 TINY_ARGS = ["--epochs", "2", "--batch_size", "2", "--num_frames", "4", "--img_size", "64", "--pretrained", "none",
              "--workers", "0", "--eval_every", "1", "--num_queries", "4", "--device", "cpu",   # CPU: the suite's contract
              "--decoder_steps", "0"]   # the decoder phase has its own tests
-PRED_HEADER = list(inference.CSV_FIELDS)   # the one writer's header (its schema is checked in test_inference.py)
+PRED_HEADER = list(predictions_io.CSV_FIELDS)   # the one writer's header (its schema is checked in test_inference.py)
 EMA_ARGS = ["--ema_decay", "0.9"]   # the reference run averages its weights: the resume test covers that state too
 OUTPUTS = ["best_model.pth", "checkpoint.pth", "split.json", "training_results.csv", "test_predictions.csv",
            "losses.png", "metrics.png", "confusion_matrix.png", "train.log"]

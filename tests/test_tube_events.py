@@ -3,6 +3,7 @@ test.py's batch joining, ids through pauses, start and end events, and the event
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import json
 import signal
@@ -15,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+import clip_loader
+import detections
 import inference
 import postprocess
 import sources
@@ -86,7 +89,7 @@ def _same_tubes(a, b):
 
 
 def _live(stride: int, fps: float = FPS) -> tube_events.LiveTubes:
-    linker = inference.tube_linker(fps)
+    linker = detections.tube_linker(fps)
     start = video.seconds_to_frames(tube_events.START_SEC, fps)
     return tube_events.LiveTubes(linker, tube_events.FrameClock(fps), start, stride)
 
@@ -100,10 +103,10 @@ def test_incremental_linking_equals_batch_joining(seed, win, stride):
     rng = np.random.default_rng(seed)
     frames = 400
     clips = clip_tubes_of(world(rng, frames, int(rng.integers(1, 4))), frames, win, stride, rng)
-    rules = inference.tube_linker(FPS)
+    rules = detections.tube_linker(FPS)
     batch = tubes.join_tubes([c for _, c in clips], rules.iou_threshold, rules.max_gap, min_frames=rules.min_frames)
     assert batch, "the world makes tubes"
-    linker, retired = inference.tube_linker(FPS), 0
+    linker, retired = detections.tube_linker(FPS), 0
     for i, ((first, _), clip) in enumerate(clips):
         retired += len(linker.add(clip, first + stride))
     _same_tubes(linker.finish(), batch)
@@ -123,10 +126,10 @@ def test_retiring_is_exact_at_the_gap(win, stride):
         actor = {"spans": [(0, end, 1), (end + pause, 120, 1)], "xy": np.array([0.3, 0.3]), "v": np.zeros(2),
                  "size": 0.3}
         clips = clip_tubes_of([actor], 160, win, stride, np.random.default_rng(pause))
-        rules = inference.tube_linker(FPS)
+        rules = detections.tube_linker(FPS)
         batch = tubes.join_tubes([c for _, c in clips], rules.iou_threshold, rules.max_gap,
                                  min_frames=rules.min_frames)
-        linker = inference.tube_linker(FPS)
+        linker = detections.tube_linker(FPS)
         for (first, _), clip in clips:
             linker.add(clip, first + stride)
         _same_tubes(linker.finish(), batch)
@@ -158,8 +161,8 @@ def test_one_tube_that_starts_and_ends_inside_the_stream(stride):
     # said once START_SEC of it were predicted, and ended once the newest window was a joining gap past its end
     assert start.stream_time_sec - start.action_start_sec >= tube_events.START_SEC - 1 / FPS
     assert start.stream_time_sec <= start.action_start_sec + tube_events.START_SEC + stride / FPS
-    assert end.action_end_sec + inference.MAX_GAP_SEC < end.stream_time_sec
-    assert end.stream_time_sec <= end.action_end_sec + inference.MAX_GAP_SEC + (stride + 1) / FPS
+    assert end.action_end_sec + detections.MAX_GAP_SEC < end.stream_time_sec
+    assert end.stream_time_sec <= end.action_end_sec + detections.MAX_GAP_SEC + (stride + 1) / FPS
     assert all(0.0 <= v <= 1.0 for v in start.box) and start.latency_sec >= 0
 
 
@@ -237,16 +240,16 @@ def test_stream_tubes_equal_test_py_tubes_on_the_same_windows(tmp_path, tube_ckp
     """A file played live with test.py's windows (1.28 s every 0.64 s, 25 fps, 80 frames: the windows end at the
     last frame) gives test.py's tubes, and a start and an end row per tube."""
     src = write_video(tmp_path / "v.mp4", np.random.default_rng(0).integers(0, 255, (80, 48, 64, 3), np.uint8))
-    net, info, _ = inference.load_model(tube_ckpt, CPU)
-    results = [inference.VideoResult(0, "v.mp4", str(src))]
+    net, desc = inference.load_model(tube_ckpt, CPU)
+    results = [detections.VideoResult(0, "v.mp4", str(src))]
     settings = inference.Settings(score_threshold=0.5, window_sec=1.28, stride_sec=0.64, annotate=False, workers=0)
-    loader = inference.make_loader(inference.ClipStream([src], 8, info["img_size"], info["mean"], info["std"], 1.28,
-                                                        0.64), 1, 0)
-    inference.predict(net, loader, results, info["class_names"], 0.5, CPU, None,
-                      lambda res: inference.finish_video(res, settings))
+    loader = clip_loader.make_loader(clip_loader.ClipStream([src], 8, desc.img_size, desc.mean, desc.std, 1.28, 0.64),
+                                     1, 0)
+    inference.predict(net, loader, results, desc.class_names, 0.5, CPU, None,
+                      lambda res: detections.finish_video(res, settings))
     assert results[0].tubes
     events = tmp_path / "tubes.csv"
-    run = stream.StreamRun(sources.parse_source(str(src)), net, {**info, "window_sec": 1.28},
+    run = stream.StreamRun(sources.parse_source(str(src)), net, dataclasses.replace(desc, window_sec=1.28),
                            stream_state.StreamSettings(stride=16, clip_sec=1.28, tube_events=str(events), speed=0.5),
                            CPU, None)
     stats = run.run()
@@ -327,10 +330,10 @@ def test_webhook_gets_every_event_and_a_bad_receiver_never_delays_the_stream(tmp
             server.stop()
         threading.Thread(target=kill_after_first, daemon=True).start()
     src = write_video(tmp_path / "v.mp4", np.zeros((75, 48, 64, 3), np.uint8))
-    net, info, _ = inference.load_model(tube_ckpt, CPU)
+    net, desc = inference.load_model(tube_ckpt, CPU)
     events = tmp_path / "tubes.csv"
     settings = stream_state.StreamSettings(stride=16, tube_events=str(events), webhook=url)
-    run = stream.StreamRun(sources.parse_source(str(src)), net, info, settings, CPU, None)
+    run = stream.StreamRun(sources.parse_source(str(src)), net, desc, settings, CPU, None)
     t0 = time.monotonic()
     try:
         stats = run.run()

@@ -15,11 +15,15 @@ import torch
 from torchvision.ops import box_iou
 
 import checkpoint
+import detections
 import inference
 import model as star_model
+import scoring
 import tubes
 import video
 from conftest import write_video
+from cutting import choose_cut
+from model_description import ModelDescription
 
 import test as test_cli  # noqa: E402  (ours: tests/test_inference.py checks it is not the standard library's)
 
@@ -103,14 +107,14 @@ def _window_clips(actors, scores):
 
 
 def test_one_actor_across_three_windows_keeps_one_id():
-    (tube,) = tubes.join_tubes(_window_clips([0.1], [0.9]), inference.JOIN_IOU, max_gap=10)
+    (tube,) = tubes.join_tubes(_window_clips([0.1], [0.9]), detections.JOIN_IOU, max_gap=10)
     assert tube.tube_id == 1 and tube.frames.tolist() == list(range(40))
     np.testing.assert_allclose(tube.boxes[[0, 15, 39]], [_actor(0, 0.1), _actor(15, 0.1), _actor(39, 0.1)], atol=1e-6)
     assert tube.score == pytest.approx(0.9) and len(tube.step_scores) == 24
 
 
 def test_two_actors_side_by_side_keep_two_ids():
-    joined = tubes.join_tubes(_window_clips([0.1, 0.5], [0.8, 0.9]), inference.JOIN_IOU, max_gap=10)
+    joined = tubes.join_tubes(_window_clips([0.1, 0.5], [0.8, 0.9]), detections.JOIN_IOU, max_gap=10)
     assert [t.tube_id for t in joined] == [1, 2]
     assert all(t.frames.tolist() == list(range(40)) for t in joined)
     # Both start at frame 0: the higher-scoring one (the right actor) is numbered first.
@@ -121,7 +125,7 @@ def test_two_actors_side_by_side_keep_two_ids():
 def test_shared_frames_take_the_higher_scoring_tubes_box():
     low = tubes.constant_tube(0, "fight", 0.6, [0.1, 0.1, 0.5, 0.5], range(0, 20))
     high = tubes.constant_tube(0, "fight", 0.9, [0.12, 0.1, 0.52, 0.5], range(10, 30))
-    (tube,) = tubes.join_tubes([[low], [high]], inference.JOIN_IOU, max_gap=10)
+    (tube,) = tubes.join_tubes([[low], [high]], detections.JOIN_IOU, max_gap=10)
     np.testing.assert_allclose(tube.boxes[[9, 10, 29]], [[0.1, 0.1, 0.5, 0.5]] + [[0.12, 0.1, 0.52, 0.5]] * 2)
     assert tube.score == pytest.approx(0.75)   # the mean of both tubes' steps (one each here)
 
@@ -131,16 +135,16 @@ def test_a_short_pause_keeps_the_id_a_long_one_gives_a_new_one():
     for gap, ids in ((6, [1]), (10, [1]), (11, [1, 2])):
         before = tubes.constant_tube(0, "fight", 0.9, box, range(0, 20))
         after = tubes.constant_tube(0, "fight", 0.8, box, range(20 + gap, 40 + gap))
-        joined = tubes.join_tubes([[before], [after]], inference.JOIN_IOU, max_gap=10)
+        joined = tubes.join_tubes([[before], [after]], detections.JOIN_IOU, max_gap=10)
         assert [t.tube_id for t in joined] == ids, gap
         assert joined[-1].frames[-1] == 39 + gap
     # Inside one clip: a query present at steps 0-1 and 6-7 of 80 frames is missing for frames 17-61 (45 frames).
     steps = video.sample_indices(80, 8)                                   # 0 11 22 33 45 56 67 79
     pred = _pred([[0.9, 0.7, 0.1, 0.1, 0.1, 0.1, 0.6, 0.8]], [[box] * 8])
     clip = tubes.clip_tubes(pred, steps, (0, 80), 0.5, NAMES)
-    (kept,) = tubes.join_tubes([clip], inference.JOIN_IOU, max_gap=45)
+    (kept,) = tubes.join_tubes([clip], detections.JOIN_IOU, max_gap=45)
     assert kept.frames.tolist() == list(range(0, 17)) + list(range(62, 80))
-    first, second = tubes.join_tubes([clip], inference.JOIN_IOU, max_gap=44)
+    first, second = tubes.join_tubes([clip], detections.JOIN_IOU, max_gap=44)
     assert (first.tube_id, first.frames[-1], second.tube_id, second.frames[0]) == (1, 16, 2, 62)
     assert (first.score, second.score) == (pytest.approx(0.8), pytest.approx(0.7))
 
@@ -150,9 +154,9 @@ def test_joined_tubes_shorter_than_min_frames_are_dropped_before_numbering():
     stays, numbered 1; at the default both."""
     short = tubes.constant_tube(0, "fight", 0.9, [0.1, 0.1, 0.3, 0.3], range(0, 14))
     long = tubes.constant_tube(1, "collapse", 0.5, [0.6, 0.6, 0.9, 0.9], range(20, 35))
-    (kept,) = tubes.join_tubes([[short, long]], inference.JOIN_IOU, max_gap=10, min_frames=15)
+    (kept,) = tubes.join_tubes([[short, long]], detections.JOIN_IOU, max_gap=10, min_frames=15)
     assert (kept.tube_id, kept.class_id, int(kept.frames[0])) == (1, 1, 20)
-    assert [t.tube_id for t in tubes.join_tubes([[short, long]], inference.JOIN_IOU, max_gap=10)] == [1, 2]
+    assert [t.tube_id for t in tubes.join_tubes([[short, long]], detections.JOIN_IOU, max_gap=10)] == [1, 2]
 
 
 def test_other_class_far_box_and_a_second_tube_of_one_window_do_not_join():
@@ -160,12 +164,12 @@ def test_other_class_far_box_and_a_second_tube_of_one_window_do_not_join():
     clips = [[tubes.constant_tube(0, "fight", 0.9, box, range(0, 20))],
              [tubes.constant_tube(1, "collapse", 0.9, box, range(10, 30)),
               tubes.constant_tube(0, "fight", 0.8, far, range(10, 30))]]
-    joined = tubes.join_tubes(clips, inference.JOIN_IOU, max_gap=10)
+    joined = tubes.join_tubes(clips, detections.JOIN_IOU, max_gap=10)
     assert [(t.tube_id, t.class_id, int(t.frames[0])) for t in joined] == [(1, 0, 0), (2, 1, 10), (3, 0, 10)]
     # Two tubes of one window are two queries, never one actor here: merge_duplicate_queries merges them before.
     twins = [tubes.constant_tube(0, "fight", 0.7, box, range(10, 30)),
              tubes.constant_tube(0, "fight", 0.8, [0.11, 0.1, 0.51, 0.5], range(10, 30))]
-    joined = tubes.join_tubes([clips[0], twins], inference.JOIN_IOU, max_gap=10)
+    joined = tubes.join_tubes([clips[0], twins], detections.JOIN_IOU, max_gap=10)
     assert [(t.tube_id, int(t.frames[0]), int(t.frames[-1]), round(t.score, 2)) for t in joined] == [
         (1, 0, 29, 0.85), (2, 10, 29, 0.7)]
 
@@ -264,7 +268,7 @@ def test_a_lone_window_of_another_class_joins_the_actors_tube_with_its_class():
     windows = [(0, 20), (10, 30), (20, 40), (30, 50)]
     clips = _probable_clips([[0.9, 0.05], [0.2, 0.75], [0.85, 0.1], [0.9, 0.05]], windows)
     assert [c[0].class_name for c in clips] == ["fight", "collapse", "fight", "fight"]
-    (tube,) = tubes.join_tubes(clips, inference.JOIN_IOU, max_gap=10)
+    (tube,) = tubes.join_tubes(clips, detections.JOIN_IOU, max_gap=10)
     assert tube.class_name == "fight" and tube.frames.tolist() == list(range(50))
     # the lone window's steps are scored as fight (0.2), not with its own best class's 0.75
     assert tube.score == pytest.approx(np.mean([0.9, 0.2, 0.85, 0.9]))
@@ -274,11 +278,11 @@ def test_a_lone_window_of_another_class_joins_the_actors_tube_with_its_class():
 def test_a_change_of_action_the_windows_keep_showing_starts_a_new_tube():
     windows = [(10 * i, 10 * i + 20) for i in range(6)]
     clips = _probable_clips([[0.9, 0.05]] * 3 + [[0.1, 0.85]] * 3, windows)
-    first, second = tubes.join_tubes(clips, inference.JOIN_IOU, max_gap=10)
+    first, second = tubes.join_tubes(clips, detections.JOIN_IOU, max_gap=10)
     assert (first.class_name, first.tube_id, second.class_name, second.tube_id) == ("fight", 1, "collapse", 2)
     assert first.frames[0] == 0 and second.frames[-1] == 69 and second.frames[0] <= first.frames[-1] + 1
     # no switching cost: every window keeps its own class
-    assert [t.class_name for t in tubes.join_tubes(clips, inference.JOIN_IOU, 10, switch_cost=0.0)] == [
+    assert [t.class_name for t in tubes.join_tubes(clips, detections.JOIN_IOU, 10, switch_cost=0.0)] == [
         "fight", "collapse"]
 
 
@@ -315,13 +319,13 @@ def test_tube_mode_is_scored_per_frame_with_interpolated_boxes(tmp_path):
     pred["step_probs"] = torch.stack([(1 - pred["step_scores"]) / 2, pred["step_scores"]], -1)   # collapse: the score
     steps, span = np.array([0, 2, 4, 7]), (0, 8)
     info = video.probe_video(data / "pos.mp4")
-    res = inference.VideoResult(0, "pos.mp4", str(data / "pos.mp4"), info, [], [pred], 0.9, spans=[(0.0, 2.0)],
-                                frame_indices=[steps], frame_spans=[span], tube_mode=True,
-                                clip_tubes=[tubes.clip_tubes(pred, steps, span, 0.5, NAMES)])
-    inference.finish_video(res, inference.Settings(0.5))
+    res = detections.VideoResult(0, "pos.mp4", str(data / "pos.mp4"), info, [], [pred], 0.9, spans=[(0.0, 2.0)],
+                                 frame_indices=[steps], frame_spans=[span], tube_mode=True,
+                                 clip_tubes=[tubes.clip_tubes(pred, steps, span, 0.5, NAMES)])
+    detections.finish_video(res, inference.Settings(0.5))
     assert [(t.tube_id, t.frames.tolist()) for t in res.tubes] == [(1, [2, 3, 4, 5])]
     assert [(d.start_sec, d.end_sec) for d in res.detections] == [(0.5, 1.5)]
-    figures = inference.evaluate_predictions([res], data, NAMES, [3, 7], 0.5, tmp_path / "p.csv")
+    figures = scoring.evaluate_predictions([res], data, NAMES, [3, 7], 0.5, tmp_path / "p.csv")
     assert figures["frame_map50"] == pytest.approx(0.75)
     assert figures["video_map20"] == figures["video_map50"] == 1.0
     assert figures["frame_ap50"] == {"fight": None, "collapse": pytest.approx(0.75)}      # fight has no ground truth
@@ -384,9 +388,9 @@ def test_overlapping_windows_score_each_frame_once_from_the_window_it_is_most_ce
     query is a detection of every class, scored by that class's probability."""
     box = [0.1, 0.1, 0.5, 0.5]
     first, second = _query_pred([[[0.2, 0.1]] * 4], [[box] * 4]), _query_pred([[[0.7, 0.1]] * 4], [[box] * 4])
-    res = inference.VideoResult(0, "v.mp4", "v.mp4", None, [], [first, second], 0.7,
-                                frame_indices=[np.array([0, 2, 4, 6]), np.array([4, 6, 8, 10])],
-                                frame_spans=[(0, 8), (4, 12)], tube_mode=True)
+    res = detections.VideoResult(0, "v.mp4", "v.mp4", None, [], [first, second], 0.7,
+                                 frame_indices=[np.array([0, 2, 4, 6]), np.array([4, 6, 8, 10])],
+                                 frame_spans=[(0, 8), (4, 12)], tube_mode=True)
 
     class Scorer:
         def __init__(self):
@@ -399,14 +403,19 @@ def test_overlapping_windows_score_each_frame_once_from_the_window_it_is_most_ce
         def add_tube(self, *args):
             pass
     scorer = Scorer()
-    inference.add_tube_predictions(scorer, res, 100, 50, threshold=0.5)
+    scoring.add_tube_predictions(scorer, res, 100, 50, threshold=0.5)
     assert scorer.frames == {f: [(0, 0.2), (1, 0.1)] if f <= 5 else [(0, 0.7), (1, 0.1)] for f in range(12)}
 
 
 def test_a_tube_checkpoint_cuts_its_own_windows_half_overlapping():
-    assert inference.trained_cut({"window_sec": None}) == (None, None)
-    assert inference.trained_cut({"window_sec": 1.28, "model_args": {"tube_steps": 0}}) == (1.28, 1.28)
-    assert inference.trained_cut({"window_sec": 1.28, "model_args": {"tube_steps": 8}}) == (1.28, 0.64)
+    def trained(window_sec, tube_steps=0):
+        desc = ModelDescription.from_info({**TUBE_PREP, "class_names": ["a"], "source": "project",
+                                           "window_sec": window_sec, "model_args": {"tube_steps": tube_steps}})
+        cut = choose_cut(desc)
+        return cut.window_sec, cut.stride_sec
+    assert trained(None) == (None, None)
+    assert trained(1.28) == (1.28, 1.28)
+    assert trained(1.28, tube_steps=8) == (1.28, 0.64)
 
 
 def test_frames_csv_of_a_tube_checkpoint_whole_video(tmp_path, tube_checkpoint):
