@@ -26,17 +26,18 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 import engine
-import inference
 import metrics
 import plots
 from checkpoint import CheckpointError, make_checkpoint, model_args_from, save_checkpoint
 from config import TrainConfig, resolve_config, stored_setting
 from dataset import ActionDataset, BalancedBatchSampler, EpochTaggedBatches, collate
+from detections import VideoResult, detections_from_prediction
 from files import atomic_write, write_text
 from losses import PUBLISHED_WEIGHTS, build_criterion
 from model import STAR, count_parameters
 from model_setup import (PRETRAINED_CHOICES, build_model, freeze_trunk_stages, init_motion_stem, init_positions,
                          load_for_finetuning)
+from predictions_io import csv_rows, write_predictions
 from problems import DatasetError, format_problems
 from recipes import DECODER_STEPS_PER_EPOCH, PAIR_PROB, WINDOWS_PER_VIDEO, WINDOW_STRIDE, add_recipe_defaults_to_help
 from records import load_dataset, split_dataset
@@ -292,10 +293,10 @@ def validation_rows(preds, records, class_names, threshold) -> list[dict]:
     for k, (pred, record) in enumerate(zip(preds, records)):
         duration = record.num_frames / record.fps if record.fps else 0.0
         info = VideoInfo(record.width, record.height, record.num_frames, record.fps, duration)
-        result = inference.VideoResult(k, record.video, record.path, info,
-                                       inference.detections_from_prediction(pred, class_names, threshold, 0.0, duration),
-                                       best_score=float(pred["scores"].max()) if pred["scores"].numel() else 0.0)
-        rows += inference.csv_rows(result)
+        result = VideoResult(k, record.video, record.path, info,
+                             detections_from_prediction(pred, class_names, threshold, 0.0, duration),
+                             best_score=float(pred["scores"].max()) if pred["scores"].numel() else 0.0)
+        rows += csv_rows(result)
     return rows
 
 
@@ -310,7 +311,7 @@ def final_report(model_args, best_path: Path, val_loader, criterion, device, amp
     phase = f", decoder step {ckpt['decoder_step']}" if "decoder_step" in ckpt else ""
     log.info("best model (epoch %d%s) on the validation split:\n%s", ckpt["epoch"] + 1, phase,
              metrics.format_report(result, class_names))
-    inference.write_predictions(validation_rows(preds, val_loader.dataset.records, class_names, config.score_threshold),
+    write_predictions(validation_rows(preds, val_loader.dataset.records, class_names, config.score_threshold),
                                 output_dir / "test_predictions.csv")
     write_text(output_dir / "val_metrics.json", json.dumps(result, indent=2, default=float))
     plot(plots.plot_confusion_matrix, np.array(result["confusion_matrix"]), class_names,
