@@ -1,10 +1,11 @@
-"""app.py, the web demo: the prediction function without a server (video, table, timeline, CSV; bad inputs
-give one line and the next call works), the examples, the offline page set-up, and the page in a real
-headless Chromium driven by Playwright (skipped, with the reason, when either is missing).
+"""The web demo (app.py, app_jobs.py, timeline.py, app_examples.py): the prediction function without a server (video,
+table, timeline, CSV; bad inputs give one line and the next call works), the examples, the offline page set-up, and
+the page in a real headless Chromium driven by Playwright (skipped, with the reason, when either is missing).
 A tiny STAR checkpoint (4 frames, 64 px) whose every query says ``collapse`` keeps it fast on a CPU."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import pathlib
 import shutil
@@ -20,13 +21,19 @@ import pytest
 import torch
 
 import app
+import app_examples
+import app_jobs
+import detections
+import drawing
 import inference
 import model as star_model
+import predictions_io
+import timeline
 import tubes
 import video
 from conftest import ROOT, TINY_PREP, free_port, tiny_checkpoint, write_video, tube_checkpoint
 
-FIELDS = list(inference.CSV_FIELDS)
+FIELDS = list(predictions_io.CSV_FIELDS)
 BROWSER_BUDGET_SEC = 90
 
 
@@ -38,21 +45,19 @@ def checkpoint(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope="module")
 def loaded(checkpoint):
     """The checkpoint loaded once, as app.py does (inference.load_model)."""
-    net, info, _ = inference.load_model(checkpoint, torch.device("cpu"))
-    return net, info
+    return inference.load_model(checkpoint, torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
 def tube_loaded(tmp_path_factory):
     """The acting tube-mode checkpoint, loaded once."""
     path = tube_checkpoint(tmp_path_factory.mktemp("tube_ckpt") / "tube.pth")
-    net, info, _ = inference.load_model(path, torch.device("cpu"))
-    return net, info
+    return inference.load_model(path, torch.device("cpu"))
 
 
-def make_app(loaded, work_dir, **limits) -> app.DemoApp:
-    net, info = loaded
-    return app.DemoApp(net, info, torch.device("cpu"), None, work_dir, app.Limits(**limits))
+def make_app(loaded, work_dir, **limits) -> app_jobs.DemoApp:
+    net, desc = loaded
+    return app_jobs.DemoApp(net, desc, torch.device("cpu"), None, work_dir, app_jobs.Limits(**limits))
 
 
 def clip(path, n=16, fps=8, w=64, h=48) -> pathlib.Path:
@@ -79,7 +84,7 @@ class Recorder:
 def test_predict_gives_playable_video_table_timeline_and_csv(tmp_path, loaded):
     src = clip(tmp_path / "walk.mp4", n=16, fps=8)
     progress = Recorder()
-    out = make_app(loaded, tmp_path / "work").predict(str(src), 0.5, app.WHOLE, progress=progress)
+    out = make_app(loaded, tmp_path / "work").predict(str(src), 0.5, app_jobs.WHOLE, progress=progress)
     assert out.ok, out.message
     assert "\n" not in out.message and "collapse x12" in out.message and "Whole clip, 4 frames sampled" in out.message
     with av.open(out.video) as container:   # H.264, every input frame, input size
@@ -96,18 +101,18 @@ def test_predict_gives_playable_video_table_timeline_and_csv(tmp_path, loaded):
     assert rows[0]["video_name"] == "walk.mp4" and rows[0]["end_sec"] == "2.000"
     labels = [line.get_label() for line in out.figure.axes[0].get_lines()]
     assert labels == ["fight", "collapse", "threshold"]   # clip mode: the per-class score timeline
-    assert not tube_rows(out.figure) and out.headers == app.TABLE_HEADERS
+    assert not tube_rows(out.figure) and out.headers == app_jobs.TABLE_HEADERS
     fractions = [f for f, _ in progress.calls]
     assert fractions == sorted(fractions) and fractions[-1] >= 0.95
     assert any("annotating 16 frames" in (d or "") for _, d in progress.calls)
-    assert out.outputs() == (out.video, {"headers": app.TABLE_HEADERS, "data": out.rows}, out.figure, out.files,
+    assert out.outputs() == (out.video, {"headers": app_jobs.TABLE_HEADERS, "data": out.rows}, out.figure, out.files,
                              out.message)
 
 
 def test_windows_give_one_timeline_point_per_clip_and_per_clip_progress(tmp_path, loaded):
     src = clip(tmp_path / "long.mp4", n=16, fps=8)   # 2 s: windows of 0.5 s = 4 clips
     progress = Recorder()
-    out = make_app(loaded, tmp_path / "work").predict(str(src), 0.5, app.WINDOWS, 0.5, 0.5, progress)
+    out = make_app(loaded, tmp_path / "work").predict(str(src), 0.5, app_jobs.WINDOWS, 0.5, 0.5, progress)
     assert out.ok, out.message
     assert "Windows of 0.5 s every 0.5 s" in out.message
     collapse = out.figure.axes[0].get_lines()[1]
@@ -117,17 +122,17 @@ def test_windows_give_one_timeline_point_per_clip_and_per_clip_progress(tmp_path
 
 
 def test_a_long_video_is_cut_into_windows_automatically(tmp_path, loaded, monkeypatch):
-    monkeypatch.setattr(app, "AUTO_WINDOW_SEC", 1.0)
+    monkeypatch.setattr(app_jobs, "AUTO_WINDOW_SEC", 1.0)
     src = clip(tmp_path / "long.mp4", n=16, fps=8)
-    out = make_app(loaded, tmp_path / "work").predict(str(src), 0.5, app.WHOLE, 1.0, 0.5)
+    out = make_app(loaded, tmp_path / "work").predict(str(src), 0.5, app_jobs.WHOLE, 1.0, 0.5)
     assert out.ok and "Longer than 1 s, so cut into windows of 1 s every 0.5 s" in out.message
     assert len(out.figure.axes[0].get_lines()[1].get_xdata()) == 3
 
 
 def test_no_detection_gives_the_no_object_row(tmp_path):
-    net, info, _ = inference.load_model(tiny_checkpoint(tmp_path / "random.pth", confident=False), torch.device("cpu"))
+    loaded = inference.load_model(tiny_checkpoint(tmp_path / "random.pth", confident=False), torch.device("cpu"))
     src = clip(tmp_path / "a.mp4", n=8)
-    out = make_app((net, info), tmp_path / "work").predict(str(src), 0.9)
+    out = make_app(loaded, tmp_path / "work").predict(str(src), 0.9)
     assert out.ok and out.message.startswith("No action with score >= 0.9 (best 0.")
     assert [r[0] for r in out.rows] == ["no_object"] and out.rows[0][4] == ""
 
@@ -138,7 +143,7 @@ def test_a_tube_mode_checkpoint_gives_tubes_and_the_frames_csv(tmp_path, tube_lo
     out = make_app(tube_loaded, tmp_path / "work").predict(str(clip(tmp_path / "walk.mp4", n=16, fps=8)), 0.5)
     assert out.ok, out.message
     assert "collapse x4" in out.message and [r[3:5] for r in out.rows] == [["0.000", "2.000"]] * 4
-    assert out.headers == ["tube_id", *app.TABLE_HEADERS] and out.outputs()[1]["headers"] == out.headers
+    assert out.headers == ["tube_id", *app_jobs.TABLE_HEADERS] and out.outputs()[1]["headers"] == out.headers
     assert [pathlib.Path(f).name for f in out.files] == ["predictions.csv", "predictions_frames.csv"]
     with open(out.files[1], newline="") as f:
         frames = list(csv.DictReader(f))
@@ -185,14 +190,14 @@ def hand_tube(tube_id: int, class_name: str, frames, score: float) -> tubes.Pred
 def test_tube_timeline_has_one_row_per_tube_id_with_its_frames_and_pauses():
     paused = hand_tube(1, "fight", [*range(0, 30), *range(40, 70)], 0.81)   # a pause of frames 30-39 (1 s at 10 fps)
     whole = hand_tube(2, "collapse", range(20, 90), 0.655)
-    fig = app.tube_timeline_figure([whole, paused], 10.0, 10.0, ["fight", "collapse"])   # any order in: id order out
+    fig = timeline.tube_timeline_figure([whole, paused], 10.0, 10.0, ["fight", "collapse"])   # any order in: id order
     rows = tube_rows(fig)
     assert sorted(rows) == [1, 2]
     assert rows[1][:2] == ("#1 fight 0.81", [(0.0, 3.0), (4.0, 7.0)])   # the pause is a gap inside the row
     assert rows[2][:2] == ("#2 collapse 0.66", [(2.0, 9.0)])
     assert rows[1][2] > rows[2][2]   # #1 on top
-    assert rows[1][3] == pytest.approx(tuple(v / 255 for v in video.class_colour("fight")))
-    assert rows[2][3] == pytest.approx(tuple(v / 255 for v in video.class_colour("collapse")))
+    assert rows[1][3] == pytest.approx(tuple(v / 255 for v in drawing.class_colour("fight")))
+    assert rows[2][3] == pytest.approx(tuple(v / 255 for v in drawing.class_colour("collapse")))
     ax = fig.axes[0]
     assert ax.get_xlim() == (0.0, 10.0) and ax.get_xlabel() == "time (s)" and "one row per tube" in ax.get_title()
     line = [ln for ln in ax.get_lines() if ln.get_gid() == "tube-1-score"][0]   # the per-frame score, broken too
@@ -203,35 +208,35 @@ def test_tube_timeline_has_one_row_per_tube_id_with_its_frames_and_pauses():
 
 
 def test_many_tubes_stay_readable_the_figure_grows_up_to_a_cap():
-    def timeline(n):
-        return app.tube_timeline_figure([hand_tube(i, "collapse", range(i, i + 20), 0.5) for i in range(1, n + 1)],
-                                        25.0, 10.0, ["fight", "collapse"])
-    two, forty, many = timeline(2), timeline(40), timeline(300)
+    def figure(n):
+        return timeline.tube_timeline_figure([hand_tube(i, "collapse", range(i, i + 20), 0.5) for i in range(1, n + 1)],
+                                             25.0, 10.0, ["fight", "collapse"])
+    two, forty, many = figure(2), figure(40), figure(300)
     heights = [f.get_size_inches()[1] for f in (two, forty, many)]
-    assert heights[0] < heights[1] <= app.TUBE_FIGURE_MAX_INCH and heights[2] == app.TUBE_FIGURE_MAX_INCH
+    assert heights[0] < heights[1] <= timeline.TUBE_FIGURE_MAX_INCH and heights[2] == timeline.TUBE_FIGURE_MAX_INCH
     assert len(tube_rows(forty)) == 40 and heights[1] / 40 >= 0.2   # at least 0.2 inch a row
     labels = [t for t in forty.axes[0].get_yticklabels()]
     assert [t.get_text() for t in labels] == [f"#{i} collapse 0.50" for i in range(1, 41)]
     assert min(t.get_fontsize() for t in labels) >= 8
     labels = many.axes[0].get_yticklabels()   # beyond the cap: fewer labels, never unreadably small
     assert len(tube_rows(many)) == 300 and 0 < len(labels) < 300
-    assert min(t.get_fontsize() for t in labels) >= app.TUBE_LABEL_MIN_PT
+    assert min(t.get_fontsize() for t in labels) >= timeline.TUBE_LABEL_MIN_PT
 
 
 def test_no_tubes_gives_a_figure_that_says_so():
-    fig = app.tube_timeline_figure([], 25.0, 4.0, ["fight", "collapse"])
+    fig = timeline.tube_timeline_figure([], 25.0, 4.0, ["fight", "collapse"])
     assert fig.axes == [] and "no tubes" in " ".join(t.get_text() for t in fig.texts)
 
 
 def test_a_tube_mode_prediction_shows_the_tube_timeline(tmp_path, tube_loaded, monkeypatch):
     seen = []
-    original = app.result_figure
+    original = timeline.result_figure
 
     def spy(result, class_names, settings):
         seen.append(result)
         return original(result, class_names, settings)
 
-    monkeypatch.setattr(app, "result_figure", spy)
+    monkeypatch.setattr(timeline, "result_figure", spy)
     out = make_app(tube_loaded, tmp_path / "work").predict(str(clip(tmp_path / "walk.mp4", n=16, fps=8)), 0.5)
     assert out.ok, out.message
     [result] = seen
@@ -245,11 +250,11 @@ def test_a_tube_mode_prediction_shows_the_tube_timeline(tmp_path, tube_loaded, m
 
 
 def test_a_tube_mode_prediction_without_tubes_says_so(tmp_path):
-    net, info, _ = inference.load_model(tube_checkpoint(tmp_path / "idle.pth", acting=False), torch.device("cpu"))
-    out = make_app((net, info), tmp_path / "work").predict(str(clip(tmp_path / "walk.mp4", n=16, fps=8)), 0.5)
+    loaded = inference.load_model(tube_checkpoint(tmp_path / "idle.pth", acting=False), torch.device("cpu"))
+    out = make_app(loaded, tmp_path / "work").predict(str(clip(tmp_path / "walk.mp4", n=16, fps=8)), 0.5)
     assert out.ok, out.message
     assert out.figure.axes == [] and "no tubes" in " ".join(t.get_text() for t in out.figure.texts)
-    assert out.headers == ["tube_id", *app.TABLE_HEADERS] and [r[:2] for r in out.rows] == [["", "no_object"]]
+    assert out.headers == ["tube_id", *app_jobs.TABLE_HEADERS] and [r[:2] for r in out.rows] == [["", "no_object"]]
 
 
 def test_the_page_figure_follows_the_model_mode():
@@ -259,12 +264,14 @@ def test_the_page_figure_follows_the_model_mode():
     tube = hand_tube(1, "collapse", range(0, 20), 0.9)
     queries = [{"labels": torch.tensor([1]), "scores": torch.tensor([0.9])}]
     settings = inference.Settings(0.5, annotate=False)
-    tube_fig = app.result_figure(inference.VideoResult(0, "a.mp4", "a.mp4", info, queries=queries, spans=[(0.0, 4.0)],
-                                                       tube_mode=True, tubes=[tube]), ["fight", "collapse"], settings)
+    tube_fig = timeline.result_figure(detections.VideoResult(0, "a.mp4", "a.mp4", info, queries=queries,
+                                                             spans=[(0.0, 4.0)], tube_mode=True, tubes=[tube]),
+                                      ["fight", "collapse"], settings)
     assert {i: r[:2] for i, r in tube_rows(tube_fig).items()} == {1: ("#1 collapse 0.90", [(0.0, 2.0)])}
     assert tube_fig.axes[0].get_xlim() == (0.0, 4.0)
-    clip_fig = app.result_figure(inference.VideoResult(0, "a.mp4", "a.mp4", info, queries=queries, spans=[(0.0, 4.0)],
-                                                       tube_mode=False, tubes=[tube]), ["fight", "collapse"], settings)
+    clip_fig = timeline.result_figure(detections.VideoResult(0, "a.mp4", "a.mp4", info, queries=queries,
+                                                             spans=[(0.0, 4.0)], tube_mode=False, tubes=[tube]),
+                                      ["fight", "collapse"], settings)
     assert not tube_rows(clip_fig)
     assert [line.get_label() for line in clip_fig.axes[0].get_lines()] == ["fight", "collapse", "threshold"]
 
@@ -287,7 +294,7 @@ def test_bad_inputs_give_one_line_and_the_next_call_works(tmp_path, loaded):
     for path, expected in cases.items():
         out = demo.predict(path)
         assert not out.ok and expected in out.message, (path, out.message)
-        assert "\n" not in out.message and out.outputs()[:4] == (None, {"headers": app.TABLE_HEADERS, "data": []},
+        assert "\n" not in out.message and out.outputs()[:4] == (None, {"headers": app_jobs.TABLE_HEADERS, "data": []},
                                                                   None, None)
     good = demo.predict(str(clip(tmp_path / "good.mp4", n=8)))
     assert good.ok and len(good.rows) == 12
@@ -299,7 +306,7 @@ def test_without_a_model_the_page_says_how_to_get_one(tmp_path, monkeypatch):
     demo, model_path = app.load_app(args, torch.device("cpu"), None, tmp_path / "work")
     assert demo.model is None and model_path is None
     out = demo.predict(str(clip(tmp_path / "a.mp4", n=4)))
-    assert not out.ok and out.message == app.NO_MODEL_LINE
+    assert not out.ok and out.message == app_jobs.NO_MODEL_LINE
     assert "bash demo.sh" in out.message and "--model_path" in out.message
 
 
@@ -319,14 +326,14 @@ def test_every_flag_has_help():
 
 
 def test_sample_examples_are_made_once_with_their_actions(tmp_path):
-    first = app.sample_examples(tmp_path)
-    assert 2 <= len(first) <= app.SAMPLE_EXAMPLES + 1
+    first = app_examples.sample_examples(tmp_path)
+    assert 2 <= len(first) <= app_examples.SAMPLE_EXAMPLES + 1
     assert all(pathlib.Path(p).is_file() and video.is_video_file(p) for p, _ in first)
     assert first[-1][1] == "sample: no action" and all(lab.startswith("sample: ") for _, lab in first)
     stamp = pathlib.Path(first[0][0]).stat().st_mtime_ns
-    assert app.sample_examples(tmp_path) == first
+    assert app_examples.sample_examples(tmp_path) == first
     assert pathlib.Path(first[0][0]).stat().st_mtime_ns == stamp   # reused, not made again
-    assert app.media_examples(tmp_path / "absent") == []
+    assert app_examples.media_examples(tmp_path / "absent") == []
 
 
 def test_page_is_offline_queued_and_uses_system_fonts(tmp_path, loaded):
@@ -339,15 +346,15 @@ def test_page_is_offline_queued_and_uses_system_fonts(tmp_path, loaded):
     assert page.analytics_enabled is False
     assert page._queue.default_concurrency_limit == 2
     radio = [c for c in page.blocks.values() if getattr(c, "elem_id", None) == "mode"][0]
-    assert radio.value == app.WHOLE   # a checkpoint trained on whole clips
+    assert radio.value == app_jobs.WHOLE   # a checkpoint trained on whole clips
     windowed = make_app(loaded, tmp_path / "work")
-    windowed.info = {**windowed.info, "window_sec": 0.64}   # trained on windows: the page starts as test.py cuts
+    windowed.desc = dataclasses.replace(windowed.desc, window_sec=0.64)   # trained on windows: cut as test.py cuts
     page = app.build_ui(windowed, [], None)
     values = {c.elem_id: c.value for c in page.blocks.values() if getattr(c, "elem_id", None) in ("mode", "window")}
-    assert values == {"mode": app.WINDOWS, "window": 0.64}
-    empty = app.build_ui(app.DemoApp(None, None, torch.device("cpu"), None, tmp_path / "work"), [], None)
+    assert values == {"mode": app_jobs.WINDOWS, "window": 0.64}
+    empty = app.build_ui(app_jobs.DemoApp(None, None, torch.device("cpu"), None, tmp_path / "work"), [], None)
     notes = [c.value for c in empty.blocks.values() if getattr(c, "elem_id", None) == "no-model"]
-    assert notes == [app.NO_MODEL_LINE]
+    assert notes == [app_jobs.NO_MODEL_LINE]
     assert [c.interactive for c in empty.blocks.values() if getattr(c, "elem_id", None) == "run"] == [False]
 
 

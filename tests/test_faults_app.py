@@ -1,6 +1,7 @@
-"""Faults in app.py, the web demo: an unwritable examples folder, fractional or absurd ``--max_upload_mb``, clean-up
-of every request's files (after each request and on SIGTERM), and only the example videos served from the examples
-folder. A tiny STAR (4 frames, 64 px) keeps it fast; the server tests bind 127.0.0.1 only and are bounded in time."""
+"""Faults in the web demo (app.py, app_jobs.py, app_examples.py): an unwritable examples folder, fractional or absurd
+``--max_upload_mb``, clean-up of every request's files (after each request and on SIGTERM), and only the example
+videos served from the examples folder. A tiny STAR (4 frames, 64 px) keeps it fast; the server tests bind 127.0.0.1
+only and are bounded in time."""
 from __future__ import annotations
 
 import contextlib
@@ -19,6 +20,8 @@ import pytest
 import torch
 
 import app
+import app_examples
+import app_jobs
 import inference
 from conftest import ROOT, free_port, refuse_load, tiny_checkpoint, write_video
 
@@ -57,7 +60,8 @@ def test_an_unwritable_examples_folder_is_one_line_before_the_model_loads(tmp_pa
 def test_a_fractional_upload_limit_starts_the_page_with_that_many_bytes(tmp_path, mb):
     pytest.importorskip("gradio")
     args = app.get_args_parser().parse_args(["--max_upload_mb", str(mb)])
-    demo = app.DemoApp(None, None, torch.device("cpu"), None, tmp_path / "work", app.Limits(args.max_upload_mb))
+    limits = app_jobs.Limits(args.max_upload_mb)
+    demo = app_jobs.DemoApp(None, None, torch.device("cpu"), None, tmp_path / "work", limits)
     page = app.build_ui(demo, [], None)
     try:
         app.launch(page, demo, "127.0.0.1", free_port(), [tmp_path], block=False)
@@ -95,7 +99,7 @@ def test_the_upload_box_leaves_no_file_per_request(tmp_path, monkeypatch):
     it; the page's upload box hands the path on and makes none."""
     gr = pytest.importorskip("gradio")
     from gradio.data_classes import FileData
-    page = app.build_ui(app.DemoApp(None, None, torch.device("cpu"), None, tmp_path / "work"), [], None)
+    page = app.build_ui(app_jobs.DemoApp(None, None, torch.device("cpu"), None, tmp_path / "work"), [], None)
     box = [c for c in page.blocks.values() if getattr(c, "elem_id", None) == "video-in"][0]
     cache = pathlib.Path(box.GRADIO_CACHE)
     cache.mkdir(parents=True, exist_ok=True)
@@ -110,9 +114,9 @@ def test_the_upload_box_leaves_no_file_per_request(tmp_path, monkeypatch):
 
 
 def test_a_failed_request_leaves_no_request_folder(tmp_path):
-    net, info, _ = inference.load_model(tiny_checkpoint(tmp_path / "tiny.pth"), torch.device("cpu"))
+    net, desc = inference.load_model(tiny_checkpoint(tmp_path / "tiny.pth"), torch.device("cpu"))
     work = tmp_path / "work"
-    demo = app.DemoApp(net, info, torch.device("cpu"), None, work)
+    demo = app_jobs.DemoApp(net, desc, torch.device("cpu"), None, work)
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 400)
     original = inference.run_videos
@@ -192,7 +196,7 @@ def test_sigterm_removes_every_request_and_no_file_is_left_per_request(tmp_path)
     with server(tmp_path) as (origin, proc, tmp):
         client = Client(origin, verbose=False)
         for name in ("a.mp4", "b.mp4"):
-            result = client.predict(handle_file(str(small_video(tmp_path / name))), 0.5, app.WHOLE, 4, 2,
+            result = client.predict(handle_file(str(small_video(tmp_path / name))), 0.5, app_jobs.WHOLE, 4, 2,
                                     api_name="/predict")
             assert "detection" in result[-1] or "No action" in result[-1], result[-1]
         assert len(list(tmp.glob("star_app_*/request_*"))) == 2
@@ -206,8 +210,8 @@ def test_sigterm_removes_every_request_and_no_file_is_left_per_request(tmp_path)
 
 def test_only_the_example_videos_are_served_from_the_examples_folder(tmp_path):
     with server(tmp_path) as (origin, _, _):
-        samples = tmp_path / "examples" / f"sample_seed{app.SAMPLE_SEED}"
-        shown = [pathlib.Path(path) for path, _ in app.sample_examples(tmp_path / "examples")]   # made by the server
+        samples = tmp_path / "examples" / f"sample_seed{app_examples.SAMPLE_SEED}"
+        shown = [pathlib.Path(p) for p, _ in app_examples.sample_examples(tmp_path / "examples")]   # made by the server
         assert status_of(f"{origin}/gradio_api/file={shown[0]}") == 200
         hidden = next(p for p in sorted(samples.rglob("*.mp4")) if p not in shown)
         private = [samples / "action_challenge.csv", samples / "classes.txt", next(samples.rglob("*.txt")), hidden]
