@@ -42,7 +42,7 @@ import model_setup
 from config import TrainConfig, resolve_config, stored_setting
 from conftest import free_port
 from records import load_dataset
-from tools.make_sample_data import make_sample_dataset
+from synthetic_data import make_sample_dataset
 from video import IMAGENET_MEAN, IMAGENET_STD
 
 ROOT = Path(__file__).resolve().parents[1]
