@@ -3,7 +3,7 @@
 # scratch in tube mode, predicts tubes on held-out videos (frame-mAP and video-mAP printed, annotated videos with
 # tube ids), plays one held-out video live through stream.py with tube events, and saves one annotated frame.
 # Everything lands in demo_output/. MODE=clip bash demo.sh shows the clip mode (one box per clip, whole-video labels).
-# 8.5 min on a 2-core Zen 4 with the environment installed (2026-12-07). Settings can be overridden:
+# 9.5 min on a 2-core Zen 4 with the environment installed (2026-12-08). Settings can be overridden:
 # EPOCHS=40 IMG_SIZE=112 DECODER_STEPS=600 bash demo.sh
 set -euo pipefail
 cd "$(dirname "$0")"
