@@ -521,12 +521,18 @@ def run_evaluate(net, args, records, clips, targets, tube: bool, threshold: floa
     return result, preds
 
 
-def test_evaluation_outputs_clip_mode():
-    records, clips, targets = eval_inputs(CLIP_T)
-    net = keyed_model(CLIP_ARGS).eval()
+def evaluated_outputs(T: int, args: dict):
+    """The key-seeded model of ``args`` in eval mode on :func:`eval_inputs`: records, clips, targets, the network, its
+    raw outputs (aux included) and their predictions."""
+    records, clips, targets = eval_inputs(T)
+    net = keyed_model(args).eval()
     with torch.no_grad():
         out = net(clips, return_aux=True)
-    preds = postprocess.outputs_to_predictions(out)
+    return records, clips, targets, net, out, postprocess.outputs_to_predictions(out)
+
+
+def test_evaluation_outputs_clip_mode():
+    records, clips, targets, net, out, preds = evaluated_outputs(CLIP_T, CLIP_ARGS)
     dets = [[vars(d) for d in detections.detections_from_prediction(p, NAMES, CLIP_THRESHOLD, 0.5, 2.5)] for p in preds]
     assert any(dets) and not all(len(d) == CLIP_ARGS["num_queries"] for d in dets)   # the threshold bites
     result, evaluated = run_evaluate(net, CLIP_ARGS, records, clips, targets, False, CLIP_THRESHOLD)
@@ -538,11 +544,7 @@ def test_evaluation_outputs_clip_mode():
 
 
 def test_evaluation_outputs_tube_mode():
-    records, clips, targets = eval_inputs(TUBE_T)
-    net = keyed_model(TUBE_ARGS).eval()
-    with torch.no_grad():
-        out = net(clips, return_aux=True)
-    preds = postprocess.outputs_to_predictions(out)
+    records, clips, targets, net, out, preds = evaluated_outputs(TUBE_T, TUBE_ARGS)
     merged = [tubes.merge_duplicate_queries(p, TUBE_THRESHOLD) for p in preds]
     views = [tubes.class_detections(p, TUBE_THRESHOLD) for p in preds]
     spans = [(int(t["frame_indices"][0]), int(t["frame_indices"][-1]) + 1) for t in targets]
